@@ -1,0 +1,1550 @@
+/*
+ * copyless._core: the compiled mechanism under the shared-memory data path.
+ *
+ * Mechanism only, no policy: mappings of memfd segments, the per-subscriber
+ * SPSC descriptor rings and release rings, the publisher's private block
+ * table (reference counts, per-subscriber holdings), futex/eventfd wake-ups.
+ * Rendezvous, handshakes, liveness and large-segment caching live in Python
+ * (copyless/_pubsub.py).  Layout constants are exported so Python and C
+ * cannot disagree; docs/design.md describes the layout and why.
+ *
+ * Concurrency model: every method runs with the GIL held, and the GIL is the
+ * lock for the publisher's private state (the housekeeping thread mutates it
+ * only through these methods).  The GIL is released only inside wait loops,
+ * which re-read all state after re-acquiring it.  Shared-memory words are
+ * accessed with explicit acquire/release (or seq_cst where a Dekker-style
+ * "store my flag, then load yours" handshake is needed).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() do {} while (0)
+#endif
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORE_SC(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+#define LOAD_SC(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
+
+/* ------------------------------------------------------------------ layout */
+#define WIRE_VERSION 1u
+#define CTL_MAGIC 0x43504c43u /* "CLPC" */
+
+/* Per-subscriber control segment (read-write for both sides). */
+#define CTL_HDR 0           /* u32 magic, u32 version, u32 desc_cap, u32 rel_cap, u64 start_seq */
+#define CTL_START_SEQ 16
+#define CTL_DESC_TAIL 64    /* u64, written by the publisher */
+#define CTL_DESC_HEAD 128   /* u64, written by the subscriber (CAS; the publisher CASes it to overwrite) */
+#define CTL_REL_TAIL 192    /* u64, written by the subscriber */
+#define CTL_REL_HEAD 256    /* u64, written by the publisher */
+#define CTL_SUB_WAITER 320  /* u32 futex word: 0 running, 1 futex sleep, 2 eventfd sleep */
+#define CTL_PUB_CLOSED 384  /* u32: 1 once the publisher closed gracefully */
+#define CTL_DESC_RING 448
+#define DESC_SIZE 40        /* u32 block, u32 gen, u64 len, u64 seq, u64 tag, u32 type, u32 flags */
+#define REL_SIZE 8          /* u32 block, u32 gen */
+
+/* Doorbell segment (read-write for all): how subscribers wake a blocked publisher. */
+#define DB_SEQ 0            /* u32 futex word, bumped by a subscriber that freed something */
+#define DB_PUB_WAITING 64   /* u32: 0 not waiting, 1 futex, 2 eventfd */
+#define DB_SIZE 4096
+
+/* Arena: header page, then n_slots fixed-size slots. */
+#define ARENA_DATA 4096
+
+#define WAIT_SLICE_NS 50000000LL /* wake at least this often to notice dead peers and signals */
+
+static size_t ctl_rel_ring_off(uint32_t desc_cap) {
+    size_t end = CTL_DESC_RING + (size_t)desc_cap * DESC_SIZE;
+    return (end + 63) & ~(size_t)63;
+}
+static size_t ctl_size(uint32_t desc_cap, uint32_t rel_cap) {
+    size_t end = ctl_rel_ring_off(desc_cap) + (size_t)rel_cap * REL_SIZE;
+    return (end + 4095) & ~(size_t)4095;
+}
+
+/* ------------------------------------------------------------------ errors */
+static PyObject *WouldBlockError; /* set from Python: copyless.errors.WouldBlock */
+static PyObject *TimeoutErr;      /* copyless.errors.Timeout */
+static PyObject *RemoteProtoErr;  /* copyless.errors.RemoteProtocolError */
+static PyObject *ClosedErr;       /* copyless.errors.ClosedError */
+
+static PyObject *err_type(PyObject *t, PyObject *fallback) { return t ? t : fallback; }
+
+/* ------------------------------------------------------------------ time, futex */
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Not FUTEX_PRIVATE: the word lives in a MAP_SHARED mapping of another process. */
+static int futex_wait_ns(uint32_t *addr, uint32_t expected, int64_t ns) {
+    struct timespec ts;
+    if (ns < 0) ns = 0;
+    ts.tv_sec = ns / 1000000000LL;
+    ts.tv_nsec = ns % 1000000000LL;
+    return (int)syscall(SYS_futex, addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+}
+static void futex_wake_all(uint32_t *addr) {
+    syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+static void eventfd_signal(int fd) {
+    uint64_t one = 1;
+    ssize_t r;
+    do { r = write(fd, &one, sizeof one); } while (r < 0 && errno == EINTR);
+    /* EAGAIN (counter saturated) still means the reader is woken. */
+}
+
+/* timeout argument -> absolute deadline; -1 = forever, 0 = do not wait */
+static int parse_deadline(PyObject *timeout, int64_t dflt_ns, int64_t *deadline, int *nowait) {
+    int64_t rel;
+    if (timeout == NULL || timeout == Py_None) {
+        rel = dflt_ns;
+    } else {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred()) return -1;
+        if (t < 0) { PyErr_SetString(PyExc_ValueError, "timeout must be >= 0 or None"); return -1; }
+        rel = (int64_t)(t * 1e9);
+    }
+    *nowait = (rel == 0);
+    *deadline = rel < 0 ? INT64_MAX : now_ns() + rel;
+    return 0;
+}
+
+/* ================================================================== Mapping */
+/* A mapping of a whole segment.  It is unmapped only when the last reference
+ * (the owner's, a Message's, a loan's) is gone, so no view can outlive it. */
+typedef struct {
+    PyObject_HEAD
+    uint8_t *addr;
+    Py_ssize_t size;
+    int writable;
+    Py_ssize_t exports;
+} MappingObject;
+
+static PyTypeObject MappingType;
+
+static PyObject *Mapping_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fd", "size", "writable", NULL};
+    int fd, writable = 0;
+    Py_ssize_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "in|p", kwlist, &fd, &size, &writable)) return NULL;
+    if (size <= 0) { PyErr_SetString(PyExc_ValueError, "mapping size must be > 0"); return NULL; }
+    void *p;
+    Py_BEGIN_ALLOW_THREADS
+    p = mmap(NULL, (size_t)size, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
+    Py_END_ALLOW_THREADS
+    if (p == MAP_FAILED) return PyErr_SetFromErrno(PyExc_OSError);
+    MappingObject *self = (MappingObject *)type->tp_alloc(type, 0);
+    if (!self) { munmap(p, (size_t)size); return NULL; }
+    self->addr = p;
+    self->size = size;
+    self->writable = writable;
+    return (PyObject *)self;
+}
+
+static void Mapping_dealloc(MappingObject *self) {
+    if (self->addr) munmap(self->addr, (size_t)self->size);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Mapping_getbuffer(MappingObject *self, Py_buffer *view, int flags) {
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->addr, self->size, !self->writable, flags) < 0) return -1;
+    self->exports++;
+    return 0;
+}
+static void Mapping_releasebuffer(MappingObject *self, Py_buffer *view) { self->exports--; }
+
+static PyBufferProcs Mapping_as_buffer = {(getbufferproc)Mapping_getbuffer, (releasebufferproc)Mapping_releasebuffer};
+
+static PyObject *Mapping_get_address(MappingObject *self, void *c) { return PyLong_FromVoidPtr(self->addr); }
+static PyObject *Mapping_get_size(MappingObject *self, void *c) { return PyLong_FromSsize_t(self->size); }
+static PyObject *Mapping_get_writable(MappingObject *self, void *c) { return PyBool_FromLong(self->writable); }
+
+static PyGetSetDef Mapping_getset[] = {
+    {"address", (getter)Mapping_get_address, NULL, "start address in this process", NULL},
+    {"size", (getter)Mapping_get_size, NULL, "mapped bytes", NULL},
+    {"writable", (getter)Mapping_get_writable, NULL, "mapped read-write", NULL},
+    {NULL},
+};
+
+static PyTypeObject MappingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._core.Mapping",
+    .tp_basicsize = sizeof(MappingObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Mapping(fd, size, writable=False): a MAP_SHARED mapping, unmapped when unreferenced.",
+    .tp_new = Mapping_new,
+    .tp_dealloc = (destructor)Mapping_dealloc,
+    .tp_as_buffer = &Mapping_as_buffer,
+    .tp_getset = Mapping_getset,
+};
+
+/* ================================================================== Region */
+/* A buffer exporter over part of a Mapping (used for loans). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner; /* keeps the mapping alive */
+    uint8_t *ptr;
+    Py_ssize_t len;
+    int readonly;
+} RegionObject;
+
+static PyTypeObject RegionType;
+
+static PyObject *region_view(PyObject *owner, uint8_t *ptr, Py_ssize_t len, int readonly) {
+    RegionObject *r = PyObject_New(RegionObject, &RegionType);
+    if (!r) return NULL;
+    Py_INCREF(owner);
+    r->owner = owner;
+    r->ptr = ptr;
+    r->len = len;
+    r->readonly = readonly;
+    PyObject *mv = PyMemoryView_FromObject((PyObject *)r);
+    Py_DECREF(r);
+    return mv;
+}
+static void Region_dealloc(RegionObject *self) {
+    Py_XDECREF(self->owner);
+    PyObject_Free(self);
+}
+static int Region_getbuffer(RegionObject *self, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->ptr, self->len, self->readonly, flags);
+}
+static PyBufferProcs Region_as_buffer = {(getbufferproc)Region_getbuffer, NULL};
+static PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._core.Region",
+    .tp_basicsize = sizeof(RegionObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_as_buffer = &Region_as_buffer,
+};
+
+/* ================================================================== PubCore */
+enum { POLICY_BLOCK = 0, POLICY_RAISE = 1, POLICY_OVERWRITE = 2 };
+
+typedef struct {
+    uint32_t refs;       /* holders: subscribers holding it + 1 while the publisher holds it */
+    uint32_t gen;        /* bumped at every allocation; stale releases are rejected */
+    uint8_t *ptr;        /* in the publisher's mapping */
+    uint64_t cap;
+    PyObject *mapping;   /* large blocks only: the segment's Mapping */
+} Block;
+
+typedef struct {
+    PyObject *ctl;       /* Mapping */
+    uint8_t *base;
+    uint32_t desc_cap, rel_cap;
+    uint64_t tail;       /* publisher's own copy of desc tail */
+    uint64_t head_cache; /* last head seen */
+    uint64_t rel_head;
+    int evfd;
+    uint8_t *held;       /* n_blocks flags: block is held by (queued to) this subscriber */
+    uint32_t nheld;
+    int bad;             /* protocol violation seen: to be dropped by Python */
+    uint64_t delivered, overwritten, wakeups;
+} SubSlot;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *arena;      /* Mapping (rw) */
+    PyObject *doorbell;   /* Mapping (rw) */
+    uint32_t n_slots, slot_size, n_large, n_blocks;
+    Block *blocks;
+    uint32_t *free_stack;
+    uint32_t n_free;
+    SubSlot **subs;
+    uint32_t max_subs;
+    uint32_t n_subs_live;
+    int policy;
+    int64_t default_timeout_ns; /* -1 forever */
+    int pub_evfd;               /* -1 unless an asyncio waiter set it */
+    uint64_t seq;
+    int closed;
+    /* statistics */
+    uint64_t st_msgs, st_bytes, st_overwritten, st_wakeups, st_blocked, st_would_block, st_loans;
+    uint64_t frees; /* blocks whose last reference went */
+    PyObject *weakreflist;
+    PyObject *dict;
+} PubCoreObject;
+
+static PyTypeObject PubCoreType;
+
+static inline uint32_t *ctl_u32(SubSlot *s, size_t off) { return (uint32_t *)(s->base + off); }
+static inline uint64_t *ctl_u64(SubSlot *s, size_t off) { return (uint64_t *)(s->base + off); }
+
+static void sub_free(SubSlot *s) {
+    if (!s) return;
+    Py_XDECREF(s->ctl);
+    PyMem_Free(s->held);
+    PyMem_Free(s);
+}
+
+static int PubCore_init(PubCoreObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"arena", "doorbell", "n_slots", "slot_size", "n_large", "max_subscribers", "policy", "timeout", NULL};
+    PyObject *arena, *doorbell, *timeout = Py_None;
+    unsigned int n_slots, slot_size, n_large, max_subs;
+    int policy;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!IIIIi|O", kwlist, &MappingType, &arena, &MappingType, &doorbell,
+                                     &n_slots, &slot_size, &n_large, &max_subs, &policy, &timeout))
+        return -1;
+    if (self->blocks) { PyErr_SetString(PyExc_RuntimeError, "PubCore already initialised"); return -1; }
+    MappingObject *am = (MappingObject *)arena;
+    if (!am->writable || !((MappingObject *)doorbell)->writable) {
+        PyErr_SetString(PyExc_ValueError, "publisher mappings must be writable"); return -1;
+    }
+    if (n_slots == 0 || slot_size == 0 || slot_size % 64) {
+        PyErr_SetString(PyExc_ValueError, "n_slots > 0 and slot_size a positive multiple of 64 required"); return -1;
+    }
+    if ((Py_ssize_t)ARENA_DATA + (Py_ssize_t)n_slots * slot_size > am->size) {
+        PyErr_SetString(PyExc_ValueError, "arena too small for the slots"); return -1;
+    }
+    if (policy < 0 || policy > 2) { PyErr_SetString(PyExc_ValueError, "bad policy"); return -1; }
+    if (timeout == Py_None) self->default_timeout_ns = -1;
+    else {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred()) return -1;
+        self->default_timeout_ns = (int64_t)(t * 1e9);
+    }
+    self->n_slots = n_slots;
+    self->slot_size = slot_size;
+    self->n_large = n_large;
+    self->n_blocks = n_slots + n_large;
+    self->blocks = PyMem_Calloc(self->n_blocks, sizeof(Block));
+    self->free_stack = PyMem_Calloc(n_slots, sizeof(uint32_t));
+    self->subs = PyMem_Calloc(max_subs ? max_subs : 1, sizeof(SubSlot *));
+    if (!self->blocks || !self->free_stack || !self->subs) { PyErr_NoMemory(); return -1; }
+    for (uint32_t i = 0; i < n_slots; i++) {
+        self->blocks[i].ptr = am->addr + ARENA_DATA + (size_t)i * slot_size;
+        self->blocks[i].cap = slot_size;
+        /* lowest slot on top: a light load keeps reusing a few hot slots */
+        self->free_stack[i] = n_slots - 1 - i;
+    }
+    self->n_free = n_slots;
+    self->max_subs = max_subs;
+    self->policy = policy;
+    self->pub_evfd = -1;
+    Py_INCREF(arena); self->arena = arena;
+    Py_INCREF(doorbell); self->doorbell = doorbell;
+    return 0;
+}
+
+static void pub_release_all(PubCoreObject *self) {
+    if (self->subs) {
+        for (uint32_t i = 0; i < self->max_subs; i++) { sub_free(self->subs[i]); self->subs[i] = NULL; }
+    }
+    if (self->blocks) {
+        for (uint32_t i = 0; i < self->n_blocks; i++) Py_CLEAR(self->blocks[i].mapping);
+    }
+    self->n_subs_live = 0;
+}
+
+static int PubCore_traverse(PubCoreObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dict);
+    return 0;
+}
+static int PubCore_clear(PubCoreObject *self) {
+    Py_CLEAR(self->dict);
+    return 0;
+}
+static void PubCore_dealloc(PubCoreObject *self) {
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
+    pub_release_all(self);
+    PyMem_Free(self->blocks);
+    PyMem_Free(self->free_stack);
+    PyMem_Free(self->subs);
+    Py_CLEAR(self->arena);
+    Py_CLEAR(self->doorbell);
+    PubCore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static inline uint32_t *db_u32(PubCoreObject *self, size_t off) {
+    return (uint32_t *)(((MappingObject *)self->doorbell)->addr + off);
+}
+
+static inline void block_decref(PubCoreObject *self, uint32_t b) {
+    Block *blk = &self->blocks[b];
+    if (--blk->refs == 0) {
+        self->frees++;
+        if (b < self->n_slots) self->free_stack[self->n_free++] = b;
+    }
+}
+
+/* Drain one subscriber's release ring.  A release that does not name a block
+ * this subscriber holds (with the right generation) marks it bad. */
+static void pub_drain_one(PubCoreObject *self, SubSlot *s) {
+    if (s->bad) return;
+    uint64_t tail = LOAD_ACQ(ctl_u64(s, CTL_REL_TAIL));
+    uint64_t head = s->rel_head;
+    if (tail == head) return;
+    if (tail - head > s->rel_cap) { s->bad = 1; return; }
+    uint8_t *ring = s->base + ctl_rel_ring_off(s->desc_cap);
+    uint32_t mask = s->rel_cap - 1;
+    for (; head != tail; head++) {
+        uint32_t ent[2];
+        memcpy(ent, ring + (size_t)(head & mask) * REL_SIZE, REL_SIZE);
+        uint32_t b = ent[0];
+        if (b >= self->n_blocks || !s->held[b] || self->blocks[b].gen != ent[1]) { s->bad = 1; break; }
+        s->held[b] = 0;
+        s->nheld--;
+        block_decref(self, b);
+    }
+    s->rel_head = head;
+    STORE_REL(ctl_u64(s, CTL_REL_HEAD), head);
+}
+
+static void pub_drain(PubCoreObject *self) {
+    for (uint32_t i = 0; i < self->max_subs; i++) {
+        SubSlot *s = self->subs[i];
+        if (s) pub_drain_one(self, s);
+    }
+}
+
+/* Free entries in a subscriber's descriptor ring (re-reading its head). */
+static inline uint64_t sub_space(SubSlot *s) {
+    uint64_t used = s->tail - s->head_cache;
+    if (used < s->desc_cap) return s->desc_cap - used;
+    uint64_t head = LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD));
+    if (s->tail - head > s->desc_cap) { s->bad = 1; return 0; }
+    s->head_cache = head;
+    return s->desc_cap - (s->tail - head);
+}
+
+/* Overwrite-oldest: take back the oldest queued descriptor of s.  Returns 1
+ * if one was taken, 0 if the ring was empty (or the subscriber is bad). */
+static int sub_steal_oldest(PubCoreObject *self, SubSlot *s) {
+    uint64_t *headp = ctl_u64(s, CTL_DESC_HEAD);
+    for (;;) {
+        uint64_t head = LOAD_ACQ(headp);
+        if (s->tail - head > s->desc_cap) { s->bad = 1; return 0; }
+        if (head == s->tail) return 0;
+        uint32_t b;
+        memcpy(&b, s->base + CTL_DESC_RING + (size_t)(head & (s->desc_cap - 1)) * DESC_SIZE, 4);
+        if (__atomic_compare_exchange_n(headp, &head, head + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            s->head_cache = head + 1;
+            if (b >= self->n_blocks || !s->held[b]) { s->bad = 1; return 0; }
+            s->held[b] = 0;
+            s->nheld--;
+            s->overwritten++;
+            self->st_overwritten++;
+            block_decref(self, b);
+            return 1;
+        }
+        /* the subscriber consumed it meanwhile: look again */
+    }
+}
+
+/* Arm the doorbell, then the caller re-checks, then sleeps. */
+typedef struct { uint32_t seen; int armed; } Waiter;
+
+static int pub_sleep(PubCoreObject *self, Waiter *w, int64_t deadline) {
+    /* returns 0 to re-check, -1 with an exception set */
+    uint32_t *seqp = db_u32(self, DB_SEQ);
+    uint32_t *waitp = db_u32(self, DB_PUB_WAITING);
+    if (!w->armed) {
+        w->seen = LOAD_SC(seqp);
+        STORE_SC(waitp, 1);
+        w->armed = 1;
+        return 0; /* re-check once with the flag raised */
+    }
+    int64_t now = now_ns();
+    if (now >= deadline) {
+        STORE_SC(waitp, 0);
+        PyErr_SetString(err_type(TimeoutErr, PyExc_TimeoutError), "publisher: timed out waiting for subscribers to free space");
+        return -1;
+    }
+    int64_t slice = deadline - now;
+    if (slice > WAIT_SLICE_NS) slice = WAIT_SLICE_NS;
+    self->st_blocked++;
+    uint32_t seen = w->seen;
+    Py_BEGIN_ALLOW_THREADS
+    futex_wait_ns(seqp, seen, slice);
+    Py_END_ALLOW_THREADS
+    STORE_SC(waitp, 0);
+    w->armed = 0;
+    if (PyErr_CheckSignals() < 0) return -1;
+    if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); return -1; }
+    return 0;
+}
+
+/* Any subscriber marked bad is reported to Python, which drops it. */
+static int pub_report_bad(PubCoreObject *self) {
+    for (uint32_t i = 0; i < self->max_subs; i++) {
+        SubSlot *s = self->subs[i];
+        if (s && s->bad) {
+            PyObject *r = PyObject_CallMethod((PyObject *)self, "_drop_bad", "I", i);
+            if (!r) return -1;
+            Py_DECREF(r);
+        }
+    }
+    return 0;
+}
+
+static PyObject *would_block(PubCoreObject *self, const char *what) {
+    self->st_would_block++;
+    PyErr_SetString(err_type(WouldBlockError, PyExc_BlockingIOError), what);
+    return NULL;
+}
+
+/* Take a free small slot, applying the publisher's policy when none is free. */
+static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline) {
+    Waiter w = {0, 0};
+    for (;;) {
+        if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); return -1; }
+        if (self->n_free == 0) pub_drain(self);
+        if (self->n_free == 0 && self->policy == POLICY_OVERWRITE) {
+            /* take back queued (not yet received) messages, fullest ring first */
+            while (self->n_free == 0) {
+                SubSlot *best = NULL;
+                uint64_t most = 0;
+                for (uint32_t i = 0; i < self->max_subs; i++) {
+                    SubSlot *s = self->subs[i];
+                    if (!s || s->bad) continue;
+                    uint64_t used = s->tail - LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD));
+                    if (used > most && used <= s->desc_cap) { most = used; best = s; }
+                }
+                if (!best || !sub_steal_oldest(self, best)) break;
+            }
+        }
+        if (pub_report_bad(self) < 0) return -1;
+        if (self->n_free) {
+            if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+            uint32_t b = self->free_stack[--self->n_free];
+            Block *blk = &self->blocks[b];
+            blk->refs = 1;
+            blk->gen++;
+            return b;
+        }
+        if (nowait || self->policy == POLICY_RAISE) {
+            if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+            would_block(self, "publisher: every slot is in use (subscribers hold them)");
+            return -1;
+        }
+        if (pub_sleep(self, &w, deadline) < 0) return -1;
+    }
+}
+
+/* Make room in every live subscriber ring (policy), then write the descriptor
+ * to all of them and wake the sleepers.  All-or-nothing: on failure no
+ * subscriber has the message and the publisher's reference is dropped. */
+static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t type, uint64_t tag, int nowait, int64_t deadline) {
+    Waiter w = {0, 0};
+    for (;;) {
+        if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); goto fail; }
+        int full = 0;
+        for (uint32_t i = 0; i < self->max_subs; i++) {
+            SubSlot *s = self->subs[i];
+            if (!s || s->bad) continue;
+            if (sub_space(s) == 0) {
+                if (self->policy == POLICY_OVERWRITE) {
+                    if (!sub_steal_oldest(self, s) && !s->bad) full = 1; /* cannot happen unless raced */
+                } else {
+                    full = 1;
+                }
+            }
+        }
+        if (pub_report_bad(self) < 0) goto fail;
+        if (!full) break;
+        pub_drain(self);
+        if (nowait || self->policy == POLICY_RAISE) {
+            if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+            would_block(self, "publisher: a subscriber's queue is full");
+            goto fail;
+        }
+        if (pub_sleep(self, &w, deadline) < 0) goto fail;
+    }
+    if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+    {
+        uint64_t seq = ++self->seq;
+        Block *blk = &self->blocks[b];
+        uint8_t desc[DESC_SIZE];
+        uint32_t flags = 0;
+        memcpy(desc + 0, &b, 4);
+        memcpy(desc + 4, &blk->gen, 4);
+        memcpy(desc + 8, &len, 8);
+        memcpy(desc + 16, &seq, 8);
+        memcpy(desc + 24, &tag, 8);
+        memcpy(desc + 32, &type, 4);
+        memcpy(desc + 36, &flags, 4);
+        for (uint32_t i = 0; i < self->max_subs; i++) {
+            SubSlot *s = self->subs[i];
+            if (!s || s->bad) continue;
+            memcpy(s->base + CTL_DESC_RING + (size_t)(s->tail & (s->desc_cap - 1)) * DESC_SIZE, desc, DESC_SIZE);
+            s->held[b] = 1;
+            s->nheld++;
+            blk->refs++;
+            s->tail++;
+            /* seq_cst store, then load the waiter flag: pairs with the
+             * subscriber's "store flag, then load tail" (no lost wake-up). */
+            STORE_SC(ctl_u64(s, CTL_DESC_TAIL), s->tail);
+            s->delivered++;
+            uint32_t *waiter = ctl_u32(s, CTL_SUB_WAITER);
+            if (LOAD_RLX(waiter) != 0) {
+                uint32_t was = XCHG(waiter, 0);
+                if (was == 1) { futex_wake_all(waiter); s->wakeups++; self->st_wakeups++; }
+                else if (was == 2 && s->evfd >= 0) { eventfd_signal(s->evfd); s->wakeups++; self->st_wakeups++; }
+            }
+        }
+        self->st_msgs++;
+        self->st_bytes += len;
+        block_decref(self, b); /* the publisher's own reference */
+    }
+    return 0;
+fail:
+    block_decref(self, b);
+    return -1;
+}
+
+/* send(obj, type=0, tag=0, timeout=None): one copy into a slot, then fan out. */
+static PyObject *PubCore_send(PubCoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *obj = NULL, *timeout = Py_None;
+    unsigned long type = 0;
+    unsigned long long tag = 0;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < 1 || nargs > 3) { PyErr_SetString(PyExc_TypeError, "send(obj, type=0, tag=0, timeout=None)"); return NULL; }
+    obj = args[0];
+    if (nargs > 1) { type = PyLong_AsUnsignedLong(args[1]); if (PyErr_Occurred()) return NULL; }
+    if (nargs > 2) { tag = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL; }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i), *v = args[nargs + i];
+        if (PyUnicode_CompareWithASCIIString(k, "type") == 0) { type = PyLong_AsUnsignedLong(v); if (PyErr_Occurred()) return NULL; }
+        else if (PyUnicode_CompareWithASCIIString(k, "tag") == 0) { tag = PyLong_AsUnsignedLongLong(v); if (PyErr_Occurred()) return NULL; }
+        else if (PyUnicode_CompareWithASCIIString(k, "timeout") == 0) timeout = v;
+        else { PyErr_Format(PyExc_TypeError, "send() got an unexpected keyword argument '%U'", k); return NULL; }
+    }
+    if (type > 0xffffffffUL) { PyErr_SetString(PyExc_OverflowError, "type must fit in 32 bits"); return NULL; }
+    if (!self->blocks) { PyErr_SetString(PyExc_RuntimeError, "PubCore not initialised"); return NULL; }
+    Py_buffer src;
+    if (PyObject_GetBuffer(obj, &src, PyBUF_SIMPLE) < 0) {
+        /* non-contiguous exporters (strided numpy views) go through Python */
+        PyErr_Clear();
+        return PyObject_CallMethod((PyObject *)self, "_send_large", "OkKO", obj, type, tag, timeout);
+    }
+    if ((uint64_t)src.len > self->slot_size) {
+        PyBuffer_Release(&src);
+        return PyObject_CallMethod((PyObject *)self, "_send_large", "OkKO", obj, type, tag, timeout);
+    }
+    int64_t deadline;
+    int nowait;
+    if (parse_deadline(timeout, self->default_timeout_ns, &deadline, &nowait) < 0) { PyBuffer_Release(&src); return NULL; }
+    int64_t b = pub_alloc_small(self, nowait, deadline);
+    if (b < 0) { PyBuffer_Release(&src); return NULL; }
+    memcpy(self->blocks[b].ptr, src.buf, (size_t)src.len);
+    uint64_t len = (uint64_t)src.len;
+    PyBuffer_Release(&src);
+    if (pub_fanout(self, (uint32_t)b, len, (uint32_t)type, tag, nowait, deadline) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(self->seq);
+}
+
+/* _alloc(timeout) -> block: a small slot held by the publisher (for loans). */
+static PyObject *PubCore_alloc(PubCoreObject *self, PyObject *args) {
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTuple(args, "|O", &timeout)) return NULL;
+    int64_t deadline;
+    int nowait;
+    if (parse_deadline(timeout, self->default_timeout_ns, &deadline, &nowait) < 0) return NULL;
+    int64_t b = pub_alloc_small(self, nowait, deadline);
+    if (b < 0) return NULL;
+    self->st_loans++;
+    return PyLong_FromLongLong(b);
+}
+
+/* _claim_large(block): take a free large block (Python picked it). */
+static PyObject *PubCore_claim_large(PubCoreObject *self, PyObject *args) {
+    unsigned int b;
+    if (!PyArg_ParseTuple(args, "I", &b)) return NULL;
+    if (b < self->n_slots || b >= self->n_blocks || !self->blocks[b].mapping || self->blocks[b].refs) {
+        PyErr_SetString(PyExc_ValueError, "not a free large block"); return NULL;
+    }
+    self->blocks[b].refs = 1;
+    self->st_loans++;
+    Py_RETURN_NONE;
+}
+
+/* _view(block, nbytes) -> writable memoryview of a block the publisher holds */
+static PyObject *PubCore_view(PubCoreObject *self, PyObject *args) {
+    unsigned int b;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "In", &b, &n)) return NULL;
+    if (b >= self->n_blocks || self->blocks[b].refs == 0 || n < 0 || (uint64_t)n > self->blocks[b].cap) {
+        PyErr_SetString(PyExc_ValueError, "bad block or size"); return NULL;
+    }
+    PyObject *owner = b < self->n_slots ? self->arena : self->blocks[b].mapping;
+    return region_view(owner, self->blocks[b].ptr, n, 0);
+}
+
+/* _commit(block, nbytes, type, tag, timeout) -> seq */
+static PyObject *PubCore_commit(PubCoreObject *self, PyObject *args) {
+    unsigned int b;
+    unsigned long long len, tag;
+    unsigned long type;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTuple(args, "IKkK|O", &b, &len, &type, &tag, &timeout)) return NULL;
+    if (b >= self->n_blocks || self->blocks[b].refs != 1 || len > self->blocks[b].cap) {
+        PyErr_SetString(PyExc_ValueError, "bad block or size"); return NULL;
+    }
+    int64_t deadline;
+    int nowait;
+    if (parse_deadline(timeout, self->default_timeout_ns, &deadline, &nowait) < 0) return NULL;
+    if (pub_fanout(self, b, len, (uint32_t)type, tag, nowait, deadline) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(self->seq);
+}
+
+/* _discard(block): drop the publisher's hold on a loaned block */
+static PyObject *PubCore_discard(PubCoreObject *self, PyObject *args) {
+    unsigned int b;
+    if (!PyArg_ParseTuple(args, "I", &b)) return NULL;
+    if (b >= self->n_blocks || self->blocks[b].refs == 0) { PyErr_SetString(PyExc_ValueError, "bad block"); return NULL; }
+    block_decref(self, b);
+    Py_RETURN_NONE;
+}
+
+/* _install_large(block, mapping|None) -> gen: attach a segment to a free large block id. */
+static PyObject *PubCore_install_large(PubCoreObject *self, PyObject *args) {
+    unsigned int b;
+    PyObject *m;
+    if (!PyArg_ParseTuple(args, "IO", &b, &m)) return NULL;
+    if (b < self->n_slots || b >= self->n_blocks || self->blocks[b].refs) {
+        PyErr_SetString(PyExc_ValueError, "not a free large block id"); return NULL;
+    }
+    Block *blk = &self->blocks[b];
+    if (m == Py_None) {
+        Py_CLEAR(blk->mapping);
+        blk->ptr = NULL;
+        blk->cap = 0;
+    } else {
+        if (!PyObject_TypeCheck(m, &MappingType) || !((MappingObject *)m)->writable) {
+            PyErr_SetString(PyExc_TypeError, "a writable Mapping is required"); return NULL;
+        }
+        Py_INCREF(m);
+        Py_XSETREF(blk->mapping, m);
+        blk->ptr = ((MappingObject *)m)->addr;
+        blk->cap = (uint64_t)((MappingObject *)m)->size;
+    }
+    /* for large blocks gen names the segment: subscribers fetch its fd once */
+    blk->gen++;
+    return PyLong_FromUnsignedLong(blk->gen);
+}
+
+/* _block_state(block) -> (refs, gen, cap) */
+static PyObject *PubCore_block_state(PubCoreObject *self, PyObject *args) {
+    unsigned int b;
+    if (!PyArg_ParseTuple(args, "I", &b)) return NULL;
+    if (b >= self->n_blocks) { PyErr_SetString(PyExc_IndexError, "block"); return NULL; }
+    Block *blk = &self->blocks[b];
+    return Py_BuildValue("IIK", blk->refs, blk->gen, (unsigned long long)blk->cap);
+}
+
+/* _add_sub(index, ctl_mapping, eventfd): start fanning out to a subscriber. */
+static PyObject *PubCore_add_sub(PubCoreObject *self, PyObject *args) {
+    unsigned int idx;
+    PyObject *ctl;
+    int evfd;
+    if (!PyArg_ParseTuple(args, "IO!i", &idx, &MappingType, &ctl, &evfd)) return NULL;
+    if (idx >= self->max_subs || self->subs[idx]) { PyErr_SetString(PyExc_ValueError, "subscriber slot in use"); return NULL; }
+    MappingObject *m = (MappingObject *)ctl;
+    uint32_t *hdr = (uint32_t *)m->addr;
+    uint32_t dcap = hdr[2], rcap = hdr[3];
+    if (hdr[0] != CTL_MAGIC || dcap == 0 || (dcap & (dcap - 1)) || rcap < self->n_blocks || (rcap & (rcap - 1)) ||
+        (Py_ssize_t)ctl_size(dcap, rcap) > m->size) {
+        PyErr_SetString(PyExc_ValueError, "bad control segment"); return NULL;
+    }
+    SubSlot *s = PyMem_Calloc(1, sizeof(SubSlot));
+    if (!s) return PyErr_NoMemory();
+    s->held = PyMem_Calloc(self->n_blocks, 1);
+    if (!s->held) { PyMem_Free(s); return PyErr_NoMemory(); }
+    Py_INCREF(ctl);
+    s->ctl = ctl;
+    s->base = m->addr;
+    s->desc_cap = dcap;
+    s->rel_cap = rcap;
+    s->tail = s->head_cache = LOAD_ACQ(ctl_u64(s, CTL_DESC_TAIL));
+    s->rel_head = LOAD_ACQ(ctl_u64(s, CTL_REL_HEAD));
+    s->evfd = evfd;
+    /* the subscriber counts gaps from here on */
+    STORE_REL(ctl_u64(s, CTL_START_SEQ), self->seq);
+    self->subs[idx] = s;
+    self->n_subs_live++;
+    Py_RETURN_NONE;
+}
+
+/* _remove_sub(index, graceful) -> number of blocks reclaimed */
+static PyObject *PubCore_remove_sub(PubCoreObject *self, PyObject *args) {
+    unsigned int idx;
+    int graceful = 0;
+    if (!PyArg_ParseTuple(args, "I|p", &idx, &graceful)) return NULL;
+    if (idx >= self->max_subs || !self->subs[idx]) Py_RETURN_NONE;
+    SubSlot *s = self->subs[idx];
+    self->subs[idx] = NULL;
+    self->n_subs_live--;
+    if (graceful && !s->bad) pub_drain_one(self, s);
+    uint32_t n = 0;
+    for (uint32_t b = 0; b < self->n_blocks; b++) {
+        if (s->held[b]) { s->held[b] = 0; block_decref(self, b); n++; }
+    }
+    sub_free(s);
+    /* a blocked send may be waiting on that subscriber */
+    __atomic_fetch_add(db_u32(self, DB_SEQ), 1, __ATOMIC_SEQ_CST);
+    futex_wake_all(db_u32(self, DB_SEQ));
+    return PyLong_FromUnsignedLong(n);
+}
+
+static PyObject *PubCore_sub_is_bad(PubCoreObject *self, PyObject *args) {
+    unsigned int idx;
+    if (!PyArg_ParseTuple(args, "I", &idx)) return NULL;
+    if (idx >= self->max_subs || !self->subs[idx]) Py_RETURN_FALSE;
+    return PyBool_FromLong(self->subs[idx]->bad);
+}
+
+/* _reclaim(): drain all release rings now; returns free small slots. */
+static PyObject *PubCore_reclaim(PubCoreObject *self, PyObject *unused) {
+    pub_drain(self);
+    if (pub_report_bad(self) < 0) return NULL;
+    return PyLong_FromUnsignedLong(self->n_free);
+}
+
+/* _wake(): wake a blocked send (used by close and the housekeeping thread). */
+static PyObject *PubCore_wake(PubCoreObject *self, PyObject *unused) {
+    __atomic_fetch_add(db_u32(self, DB_SEQ), 1, __ATOMIC_SEQ_CST);
+    futex_wake_all(db_u32(self, DB_SEQ));
+    Py_RETURN_NONE;
+}
+
+/* _close(): mark closed, tell every subscriber, drop the rings. */
+static PyObject *PubCore_close(PubCoreObject *self, PyObject *unused) {
+    if (self->closed) Py_RETURN_NONE;
+    self->closed = 1;
+    for (uint32_t i = 0; i < self->max_subs; i++) {
+        SubSlot *s = self->subs[i];
+        if (!s) continue;
+        STORE_SC(ctl_u32(s, CTL_PUB_CLOSED), 1);
+        uint32_t was = XCHG(ctl_u32(s, CTL_SUB_WAITER), 0);
+        if (was == 1) futex_wake_all(ctl_u32(s, CTL_SUB_WAITER));
+        else if (was == 2 && s->evfd >= 0) eventfd_signal(s->evfd);
+    }
+    if (self->doorbell) PubCore_wake(self, NULL);
+    pub_release_all(self);
+    Py_RETURN_NONE;
+}
+
+/* _doze(seconds) -> bool: sleep (GIL released) until a subscriber frees
+ * something or the time passes; True if something was freed.  Used by the
+ * Python paths (large messages) that wait for space. */
+static PyObject *PubCore_doze(PubCoreObject *self, PyObject *args) {
+    double t;
+    if (!PyArg_ParseTuple(args, "d", &t)) return NULL;
+    if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); return NULL; }
+    uint64_t before = self->frees;
+    uint32_t *seqp = db_u32(self, DB_SEQ), *waitp = db_u32(self, DB_PUB_WAITING);
+    uint32_t seen = LOAD_SC(seqp);
+    STORE_SC(waitp, 1);
+    pub_drain(self);
+    if (self->frees == before && t > 0) {
+        int64_t ns = (int64_t)(t * 1e9);
+        if (ns > WAIT_SLICE_NS) ns = WAIT_SLICE_NS;
+        self->st_blocked++;
+        Py_BEGIN_ALLOW_THREADS
+        futex_wait_ns(seqp, seen, ns);
+        Py_END_ALLOW_THREADS
+        pub_drain(self);
+    }
+    STORE_SC(waitp, 0);
+    if (pub_report_bad(self) < 0) return NULL;
+    return PyBool_FromLong(self->frees != before);
+}
+
+static PyObject *PubCore_stats(PubCoreObject *self, PyObject *unused) {
+    uint32_t held_small = 0, held_large = 0;
+    if (self->blocks) {
+        for (uint32_t b = 0; b < self->n_blocks; b++) {
+            if (self->blocks[b].refs) { if (b < self->n_slots) held_small++; else held_large++; }
+        }
+    }
+    PyObject *subs = PyDict_New();
+    if (!subs) return NULL;
+    for (uint32_t i = 0; self->subs && i < self->max_subs; i++) {
+        SubSlot *s = self->subs[i];
+        if (!s) continue;
+        PyObject *k = PyLong_FromUnsignedLong(i);
+        PyObject *v = Py_BuildValue("{s:K,s:K,s:K,s:I,s:K}", "delivered", (unsigned long long)s->delivered,
+                                    "overwritten", (unsigned long long)s->overwritten, "wakeups",
+                                    (unsigned long long)s->wakeups, "in_flight", s->nheld, "queued",
+                                    (unsigned long long)(s->tail - LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD))));
+        if (!k || !v || PyDict_SetItem(subs, k, v) < 0) { Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(subs); return NULL; }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:I,s:I,s:I,s:N}", "messages", (unsigned long long)self->st_msgs,
+                         "bytes", (unsigned long long)self->st_bytes, "overwritten", (unsigned long long)self->st_overwritten,
+                         "wakeups", (unsigned long long)self->st_wakeups, "blocked", (unsigned long long)self->st_blocked,
+                         "would_block", (unsigned long long)self->st_would_block, "loans", (unsigned long long)self->st_loans,
+                         "slots_in_use", held_small, "large_in_use", held_large, "subscribers", self->n_subs_live, "per_subscriber", subs);
+}
+
+static PyObject *PubCore_get_seq(PubCoreObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->seq); }
+static PyObject *PubCore_get_policy(PubCoreObject *self, void *c) { return PyLong_FromLong(self->policy); }
+
+static PyMethodDef PubCore_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))PubCore_send, METH_FASTCALL | METH_KEYWORDS,
+     "send(obj, type=0, tag=0, timeout=None) -> seq: publish a copy of obj (one copy)."},
+    {"_alloc", (PyCFunction)PubCore_alloc, METH_VARARGS, NULL},
+    {"_claim_large", (PyCFunction)PubCore_claim_large, METH_VARARGS, NULL},
+    {"_view", (PyCFunction)PubCore_view, METH_VARARGS, NULL},
+    {"_commit", (PyCFunction)PubCore_commit, METH_VARARGS, NULL},
+    {"_discard", (PyCFunction)PubCore_discard, METH_VARARGS, NULL},
+    {"_install_large", (PyCFunction)PubCore_install_large, METH_VARARGS, NULL},
+    {"_block_state", (PyCFunction)PubCore_block_state, METH_VARARGS, NULL},
+    {"_add_sub", (PyCFunction)PubCore_add_sub, METH_VARARGS, NULL},
+    {"_remove_sub", (PyCFunction)PubCore_remove_sub, METH_VARARGS, NULL},
+    {"_sub_is_bad", (PyCFunction)PubCore_sub_is_bad, METH_VARARGS, NULL},
+    {"_reclaim", (PyCFunction)PubCore_reclaim, METH_NOARGS, NULL},
+    {"_wake", (PyCFunction)PubCore_wake, METH_NOARGS, NULL},
+    {"_close_core", (PyCFunction)PubCore_close, METH_NOARGS, NULL},
+    {"_doze", (PyCFunction)PubCore_doze, METH_VARARGS, NULL},
+    {"_core_stats", (PyCFunction)PubCore_stats, METH_NOARGS, NULL},
+    {NULL},
+};
+static PyGetSetDef PubCore_getset[] = {
+    {"_seq", (getter)PubCore_get_seq, NULL, NULL, NULL},
+    {"_policy", (getter)PubCore_get_policy, NULL, NULL, NULL},
+    {NULL},
+};
+static PyMemberDef PubCore_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(PubCoreObject, weakreflist), READONLY},
+    {"__dictoffset__", T_PYSSIZET, offsetof(PubCoreObject, dict), READONLY},
+    {NULL},
+};
+
+static PyTypeObject PubCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._core.PubCore",
+    .tp_basicsize = sizeof(PubCoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Publisher mechanism: block table, fan-out to subscriber rings.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)PubCore_init,
+    .tp_dealloc = (destructor)PubCore_dealloc,
+    .tp_traverse = (traverseproc)PubCore_traverse,
+    .tp_clear = (inquiry)PubCore_clear,
+    .tp_methods = PubCore_methods,
+    .tp_getset = PubCore_getset,
+    .tp_members = PubCore_members,
+    .tp_weaklistoffset = offsetof(PubCoreObject, weakreflist),
+    .tp_dictoffset = offsetof(PubCoreObject, dict),
+};
+
+/* ================================================================== SubCore + Message */
+typedef struct {
+    PyObject *mapping; /* Mapping (ro) */
+    uint32_t gen;
+} LargeEntry;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ctl, *arena, *doorbell; /* Mappings */
+    uint8_t *base;
+    uint32_t desc_cap, rel_cap, n_slots, slot_size, n_large, n_blocks;
+    uint64_t head;     /* our copy of desc head */
+    uint64_t rel_tail; /* our copy of release tail */
+    LargeEntry *large;
+    uint64_t epoch;    /* bumped on every attach, so stale Messages release nothing */
+    int attached;
+    int broken;        /* protocol violation seen: every recv raises */
+    int64_t spin_ns;
+    uint64_t last_seq;
+    /* statistics */
+    uint64_t st_msgs, st_bytes, st_gaps, st_sleeps, st_wakes_sent, st_in_flight;
+    PyObject *weakreflist;
+    PyObject *dict;
+} SubCoreObject;
+
+typedef struct {
+    PyObject_HEAD
+    SubCoreObject *sub;
+    PyObject *mapping; /* keeps the payload mapped */
+    uint8_t *ptr;
+    uint64_t len, seq, tag, epoch;
+    uint32_t type, block, gen;
+    int released;
+    PyObject *weakreflist;
+} MessageObject;
+
+static PyTypeObject SubCoreType, MessageType;
+
+static inline uint64_t *sctl_u64(SubCoreObject *s, size_t off) { return (uint64_t *)(s->base + off); }
+static inline uint32_t *sctl_u32(SubCoreObject *s, size_t off) { return (uint32_t *)(s->base + off); }
+
+static void sub_detach(SubCoreObject *self) {
+    if (self->large) {
+        for (uint32_t i = 0; i < self->n_large; i++) Py_CLEAR(self->large[i].mapping);
+        PyMem_Free(self->large);
+        self->large = NULL;
+    }
+    Py_CLEAR(self->ctl);
+    Py_CLEAR(self->arena);
+    Py_CLEAR(self->doorbell);
+    self->base = NULL;
+    self->attached = 0;
+}
+
+static int SubCore_traverse(SubCoreObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dict);
+    return 0;
+}
+static int SubCore_clear(SubCoreObject *self) {
+    Py_CLEAR(self->dict);
+    return 0;
+}
+static void SubCore_dealloc(SubCoreObject *self) {
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist) PyObject_ClearWeakRefs((PyObject *)self);
+    sub_detach(self);
+    SubCore_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* _attach(ctl, arena, doorbell, n_slots, slot_size, n_large) */
+static PyObject *SubCore_attach(SubCoreObject *self, PyObject *args) {
+    PyObject *ctl, *arena, *doorbell;
+    unsigned int n_slots, slot_size, n_large;
+    if (!PyArg_ParseTuple(args, "O!O!O!III", &MappingType, &ctl, &MappingType, &arena, &MappingType, &doorbell, &n_slots,
+                          &slot_size, &n_large))
+        return NULL;
+    MappingObject *cm = (MappingObject *)ctl, *am = (MappingObject *)arena, *dm = (MappingObject *)doorbell;
+    uint32_t *hdr = (uint32_t *)cm->addr;
+    uint32_t dcap = hdr[2], rcap = hdr[3];
+    uint32_t n_blocks = n_slots + n_large;
+    /* Everything the publisher told us is checked before we trust it. */
+    if (cm->size < CTL_DESC_RING || hdr[0] != CTL_MAGIC || hdr[1] != WIRE_VERSION || dcap == 0 || (dcap & (dcap - 1)) ||
+        rcap < n_blocks || (rcap & (rcap - 1)) || (Py_ssize_t)ctl_size(dcap, rcap) > cm->size || !cm->writable ||
+        !dm->writable || dm->size < DB_SIZE || slot_size == 0 || slot_size % 64 ||
+        (Py_ssize_t)ARENA_DATA + (Py_ssize_t)n_slots * slot_size > am->size || n_blocks < n_slots) {
+        PyErr_SetString(err_type(RemoteProtoErr, PyExc_ValueError), "publisher sent an inconsistent segment layout");
+        return NULL;
+    }
+    sub_detach(self);
+    self->large = PyMem_Calloc(n_large ? n_large : 1, sizeof(LargeEntry));
+    if (!self->large) return PyErr_NoMemory();
+    Py_INCREF(ctl); self->ctl = ctl;
+    Py_INCREF(arena); self->arena = arena;
+    Py_INCREF(doorbell); self->doorbell = doorbell;
+    self->base = cm->addr;
+    self->desc_cap = dcap;
+    self->rel_cap = rcap;
+    self->n_slots = n_slots;
+    self->slot_size = slot_size;
+    self->n_large = n_large;
+    self->n_blocks = n_blocks;
+    self->head = LOAD_ACQ(sctl_u64(self, CTL_DESC_HEAD));
+    self->rel_tail = LOAD_ACQ(sctl_u64(self, CTL_REL_TAIL));
+    self->epoch++;
+    self->attached = 1;
+    self->broken = 0;
+    self->last_seq = LOAD_ACQ(sctl_u64(self, CTL_START_SEQ));
+    Py_RETURN_NONE;
+}
+
+static PyObject *SubCore_detach(SubCoreObject *self, PyObject *unused) {
+    sub_detach(self);
+    self->epoch++;
+    Py_RETURN_NONE;
+}
+
+/* _set_large(block, gen, mapping|None) */
+static PyObject *SubCore_set_large(SubCoreObject *self, PyObject *args) {
+    unsigned int b, gen;
+    PyObject *m;
+    if (!PyArg_ParseTuple(args, "IIO", &b, &gen, &m)) return NULL;
+    if (!self->attached || b < self->n_slots || b >= self->n_blocks) {
+        PyErr_SetString(err_type(RemoteProtoErr, PyExc_ValueError), "large segment for a block id out of range");
+        return NULL;
+    }
+    LargeEntry *e = &self->large[b - self->n_slots];
+    if (m == Py_None) { Py_CLEAR(e->mapping); e->gen = 0; Py_RETURN_NONE; }
+    if (!PyObject_TypeCheck(m, &MappingType)) { PyErr_SetString(PyExc_TypeError, "Mapping required"); return NULL; }
+    Py_INCREF(m);
+    Py_XSETREF(e->mapping, m);
+    e->gen = gen;
+    Py_RETURN_NONE;
+}
+
+/* _large_gen(block) -> gen of the segment installed for a large block (0: none) */
+static PyObject *SubCore_large_gen(SubCoreObject *self, PyObject *args) {
+    unsigned int b;
+    if (!PyArg_ParseTuple(args, "I", &b)) return NULL;
+    if (!self->attached || b < self->n_slots || b >= self->n_blocks) return PyLong_FromLong(0);
+    LargeEntry *e = &self->large[b - self->n_slots];
+    return PyLong_FromUnsignedLong(e->mapping ? e->gen : 0);
+}
+
+static inline void ring_doorbell(SubCoreObject *self) {
+    /* the seq_cst operation before this (CAS or store) orders our ring
+     * update before this load; pairs with the publisher's pub_sleep */
+    uint8_t *db = ((MappingObject *)self->doorbell)->addr;
+    uint32_t *waitp = (uint32_t *)(db + DB_PUB_WAITING);
+    uint32_t w = LOAD_SC(waitp);
+    if (w) {
+        __atomic_fetch_add((uint32_t *)(db + DB_SEQ), 1, __ATOMIC_SEQ_CST);
+        futex_wake_all((uint32_t *)(db + DB_SEQ));
+        self->st_wakes_sent++;
+    }
+}
+
+static PyObject *sub_protocol_error(SubCoreObject *self, const char *what) {
+    self->broken = 1;
+    PyErr_Format(err_type(RemoteProtoErr, PyExc_ValueError), "publisher broke the protocol: %s", what);
+    return NULL;
+}
+
+/* Pop one descriptor.  Returns a Message, Py_None (new ref) when empty, NULL on error. */
+static PyObject *sub_pop(SubCoreObject *self) {
+    if (!self->attached) { Py_RETURN_NONE; }
+    if (self->broken) return sub_protocol_error(self, "(earlier violation)");
+    uint64_t *tailp = sctl_u64(self, CTL_DESC_TAIL), *headp = sctl_u64(self, CTL_DESC_HEAD);
+    uint8_t desc[DESC_SIZE];
+    for (;;) {
+        uint64_t tail = LOAD_ACQ(tailp);
+        uint64_t head = self->head;
+        if (tail == head) Py_RETURN_NONE;
+        if (tail - head > self->desc_cap) {
+            /* either the publisher overwrote (moved head past us) or the tail is garbage */
+            uint64_t h2 = LOAD_ACQ(headp);
+            if (h2 != head && tail - h2 <= self->desc_cap) { self->head = h2; continue; }
+            return sub_protocol_error(self, "descriptor ring indices out of range");
+        }
+        memcpy(desc, self->base + CTL_DESC_RING + (size_t)(head & (self->desc_cap - 1)) * DESC_SIZE, DESC_SIZE);
+        uint64_t expect = head;
+        if (__atomic_compare_exchange_n(headp, &expect, head + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            self->head = head + 1;
+            break;
+        }
+        self->head = expect; /* the publisher took it back (overwrite-oldest) */
+    }
+    ring_doorbell(self);
+    uint32_t b, gen, type;
+    uint64_t len, seq, tag;
+    memcpy(&b, desc + 0, 4);
+    memcpy(&gen, desc + 4, 4);
+    memcpy(&len, desc + 8, 8);
+    memcpy(&seq, desc + 16, 8);
+    memcpy(&tag, desc + 24, 8);
+    memcpy(&type, desc + 32, 4);
+    PyObject *mapping;
+    uint8_t *ptr;
+    if (b < self->n_slots) {
+        if (len > self->slot_size) return sub_protocol_error(self, "length exceeds the slot size");
+        mapping = self->arena;
+        ptr = ((MappingObject *)mapping)->addr + ARENA_DATA + (size_t)b * self->slot_size;
+    } else if (b < self->n_blocks) {
+        LargeEntry *e = &self->large[b - self->n_slots];
+        if (!e->mapping || e->gen != gen) {
+            /* the segment's fd is waiting on the control socket */
+            PyObject *r = PyObject_CallMethod((PyObject *)self, "_fetch_segment", "II", b, gen);
+            if (!r) { self->broken = 1; return NULL; }
+            Py_DECREF(r);
+            if (!self->attached) return sub_protocol_error(self, "detached while fetching a segment");
+            e = &self->large[b - self->n_slots];
+            if (!e->mapping || e->gen != gen) return sub_protocol_error(self, "descriptor names an unknown segment");
+        }
+        mapping = e->mapping;
+        if (len > (uint64_t)((MappingObject *)mapping)->size) return sub_protocol_error(self, "length exceeds its segment");
+        ptr = ((MappingObject *)mapping)->addr;
+    } else {
+        return sub_protocol_error(self, "descriptor names a block out of range");
+    }
+    MessageObject *m = PyObject_New(MessageObject, &MessageType);
+    if (!m) return NULL;
+    Py_INCREF(self);
+    m->sub = self;
+    Py_INCREF(mapping);
+    m->mapping = mapping;
+    m->ptr = ptr;
+    m->len = len;
+    m->seq = seq;
+    m->tag = tag;
+    m->type = type;
+    m->block = b;
+    m->gen = gen;
+    m->epoch = self->epoch;
+    m->released = 0;
+    m->weakreflist = NULL;
+    if (seq != self->last_seq + 1) self->st_gaps++;
+    self->last_seq = seq;
+    self->st_msgs++;
+    self->st_bytes += len;
+    self->st_in_flight++;
+    return (PyObject *)m;
+}
+
+static int message_release(MessageObject *m) {
+    if (m->released) return 0;
+    m->released = 1;
+    SubCoreObject *s = m->sub;
+    /* views still alive keep pointing at mapped memory (never a crash), but
+     * the publisher may reuse it from now on: that is what release() means */
+    s->st_in_flight--;
+    if (!s->attached || s->epoch != m->epoch) return 0;
+    uint64_t head = LOAD_ACQ(sctl_u64(s, CTL_REL_HEAD));
+    if (s->rel_tail - head >= s->rel_cap) {
+        /* impossible with an honest publisher: it sized the ring for every block */
+        s->broken = 1;
+        PyErr_SetString(err_type(RemoteProtoErr, PyExc_ValueError), "release ring full: publisher is not draining it");
+        return -1;
+    }
+    uint32_t ent[2] = {m->block, m->gen};
+    memcpy(s->base + ctl_rel_ring_off(s->desc_cap) + (size_t)(s->rel_tail & (s->rel_cap - 1)) * REL_SIZE, ent, REL_SIZE);
+    s->rel_tail++;
+    STORE_SC(sctl_u64(s, CTL_REL_TAIL), s->rel_tail);
+    ring_doorbell(s);
+    return 0;
+}
+
+/* Wait (GIL released) until the ring is non-empty, the publisher closed, or
+ * the time slice ends.  Spins first; then raises the waiter flag and sleeps
+ * on the futex.  Returns True if something may be ready. */
+static int sub_ready(SubCoreObject *self) {
+    return LOAD_ACQ(sctl_u64(self, CTL_DESC_TAIL)) != self->head || LOAD_ACQ(sctl_u32(self, CTL_PUB_CLOSED));
+}
+
+static PyObject *SubCore_wait(SubCoreObject *self, PyObject *args) {
+    double t;
+    if (!PyArg_ParseTuple(args, "d", &t)) return NULL;
+    if (!self->attached) Py_RETURN_TRUE;
+    if (sub_ready(self)) Py_RETURN_TRUE;
+    int64_t slice = (int64_t)(t * 1e9);
+    if (slice > WAIT_SLICE_NS * 4) slice = WAIT_SLICE_NS * 4;
+    int ready = 0;
+    int64_t spin = self->spin_ns;
+    uint32_t *waiter = sctl_u32(self, CTL_SUB_WAITER);
+    Py_BEGIN_ALLOW_THREADS
+    int64_t start = now_ns(), end = start + (spin < slice ? spin : slice);
+    unsigned i = 0;
+    while (!(ready = sub_ready(self))) {
+        cpu_relax();
+        if ((++i & 63) == 0 && now_ns() >= end) break;
+    }
+    if (!ready && slice > 0) {
+        STORE_SC(waiter, 1);
+        if (!(ready = sub_ready(self))) {
+            int64_t left = start + slice - now_ns();
+            if (left > 0) {
+                self->st_sleeps++;
+                futex_wait_ns(waiter, 1, left);
+            }
+            ready = sub_ready(self);
+        }
+        STORE_SC(waiter, 0);
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ready);
+}
+
+/* _arm_eventfd() -> bool: raise the waiter flag for eventfd wake-ups (asyncio).
+ * Returns True if data arrived meanwhile (then the flag is lowered again). */
+static PyObject *SubCore_arm_eventfd(SubCoreObject *self, PyObject *unused) {
+    if (!self->attached) Py_RETURN_TRUE;
+    uint32_t *waiter = sctl_u32(self, CTL_SUB_WAITER);
+    STORE_SC(waiter, 2);
+    if (sub_ready(self)) { STORE_SC(waiter, 0); Py_RETURN_TRUE; }
+    self->st_sleeps++;
+    Py_RETURN_FALSE;
+}
+static PyObject *SubCore_disarm(SubCoreObject *self, PyObject *unused) {
+    if (self->attached) STORE_SC(sctl_u32(self, CTL_SUB_WAITER), 0);
+    Py_RETURN_NONE;
+}
+
+/* recv_nowait() -> Message; raises WouldBlock (or whatever _empty raises) */
+static PyObject *SubCore_recv_nowait(SubCoreObject *self, PyObject *unused) {
+    PyObject *m = sub_pop(self);
+    if (m != Py_None) return m;
+    Py_DECREF(m);
+    return PyObject_CallMethod((PyObject *)self, "_empty", "O", Py_None);
+}
+
+/* recv(timeout=None) -> Message: fast path here, waiting in Python. */
+static PyObject *SubCore_recv(SubCoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *timeout = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 1 || nargs + nkw > 1) { PyErr_SetString(PyExc_TypeError, "recv(timeout=None)"); return NULL; }
+    if (nargs == 1) timeout = args[0];
+    if (nkw == 1) {
+        if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0) {
+            PyErr_SetString(PyExc_TypeError, "recv(timeout=None)"); return NULL;
+        }
+        timeout = args[0];
+    }
+    PyObject *m = sub_pop(self);
+    if (m != Py_None) return m;
+    Py_DECREF(m);
+    return PyObject_CallMethod((PyObject *)self, "_recv_slow", "O", timeout);
+}
+
+static PyObject *SubCore_try_recv(SubCoreObject *self, PyObject *unused) { return sub_pop(self); }
+
+static PyObject *SubCore_pub_closed(SubCoreObject *self, PyObject *unused) {
+    if (!self->attached) Py_RETURN_FALSE;
+    return PyBool_FromLong(LOAD_ACQ(sctl_u32(self, CTL_PUB_CLOSED)) != 0);
+}
+
+static PyObject *SubCore_stats(SubCoreObject *self, PyObject *unused) {
+    uint64_t queued = 0;
+    if (self->attached) queued = LOAD_ACQ(sctl_u64(self, CTL_DESC_TAIL)) - self->head;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "messages", (unsigned long long)self->st_msgs, "bytes",
+                         (unsigned long long)self->st_bytes, "gaps", (unsigned long long)self->st_gaps, "sleeps",
+                         (unsigned long long)self->st_sleeps, "wakeups_sent", (unsigned long long)self->st_wakes_sent,
+                         "in_flight", (unsigned long long)self->st_in_flight, "queued", (unsigned long long)queued);
+}
+
+static PyObject *SubCore_get_spin(SubCoreObject *self, void *c) { return PyFloat_FromDouble(self->spin_ns / 1e9); }
+static int SubCore_set_spin(SubCoreObject *self, PyObject *v, void *c) {
+    double t = PyFloat_AsDouble(v);
+    if (t == -1.0 && PyErr_Occurred()) return -1;
+    if (t < 0) { PyErr_SetString(PyExc_ValueError, "spin must be >= 0"); return -1; }
+    self->spin_ns = (int64_t)(t * 1e9);
+    return 0;
+}
+static PyObject *SubCore_get_attached(SubCoreObject *self, void *c) { return PyBool_FromLong(self->attached); }
+static PyObject *SubCore_get_epoch(SubCoreObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->epoch); }
+
+static PyMethodDef SubCore_methods[] = {
+    {"recv", (PyCFunction)(void (*)(void))SubCore_recv, METH_FASTCALL | METH_KEYWORDS,
+     "recv(timeout=None) -> Message: the next message, waiting up to timeout seconds."},
+    {"recv_nowait", (PyCFunction)SubCore_recv_nowait, METH_NOARGS, "recv_nowait() -> Message, or raise WouldBlock."},
+    {"_try_recv", (PyCFunction)SubCore_try_recv, METH_NOARGS, NULL},
+    {"_attach", (PyCFunction)SubCore_attach, METH_VARARGS, NULL},
+    {"_detach", (PyCFunction)SubCore_detach, METH_NOARGS, NULL},
+    {"_set_large", (PyCFunction)SubCore_set_large, METH_VARARGS, NULL},
+    {"_large_gen", (PyCFunction)SubCore_large_gen, METH_VARARGS, NULL},
+    {"_wait", (PyCFunction)SubCore_wait, METH_VARARGS, NULL},
+    {"_arm_eventfd", (PyCFunction)SubCore_arm_eventfd, METH_NOARGS, NULL},
+    {"_disarm", (PyCFunction)SubCore_disarm, METH_NOARGS, NULL},
+    {"_pub_closed", (PyCFunction)SubCore_pub_closed, METH_NOARGS, NULL},
+    {"_core_stats", (PyCFunction)SubCore_stats, METH_NOARGS, NULL},
+    {NULL},
+};
+static PyGetSetDef SubCore_getset[] = {
+    {"spin", (getter)SubCore_get_spin, (setter)SubCore_set_spin, "seconds to spin before sleeping", NULL},
+    {"_attached", (getter)SubCore_get_attached, NULL, NULL, NULL},
+    {"_epoch", (getter)SubCore_get_epoch, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject SubCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._core.SubCore",
+    .tp_basicsize = sizeof(SubCoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Subscriber mechanism: descriptor ring consumer, release ring producer.",
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)SubCore_dealloc,
+    .tp_traverse = (traverseproc)SubCore_traverse,
+    .tp_clear = (inquiry)SubCore_clear,
+    .tp_methods = SubCore_methods,
+    .tp_getset = SubCore_getset,
+    .tp_weaklistoffset = offsetof(SubCoreObject, weakreflist),
+    .tp_dictoffset = offsetof(SubCoreObject, dict),
+};
+
+/* ---------------------------------------------------------------- Message */
+static void Message_dealloc(MessageObject *m) {
+    if (m->weakreflist) PyObject_ClearWeakRefs((PyObject *)m);
+    if (!m->released) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (message_release(m) < 0) PyErr_WriteUnraisable((PyObject *)m);
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_XDECREF(m->mapping);
+    Py_XDECREF(m->sub);
+    PyObject_Free(m);
+}
+
+static int Message_getbuffer(MessageObject *m, Py_buffer *view, int flags) {
+    if (m->released) {
+        PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released");
+        view->obj = NULL;
+        return -1;
+    }
+    return PyBuffer_FillInfo(view, (PyObject *)m, m->ptr, (Py_ssize_t)m->len, 1, flags);
+}
+static PyBufferProcs Message_as_buffer = {(getbufferproc)Message_getbuffer, NULL};
+
+static PyObject *Message_get_data(MessageObject *m, void *c) {
+    if (m->released) {
+        PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released");
+        return NULL;
+    }
+    /* The view keeps the message alive (view -> Region -> message), so the
+     * slot goes back only when release() is called or no view is left.
+     * Not cached: a cached view would make a reference cycle. */
+    return region_view((PyObject *)m, m->ptr, (Py_ssize_t)m->len, 1);
+}
+
+static PyObject *Message_release(MessageObject *m, PyObject *unused) {
+    if (message_release(m) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+static PyObject *Message_enter(MessageObject *m, PyObject *unused) { Py_INCREF(m); return (PyObject *)m; }
+static PyObject *Message_exit(MessageObject *m, PyObject *args) {
+    if (message_release(m) < 0) return NULL;
+    Py_RETURN_FALSE;
+}
+static PyObject *Message_bytes(MessageObject *m, PyObject *unused) {
+    if (m->released) { PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released"); return NULL; }
+    return PyBytes_FromStringAndSize((const char *)m->ptr, (Py_ssize_t)m->len);
+}
+static Py_ssize_t Message_len(MessageObject *m) { return (Py_ssize_t)m->len; }
+
+static PyObject *Message_repr(MessageObject *m) {
+    return PyUnicode_FromFormat("<copyless.Message seq=%llu type=%u tag=%llu nbytes=%llu%s>", (unsigned long long)m->seq,
+                                m->type, (unsigned long long)m->tag, (unsigned long long)m->len,
+                                m->released ? " released" : "");
+}
+
+static PyObject *Message_get_seq(MessageObject *m, void *c) { return PyLong_FromUnsignedLongLong(m->seq); }
+static PyObject *Message_get_tag(MessageObject *m, void *c) { return PyLong_FromUnsignedLongLong(m->tag); }
+static PyObject *Message_get_type(MessageObject *m, void *c) { return PyLong_FromUnsignedLong(m->type); }
+static PyObject *Message_get_nbytes(MessageObject *m, void *c) { return PyLong_FromUnsignedLongLong(m->len); }
+static PyObject *Message_get_released(MessageObject *m, void *c) { return PyBool_FromLong(m->released); }
+static PyObject *Message_get_address(MessageObject *m, void *c) { return PyLong_FromVoidPtr(m->ptr); }
+
+static PyMethodDef Message_methods[] = {
+    {"release", (PyCFunction)Message_release, METH_NOARGS, "Return the slot to the publisher; data is invalid afterwards."},
+    {"tobytes", (PyCFunction)Message_bytes, METH_NOARGS, "A private copy of the payload."},
+    {"__enter__", (PyCFunction)Message_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)Message_exit, METH_VARARGS, NULL},
+    {NULL},
+};
+static PyGetSetDef Message_getset[] = {
+    {"data", (getter)Message_get_data, NULL, "read-only memoryview of the payload, in shared memory", NULL},
+    {"seq", (getter)Message_get_seq, NULL, "publisher sequence number (gaps mean overwritten messages)", NULL},
+    {"tag", (getter)Message_get_tag, NULL, "u64 user tag", NULL},
+    {"type", (getter)Message_get_type, NULL, "u32 user type", NULL},
+    {"nbytes", (getter)Message_get_nbytes, NULL, "payload length", NULL},
+    {"released", (getter)Message_get_released, NULL, NULL, NULL},
+    {"_address", (getter)Message_get_address, NULL, NULL, NULL},
+    {NULL},
+};
+static PySequenceMethods Message_as_seq = {.sq_length = (lenfunc)Message_len};
+
+static PyTypeObject MessageType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless.Message",
+    .tp_basicsize = sizeof(MessageObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A received message.  data is a read-only view into shared memory, valid until release().",
+    .tp_dealloc = (destructor)Message_dealloc,
+    .tp_as_buffer = &Message_as_buffer,
+    .tp_as_sequence = &Message_as_seq,
+    .tp_methods = Message_methods,
+    .tp_getset = Message_getset,
+    .tp_repr = (reprfunc)Message_repr,
+    .tp_weaklistoffset = offsetof(MessageObject, weakreflist),
+};
+
+/* ================================================================== module */
+static PyObject *mod_set_errors(PyObject *mod, PyObject *args) {
+    PyObject *wb, *to, *rp, *cl;
+    if (!PyArg_ParseTuple(args, "OOOO", &wb, &to, &rp, &cl)) return NULL;
+    Py_XSETREF(WouldBlockError, Py_NewRef(wb));
+    Py_XSETREF(TimeoutErr, Py_NewRef(to));
+    Py_XSETREF(RemoteProtoErr, Py_NewRef(rp));
+    Py_XSETREF(ClosedErr, Py_NewRef(cl));
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_ctl_size(PyObject *mod, PyObject *args) {
+    unsigned int d, r;
+    if (!PyArg_ParseTuple(args, "II", &d, &r)) return NULL;
+    return PyLong_FromSize_t(ctl_size(d, r));
+}
+
+/* futex_wake(mapping, offset) / futex_wait(mapping, offset, expected, timeout) for tests and tools */
+static PyObject *mod_futex_wake(PyObject *mod, PyObject *args) {
+    PyObject *m;
+    Py_ssize_t off;
+    if (!PyArg_ParseTuple(args, "O!n", &MappingType, &m, &off)) return NULL;
+    if (off < 0 || off % 4 || off + 4 > ((MappingObject *)m)->size) { PyErr_SetString(PyExc_ValueError, "offset"); return NULL; }
+    futex_wake_all((uint32_t *)(((MappingObject *)m)->addr + off));
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_futex_wait(PyObject *mod, PyObject *args) {
+    PyObject *m;
+    Py_ssize_t off;
+    unsigned int expected;
+    double t;
+    if (!PyArg_ParseTuple(args, "O!nId", &MappingType, &m, &off, &expected, &t)) return NULL;
+    if (off < 0 || off % 4 || off + 4 > ((MappingObject *)m)->size) { PyErr_SetString(PyExc_ValueError, "offset"); return NULL; }
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = futex_wait_ns((uint32_t *)(((MappingObject *)m)->addr + off), expected, (int64_t)(t * 1e9));
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(r == 0);
+}
+
+static PyMethodDef module_methods[] = {
+    {"_set_errors", mod_set_errors, METH_VARARGS, NULL},
+    {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
+    {"futex_wake", mod_futex_wake, METH_VARARGS, "futex_wake(mapping, offset): wake all waiters on a shared u32"},
+    {"futex_wait", mod_futex_wait, METH_VARARGS,
+     "futex_wait(mapping, offset, expected, timeout) -> woken: sleep (GIL released) while the u32 equals expected"},
+    {NULL},
+};
+
+static struct PyModuleDef coremodule = {PyModuleDef_HEAD_INIT, "copyless._core", "copyless compiled core", -1, module_methods};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&RegionType) < 0 || PyType_Ready(&PubCoreType) < 0 ||
+        PyType_Ready(&SubCoreType) < 0 || PyType_Ready(&MessageType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&coremodule);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) < 0 ||
+        PyModule_AddObjectRef(m, "PubCore", (PyObject *)&PubCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "SubCore", (PyObject *)&SubCoreType) < 0 ||
+        PyModule_AddObjectRef(m, "Message", (PyObject *)&MessageType) < 0)
+        return NULL;
+    PyModule_AddIntConstant(m, "WIRE_VERSION", WIRE_VERSION);
+    PyModule_AddIntConstant(m, "CTL_MAGIC", CTL_MAGIC);
+    PyModule_AddIntConstant(m, "CTL_DESC_TAIL", CTL_DESC_TAIL);
+    PyModule_AddIntConstant(m, "CTL_DESC_HEAD", CTL_DESC_HEAD);
+    PyModule_AddIntConstant(m, "CTL_REL_TAIL", CTL_REL_TAIL);
+    PyModule_AddIntConstant(m, "CTL_REL_HEAD", CTL_REL_HEAD);
+    PyModule_AddIntConstant(m, "CTL_SUB_WAITER", CTL_SUB_WAITER);
+    PyModule_AddIntConstant(m, "CTL_PUB_CLOSED", CTL_PUB_CLOSED);
+    PyModule_AddIntConstant(m, "CTL_DESC_RING", CTL_DESC_RING);
+    PyModule_AddIntConstant(m, "DESC_SIZE", DESC_SIZE);
+    PyModule_AddIntConstant(m, "REL_SIZE", REL_SIZE);
+    PyModule_AddIntConstant(m, "DB_SEQ", DB_SEQ);
+    PyModule_AddIntConstant(m, "DB_PUB_WAITING", DB_PUB_WAITING);
+    PyModule_AddIntConstant(m, "DB_SIZE", DB_SIZE);
+    PyModule_AddIntConstant(m, "ARENA_DATA", ARENA_DATA);
+    PyModule_AddIntConstant(m, "POLICY_BLOCK", POLICY_BLOCK);
+    PyModule_AddIntConstant(m, "POLICY_RAISE", POLICY_RAISE);
+    PyModule_AddIntConstant(m, "POLICY_OVERWRITE", POLICY_OVERWRITE);
+    return m;
+}

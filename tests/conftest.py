@@ -1,0 +1,110 @@
+"""Shared fixtures: unique endpoint names, child processes, and a leak check on every test."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+
+
+def _fds() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
+def _memfd_maps() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line.strip() for line in f if "memfd:copyless" in line]
+
+
+@pytest.fixture(autouse=True)
+def leakcheck():
+    """No fd, shared-memory mapping or thread may outlive a test."""
+    gc.collect()
+    fds0, maps0, threads0 = _fds(), _memfd_maps(), threading.active_count()
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        gc.collect()
+        fds, maps, threads = _fds(), _memfd_maps(), threading.active_count()
+        if (fds <= fds0 and len(maps) <= len(maps0) and threads <= threads0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert fds - fds0 == set(), "file descriptors leaked"
+    assert len(maps) <= len(maps0), f"shared-memory mappings leaked: {maps[:4]}"
+    assert threads <= threads0, f"threads leaked: {threading.enumerate()}"
+    assert not [n for n in os.listdir("/dev/shm") if "copyless" in n], "/dev/shm entries left"
+
+
+@pytest.fixture
+def name() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+class Child:
+    """A Python child process running a snippet; kill()able at any point."""
+
+    def __init__(self, code: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait(self, timeout: float = 30) -> tuple[int, str, str]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError(f"child timed out\nstdout:{out}\nstderr:{err}") from None
+        return self.proc.returncode, out, err
+
+    def readline(self, timeout: float = 30) -> str:
+        import selectors
+
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError("child said nothing in time")
+        sel.close()
+        return self.proc.stdout.readline().strip()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+@pytest.fixture
+def child():
+    made: list[Child] = []
+
+    def start(code: str, *args: str) -> Child:
+        c = Child(code, *args)
+        made.append(c)
+        return c
+
+    yield start
+    for c in made:
+        c.close()
