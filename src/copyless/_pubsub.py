@@ -307,6 +307,8 @@ class Publisher(PubCore):
                 os.unlink(self._path)  # left by a publisher that died: replace it
                 sock.bind(self._addr)
             sock.listen(64)
+            # to remove the file at close only if it is still ours
+            self._path_ino = os.stat(self._path).st_ino if self._path else 0
         except BaseException:
             sock.close()
             raise
@@ -349,6 +351,15 @@ class Publisher(PubCore):
             reactor.register(conn, on_readable)
 
     def _refuse(self, peer: _Peer, code: int, reason: str) -> None:
+        try:
+            # unread data at close would reset the connection and hide the reason from the peer
+            while True:
+                data, fds = _recv_fds(peer.sock, 4096, 4, socket.MSG_DONTWAIT)
+                _close_fds(fds)
+                if not data:
+                    break
+        except OSError:
+            pass
         try:
             peer.sock.send(_REFUSE.pack(b"CLNO", code) + reason.encode())
         except OSError:
@@ -609,7 +620,7 @@ class Publisher(PubCore):
         self._by_index.clear()
         if self._path is not None:
             try:
-                if os.stat(self._path).st_ino == os.fstat(self._listener.fileno()).st_ino:
+                if os.stat(self._path).st_ino == self._path_ino:
                     os.unlink(self._path)
             except OSError:
                 pass
@@ -709,6 +720,8 @@ class Subscriber(SubCore):
             data, fds = _recv_fds(sock, 4096, 4)
         except TimeoutError:
             raise Timeout(f"publisher {self._name!r} did not answer the handshake") from None
+        except OSError as e:
+            raise PeerLost(f"publisher {self._name!r} went away during the handshake: {e}") from e
         finally:
             sock.settimeout(None)
         try:
