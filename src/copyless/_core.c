@@ -278,7 +278,7 @@ typedef struct {
     uint32_t n_subs_live;
     int policy;
     int64_t default_timeout_ns; /* -1 forever */
-    int pub_evfd;               /* -1 unless an asyncio waiter set it */
+    int64_t spin_ns;            /* how long a blocked send spins before sleeping */
     uint64_t seq;
     int closed;
     /* statistics */
@@ -343,7 +343,7 @@ static int PubCore_init(PubCoreObject *self, PyObject *args, PyObject *kw) {
     self->n_free = n_slots;
     self->max_subs = max_subs;
     self->policy = policy;
-    self->pub_evfd = -1;
+    self->spin_ns = 0; /* measured: see docs/design.md "How long to spin" */
     Py_INCREF(arena); self->arena = arena;
     Py_INCREF(doorbell); self->doorbell = doorbell;
     return 0;
@@ -457,12 +457,20 @@ static int sub_steal_oldest(PubCoreObject *self, SubSlot *s) {
 }
 
 /* Arm the doorbell, then the caller re-checks, then sleeps. */
-typedef struct { uint32_t seen; int armed; } Waiter;
+typedef struct { uint32_t seen; int armed; int64_t spin_until; } Waiter;
 
 static int pub_sleep(PubCoreObject *self, Waiter *w, int64_t deadline) {
     /* returns 0 to re-check, -1 with an exception set */
     uint32_t *seqp = db_u32(self, DB_SEQ);
     uint32_t *waitp = db_u32(self, DB_PUB_WAITING);
+    /* Spin first: a consumer on the other core frees space within
+     * microseconds, and sleeping would cost it a futex wake per message. */
+    int64_t now0 = now_ns();
+    if (w->spin_until == 0) w->spin_until = now0 + self->spin_ns;
+    if (now0 < w->spin_until && now0 < deadline) {
+        for (int i = 0; i < 64; i++) cpu_relax();
+        return 0;
+    }
     if (!w->armed) {
         w->seen = LOAD_SC(seqp);
         STORE_SC(waitp, 1);
@@ -510,7 +518,7 @@ static PyObject *would_block(PubCoreObject *self, const char *what) {
 
 /* Take a free small slot, applying the publisher's policy when none is free. */
 static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline) {
-    Waiter w = {0, 0};
+    Waiter w = {0, 0, 0};
     for (;;) {
         if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); return -1; }
         if (self->n_free == 0) pub_drain(self);
@@ -550,7 +558,7 @@ static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline
  * to all of them and wake the sleepers.  All-or-nothing: on failure no
  * subscriber has the message and the publisher's reference is dropped. */
 static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t type, uint64_t tag, int nowait, int64_t deadline) {
-    Waiter w = {0, 0};
+    Waiter w = {0, 0, 0};
     for (;;) {
         if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); goto fail; }
         int full = 0;
@@ -905,6 +913,14 @@ static PyObject *PubCore_stats(PubCoreObject *self, PyObject *unused) {
 
 static PyObject *PubCore_get_seq(PubCoreObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->seq); }
 static PyObject *PubCore_get_policy(PubCoreObject *self, void *c) { return PyLong_FromLong(self->policy); }
+static PyObject *PubCore_get_spin(PubCoreObject *self, void *c) { return PyFloat_FromDouble(self->spin_ns / 1e9); }
+static int PubCore_set_spin(PubCoreObject *self, PyObject *v, void *c) {
+    double t = PyFloat_AsDouble(v);
+    if (t == -1.0 && PyErr_Occurred()) return -1;
+    if (t < 0) { PyErr_SetString(PyExc_ValueError, "spin must be >= 0"); return -1; }
+    self->spin_ns = (int64_t)(t * 1e9);
+    return 0;
+}
 
 static PyMethodDef PubCore_methods[] = {
     {"send", (PyCFunction)(void (*)(void))PubCore_send, METH_FASTCALL | METH_KEYWORDS,
@@ -929,6 +945,7 @@ static PyMethodDef PubCore_methods[] = {
 static PyGetSetDef PubCore_getset[] = {
     {"_seq", (getter)PubCore_get_seq, NULL, NULL, NULL},
     {"_policy", (getter)PubCore_get_policy, NULL, NULL, NULL},
+    {"spin", (getter)PubCore_get_spin, (setter)PubCore_set_spin, "seconds a blocked send spins before sleeping", NULL},
     {NULL},
 };
 static PyMemberDef PubCore_members[] = {

@@ -238,6 +238,7 @@ class Publisher(PubCore):
         max_subscribers: int = 64,
         allow_uids: list[int] | None = None,
         allow_gids: list[int] | None = None,
+        spin: float = 0.0,
     ) -> None:
         if on_full not in _POLICIES:
             raise ConfigurationError(f"on_full must be one of {sorted(_POLICIES)}")
@@ -283,6 +284,7 @@ class Publisher(PubCore):
             self._listener.close()
             _close_fds(self._fds)
             raise
+        self.spin = spin
         self._closed = False
         me = weakref.ref(self)
 
