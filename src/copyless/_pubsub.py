@@ -832,33 +832,39 @@ class Subscriber(SubCore):
 
     def _recv_slow(self, timeout: float | None) -> Message:  # called by the core when the ring is empty
         deadline = None if timeout is None else time.monotonic() + timeout
+        idle = False
         while True:
             msg = self._try_recv()
             if msg is not None:
                 return msg
-            try:
-                self._peer_state()
-            except PeerLost:
-                msg = self._try_recv()  # published just before it went
+            # liveness costs a system call: look only after a whole wait slice with no traffic
+            if idle or self._lost is not None or self._pub_closed():
+                msg = self._check_peer_or_last()
                 if msg is not None:
                     return msg
-                raise
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise Timeout(f"nothing from {self._name!r} within {timeout} s")
-            self._wait(0.2 if left is None else min(left, 0.2))
+            idle = not self._wait(0.2 if left is None else min(left, 0.2))
+
+    def _check_peer_or_last(self) -> Message | None:
+        """None if the publisher is alive; a message it published just before going; else raise."""
+        try:
+            self._peer_state()
+        except PeerLost:
+            msg = self._try_recv()
+            if msg is not None:
+                return msg
+            raise
+        return None
 
     def _empty(self, _: object) -> Message:  # called by the core by recv_nowait on an empty ring
         now = time.monotonic()
-        if now >= self._next_check or self._lost is not None or self._closed:
+        if now >= self._next_check or self._lost is not None or self._closed or self._pub_closed():
             self._next_check = now + _PEER_CHECK_INTERVAL
-            try:
-                self._peer_state()
-            except PeerLost:
-                msg = self._try_recv()
-                if msg is not None:
-                    return msg
-                raise
+            msg = self._check_peer_or_last()
+            if msg is not None:
+                return msg
         raise WouldBlock(f"nothing queued from {self._name!r}")
 
     def __iter__(self) -> Subscriber:

@@ -60,35 +60,34 @@ class Subscriber(_pubsub.Subscriber):
             return msg
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
+        ctl_woke = True  # look at the peer once up front; afterwards only when its socket stirs
         while True:
             msg = self._try_recv()
             if msg is not None:
                 return msg
-            try:
-                self._peer_state()
-            except PeerLost:
-                msg = self._try_recv()
+            if ctl_woke or self._lost is not None or self._pub_closed():
+                msg = self._check_peer_or_last()
                 if msg is not None:
                     return msg
-                raise
             if self._arm_eventfd():
                 continue  # something arrived while we raised the flag
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self._disarm()
                 raise Timeout(f"nothing from {self.name!r} within {timeout} s")
-            fut: asyncio.Future[None] = loop.create_future()
+            fut: asyncio.Future[bool] = loop.create_future()
 
-            def wake() -> None:
+            def wake(from_ctl: bool) -> None:
                 if not fut.done():
-                    fut.set_result(None)
+                    fut.set_result(from_ctl)
 
             evfd, sock = self._evfd, self._sock
             assert sock is not None
-            loop.add_reader(evfd, wake)
-            loop.add_reader(sock.fileno(), wake)  # control messages, or the publisher's death
+            loop.add_reader(evfd, wake, False)
+            loop.add_reader(sock.fileno(), wake, True)  # control messages, or the publisher's death
+            ctl_woke = False
             try:
-                await asyncio.wait_for(fut, left)
+                ctl_woke = await asyncio.wait_for(fut, left)
             except TimeoutError:
                 pass
             finally:
