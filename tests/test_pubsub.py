@@ -396,3 +396,26 @@ def test_publisher_reclaims_on_subscriber_close(name):
         assert pub.statistics().slots_in_use == 0 and pub.subscriber_count == 0
         for m in held:
             m.release()  # releasing after close is harmless
+
+
+def test_large_segments_are_reused(name):
+    """A stream of large messages keeps reusing one hot segment (a fresh one costs a
+    page fault per page), and the budget bounds how many are cached."""
+    with copyless.Publisher(name, large_budget=8 << 20) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        for _ in range(50):
+            with pub.loan(1 << 20) as buf:
+                buf[:1] = b"x"
+            with sub.recv(timeout=1):
+                pass
+        assert pub.statistics().large_segments == 1
+        held = []
+        for _ in range(4):  # 4 x 2 MiB classes fit the 8 MiB budget at once...
+            pub.send(bytes((1 << 20) + 1))
+            held.append(sub.recv(timeout=1))
+        with pytest.raises(WouldBlock):  # ...a fifth does not while they are held
+            pub.send(bytes((1 << 20) + 1), timeout=0)
+        held.pop().release()
+        pub.send(bytes((1 << 20) + 1), timeout=1)
+        assert pub.statistics().large_segments <= 5
+        del held

@@ -1414,10 +1414,10 @@ static PyObject *Message_get_data(MessageObject *m, void *c) {
         PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released");
         return NULL;
     }
-    /* The view keeps the message alive (view -> Region -> message), so the
-     * slot goes back only when release() is called or no view is left.
-     * Not cached: a cached view would make a reference cycle. */
-    return region_view((PyObject *)m, m->ptr, (Py_ssize_t)m->len, 1);
+    /* The message exports the view, so the view keeps it alive and the slot
+     * goes back only when release() is called or no view is left.  Not
+     * cached: a cached view would make a reference cycle. */
+    return PyMemoryView_FromObject((PyObject *)m);
 }
 
 static PyObject *Message_release(MessageObject *m, PyObject *unused) {

@@ -525,6 +525,9 @@ class Publisher(PubCore):
 
     def _take_large(self, size: int) -> int | None:
         """A free large block of exactly `size` bytes, creating (and evicting) segments as the budget allows."""
+        # take in what subscribers released first: otherwise a segment just released looks
+        # busy, and a fresh one costs a page fault per page on its first write
+        self._reclaim()
         free, used_bytes, cached_bytes = [], 0, 0
         for block, lg in self._large.items():
             refs = self._block_state(block)[0]
