@@ -419,3 +419,17 @@ def test_large_segments_are_reused(name):
         pub.send(bytes((1 << 20) + 1), timeout=1)
         assert pub.statistics().large_segments <= 5
         del held
+
+
+def test_try_recv_returns_none_when_empty_and_raises_on_close(name):
+    pub = copyless.Publisher(name)
+    with copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        assert sub.try_recv() is None
+        pub.send(b"a")
+        assert bytes(sub.try_recv().data) == b"a"
+        pub.close()
+        with pytest.raises(PeerClosed):
+            sub.try_recv()
+    with pytest.raises(copyless.ClosedError):
+        sub.try_recv()

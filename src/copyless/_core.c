@@ -990,6 +990,7 @@ typedef struct {
     int attached;
     int broken;        /* protocol violation seen: every recv raises */
     int64_t spin_ns;
+    int64_t next_check_ns; /* non-blocking receives look at the peer's liveness at most this often */
     uint64_t last_seq;
     /* statistics */
     uint64_t st_msgs, st_bytes, st_gaps, st_sleeps, st_wakes_sent, st_in_flight;
@@ -1293,12 +1294,38 @@ static PyObject *SubCore_disarm(SubCoreObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* recv_nowait() -> Message; raises WouldBlock (or whatever _empty raises) */
+#define PEER_CHECK_NS 50000000LL
+
+/* The ring is empty: look at the publisher's liveness if that is due (a system
+ * call, so at most every PEER_CHECK_NS).  Returns a Message it published just
+ * before going, Py_None, or NULL with PeerLost/ClosedError set. */
+static PyObject *sub_empty(SubCoreObject *self) {
+    int64_t now = now_ns();
+    if (self->attached && !self->broken && now < self->next_check_ns && !LOAD_ACQ(sctl_u32(self, CTL_PUB_CLOSED)))
+        Py_RETURN_NONE;
+    self->next_check_ns = now + PEER_CHECK_NS;
+    PyObject *r = PyObject_CallMethod((PyObject *)self, "_check_peer_or_last", NULL);
+    return r;
+}
+
+/* recv_nowait() -> Message, or raise WouldBlock */
 static PyObject *SubCore_recv_nowait(SubCoreObject *self, PyObject *unused) {
     PyObject *m = sub_pop(self);
     if (m != Py_None) return m;
     Py_DECREF(m);
-    return PyObject_CallMethod((PyObject *)self, "_empty", "O", Py_None);
+    m = sub_empty(self);
+    if (m != Py_None) return m;
+    Py_DECREF(m);
+    PyErr_SetString(err_type(WouldBlockError, PyExc_BlockingIOError), "nothing queued");
+    return NULL;
+}
+
+/* try_recv() -> Message or None: the cheapest poll (no exception when empty) */
+static PyObject *SubCore_try_recv_public(SubCoreObject *self, PyObject *unused) {
+    PyObject *m = sub_pop(self);
+    if (m != Py_None) return m;
+    Py_DECREF(m);
+    return sub_empty(self);
 }
 
 /* recv(timeout=None) -> Message: fast path here, waiting in Python. */
@@ -1350,6 +1377,8 @@ static PyMethodDef SubCore_methods[] = {
     {"recv", (PyCFunction)(void (*)(void))SubCore_recv, METH_FASTCALL | METH_KEYWORDS,
      "recv(timeout=None) -> Message: the next message, waiting up to timeout seconds."},
     {"recv_nowait", (PyCFunction)SubCore_recv_nowait, METH_NOARGS, "recv_nowait() -> Message, or raise WouldBlock."},
+    {"try_recv", (PyCFunction)SubCore_try_recv_public, METH_NOARGS,
+     "try_recv() -> Message or None: like recv_nowait, but None instead of WouldBlock (cheapest to poll)."},
     {"_try_recv", (PyCFunction)SubCore_try_recv, METH_NOARGS, NULL},
     {"_attach", (PyCFunction)SubCore_attach, METH_VARARGS, NULL},
     {"_detach", (PyCFunction)SubCore_detach, METH_NOARGS, NULL},

@@ -61,7 +61,6 @@ REFUSE_VERSION, REFUSE_ACCESS, REFUSE_FULL, REFUSE_PROTOCOL = 1, 2, 3, 4
 
 _POLICIES = {"block": POLICY_BLOCK, "raise": POLICY_RAISE, "overwrite": POLICY_OVERWRITE}
 DEFAULT_SPIN = 50e-6  # see docs/design.md "How long to spin"
-_PEER_CHECK_INTERVAL = 0.05  # recv_nowait checks the peer's liveness at most this often
 
 
 def _address(name: str) -> tuple[str | bytes, str | None]:
@@ -675,7 +674,6 @@ class Subscriber(SubCore):
         self._sock: socket.socket | None = None
         self._closed = False
         self._lost: tuple[type[PeerLost], str] | None = None
-        self._next_check = 0.0
         self._uids = frozenset([os.geteuid()] + list(allow_uids or []))
         self._gids = frozenset(allow_gids or [])
         self.spin = spin
@@ -860,15 +858,6 @@ class Subscriber(SubCore):
                 return msg
             raise
         return None
-
-    def _empty(self, _: object) -> Message:  # called by the core by recv_nowait on an empty ring
-        now = time.monotonic()
-        if now >= self._next_check or self._lost is not None or self._closed or self._pub_closed():
-            self._next_check = now + _PEER_CHECK_INTERVAL
-            msg = self._check_peer_or_last()
-            if msg is not None:
-                return msg
-        raise WouldBlock(f"nothing queued from {self._name!r}")
 
     def __iter__(self) -> Subscriber:
         return self
