@@ -12,13 +12,15 @@ demo: $(VENV)/.bench
 	$(PY) benchmarks/bench_pubsub.py --quick
 
 test: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_pubsub.py
 
-lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests benchmarks
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 
 deps:

@@ -98,7 +98,7 @@ def test_subscriber_sigkill_at_random_points_reclaims_everything(name, child, ro
     with copyless.Publisher(name, slots=32, queue_depth=64) as pub, copyless.Subscriber(name, timeout=5) as good:
         pub.wait_for_subscribers(1, timeout=5)
         sent = 0
-        for r in range(rounds):
+        for _ in range(rounds):
             hold = rng.randint(1, 10)
             c = child(SUBSCRIBER_HOLDING, name, str(hold))
             pub.wait_for_subscribers(2, timeout=20)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import copyless
-from copyless import PeerClosed, PeerLost, Timeout, WouldBlock
+from copyless import PeerClosed, Timeout, WouldBlock
 
 
 def mapping_of(address: int) -> tuple[int, int, str]:
@@ -34,7 +34,13 @@ def test_send_recv_header_and_readonly(name):
         seq = pub.send(b"hello", type=7, tag=2**63 + 5)
         msg = sub.recv(timeout=1)
         assert (bytes(msg.data), msg.type, msg.tag, msg.seq, msg.nbytes, len(msg)) == (
-            b"hello", 7, 2**63 + 5, seq, 5, 5)
+            b"hello",
+            7,
+            2**63 + 5,
+            seq,
+            5,
+            5,
+        )
         assert msg.data.readonly
         with pytest.raises(TypeError):
             msg.data[0] = 1
@@ -215,9 +221,10 @@ def test_raise_policy(name):
 
 
 def test_overwrite_policy_drops_oldest_and_reports_gaps(name):
-    with copyless.Publisher(name, queue_depth=4, on_full="overwrite") as pub, copyless.Subscriber(
-        name, timeout=5
-    ) as sub:
+    with (
+        copyless.Publisher(name, queue_depth=4, on_full="overwrite") as pub,
+        copyless.Subscriber(name, timeout=5) as sub,
+    ):
         pub.wait_for_subscribers(1, timeout=5)
         for i in range(10):
             pub.send(bytes([i]))
@@ -231,9 +238,10 @@ def test_overwrite_policy_drops_oldest_and_reports_gaps(name):
 
 
 def test_overwrite_reclaims_pool_from_queues(name):
-    with copyless.Publisher(name, slots=4, queue_depth=64, on_full="overwrite") as pub, copyless.Subscriber(
-        name, timeout=5
-    ) as sub:
+    with (
+        copyless.Publisher(name, slots=4, queue_depth=64, on_full="overwrite") as pub,
+        copyless.Subscriber(name, timeout=5) as sub,
+    ):
         pub.wait_for_subscribers(1, timeout=5)
         for i in range(20):
             pub.send(bytes([i]))
@@ -385,7 +393,7 @@ def test_publisher_reclaims_on_subscriber_close(name):
     with copyless.Publisher(name, slots=8) as pub:
         sub = copyless.Subscriber(name, timeout=5)
         pub.wait_for_subscribers(1, timeout=5)
-        for i in range(8):
+        for _ in range(8):
             pub.send(b"x")
         held = [sub.recv(timeout=1) for _ in range(4)]  # 4 held, 4 queued
         assert pub.statistics().slots_in_use == 8

@@ -1,11 +1,11 @@
 """copyless: messaging between processes whose data path does not copy.
 
-    pub = copyless.Publisher("camera")
-    with pub.loan(nbytes) as buf:      # build the message in shared memory: zero copies
-        buf[:] = frame
-    sub = copyless.Subscriber("camera")
-    with sub.recv(timeout=1.0) as msg: # msg.data: read-only memoryview into shared memory
-        use(msg.data)
+pub = copyless.Publisher("camera")
+with pub.loan(nbytes) as buf:      # build the message in shared memory: zero copies
+    buf[:] = frame
+sub = copyless.Subscriber("camera")
+with sub.recv(timeout=1.0) as msg: # msg.data: read-only memoryview into shared memory
+    use(msg.data)
 """
 
 from __future__ import annotations

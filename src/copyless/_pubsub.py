@@ -16,11 +16,13 @@ import struct
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from . import _shm
+from ._core import CTL_MAGIC as _CTL_MAGIC
 from ._core import (
     DB_SIZE,
     POLICY_BLOCK,
@@ -33,7 +35,6 @@ from ._core import (
     SubCore,
     ctl_size,
 )
-from ._core import CTL_MAGIC as _CTL_MAGIC
 from ._reactor import reactor
 from .errors import (
     AccessDenied,
@@ -100,6 +101,19 @@ def _close_fds(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _weakly(obj: object, method: str, *args: Any) -> Callable[[], None]:
+    """A callback that calls obj.method(*args) while obj lives: the housekeeping
+    thread must not keep an endpoint alive (its __del__ closes it)."""
+    ref = weakref.ref(obj)
+
+    def call() -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)(*args)
+
+    return call
 
 
 def _pow2(n: int) -> int:
@@ -285,14 +299,7 @@ class Publisher(PubCore):
             raise
         self.spin = spin
         self._closed = False
-        me = weakref.ref(self)
-
-        def on_accept() -> None:
-            pub = me()
-            if pub is not None:
-                pub._on_accept()
-
-        reactor.register(self._listener, on_accept)
+        reactor.register(self._listener, _weakly(self, "_on_accept"))
 
     # ------------------------------------------------------------ rendezvous
     def _bind(self) -> socket.socket:
@@ -342,14 +349,7 @@ class Publisher(PubCore):
                     self._refuse(peer, REFUSE_ACCESS, f"uid {uid} gid {gid} may not subscribe to {self._name!r}")
                     continue
                 self._peers[conn] = peer
-            me = weakref.ref(self)
-
-            def on_readable(peer: _Peer = peer) -> None:
-                pub = me()
-                if pub is not None:
-                    pub._on_peer_readable(peer)
-
-            reactor.register(conn, on_readable)
+            reactor.register(conn, _weakly(self, "_on_peer_readable", peer))
 
     def _refuse(self, peer: _Peer, code: int, reason: str) -> None:
         try:
@@ -416,8 +416,14 @@ class Publisher(PubCore):
                 self._by_index[peer.index] = peer
                 peer.attached = True
                 welcome = _WELCOME.pack(
-                    b"CLPB", WIRE_VERSION, self._n_slots, self._slot_size, self._n_large, os.getpid(),
-                    self._arena_size, self._ctl_size,
+                    b"CLPB",
+                    WIRE_VERSION,
+                    self._n_slots,
+                    self._slot_size,
+                    self._n_large,
+                    os.getpid(),
+                    self._arena_size,
+                    self._ctl_size,
                 )
                 socket.send_fds(peer.sock, [welcome], [self._arena_fd, self._db_fd, ctl_fd])
             finally:
@@ -788,7 +794,8 @@ class Subscriber(SubCore):
                 _, block_id, gen = _DROP.unpack(data)
                 self._set_large(block_id, 0, None)
             elif magic == b"CLNO":
-                raise PeerLost(f"publisher {self._name!r} disconnected us: {data[_REFUSE.size:].decode(errors='replace')}")
+                reason = data[_REFUSE.size :].decode(errors="replace")
+                raise PeerLost(f"publisher {self._name!r} disconnected us: {reason}")
             else:
                 raise RemoteProtocolError(f"unknown control message {magic!r}")
         finally:

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import _pubsub
 from ._pubsub import Loan, Message
-from .errors import PeerClosed, PeerLost, Timeout, WouldBlock
+from .errors import PeerClosed, Timeout, WouldBlock
 
 __all__ = ["Publisher", "Subscriber", "Message", "Loan"]
 
@@ -77,7 +77,7 @@ class Subscriber(_pubsub.Subscriber):
                 raise Timeout(f"nothing from {self.name!r} within {timeout} s")
             fut: asyncio.Future[bool] = loop.create_future()
 
-            def wake(from_ctl: bool) -> None:
+            def wake(from_ctl: bool, fut: asyncio.Future[bool] = fut) -> None:
                 if not fut.done():
                     fut.set_result(from_ctl)
 

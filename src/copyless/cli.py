@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import copyless
 
@@ -26,8 +27,10 @@ def _demo_subscriber(name: str, count: int) -> int:
             nbytes += msg.nbytes
         if got == count:
             break
-    print(f"  subscriber (pid {os.getpid()}): {got} frames, {nbytes / 1e6:.1f} MB, {bad} corrupt, "
-          f"gaps {sub.statistics().gaps}")
+    print(
+        f"  subscriber (pid {os.getpid()}): {got} frames, {nbytes / 1e6:.1f} MB, {bad} corrupt, "
+        f"gaps {sub.statistics().gaps}"
+    )
     sub.close()
     return 0 if bad == 0 and got == count else 1
 
@@ -55,10 +58,30 @@ def demo(args: argparse.Namespace) -> int:
                 child.kill()
                 child.wait()
         st = pub.statistics()
-    print(f"  publisher: {st.messages} frames in {dt * 1e3:.0f} ms, {st.loans} loans, "
-          f"{st.wakeups} wake-ups sent, {st.blocked} waits for space")
+    print(
+        f"  publisher: {st.messages} frames in {dt * 1e3:.0f} ms, {st.loans} loans, "
+        f"{st.wakeups} wake-ups sent, {st.blocked} waits for space"
+    )
     print("demo " + ("passed" if rc == 0 else "FAILED"))
     return rc
+
+
+def _benchmark_script() -> Path | None:
+    """benchmarks/bench_pubsub.py of the source checkout (current directory, or the one installed from)."""
+    here = Path(__file__).resolve().parents[2]
+    for root in (Path.cwd(), here):
+        script = root / "benchmarks" / "bench_pubsub.py"
+        if script.is_file():
+            return script
+    return None
+
+
+def bench(rest: list[str]) -> int:
+    script = _benchmark_script()
+    if script is None:
+        print("copyless bench: the benchmark scripts live in benchmarks/ of the source checkout; run it from there")
+        return 2
+    return subprocess.call([sys.executable, str(script), *rest])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,20 +90,23 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="two-process publish/subscribe demo")
     d.add_argument("--frames", type=int, default=2000)
     d.add_argument("--size", type=int, default=1 << 20)
-    b = sub.add_parser("bench", help="the headline pub/sub benchmark (copyless only; benchmarks/ compares peers)")
-    b.add_argument("--quick", action="store_true")
+    sub.add_parser(
+        "bench",
+        help="the pub/sub benchmark against its peers (benchmarks/bench_pubsub.py; its options pass through)",
+        add_help=False,
+    )
     s = sub.add_parser("_demo-sub")
     s.add_argument("name")
     s.add_argument("count", type=int)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "bench":
+        return bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "demo":
         return demo(args)
     if args.cmd == "_demo-sub":
         return _demo_subscriber(args.name, args.count)
-    if args.cmd == "bench":
-        from . import bench
-
-        return bench.main(["--quick"] if args.quick else [])
     return 2
 
 

@@ -1,19 +1,19 @@
 """The one exception hierarchy of copyless, named by cause and by who is at fault.
 
-    CopylessError
-    ├── LocalProtocolError          you used the API wrongly
-    │   └── MessageTooLarge
-    ├── RemoteProtocolError         the peer broke the protocol (bad descriptor, bad segment, ...)
-    │   └── VersionMismatch
-    ├── ClosedError                 you closed it
-    ├── BrokenError                 something outside failed (see __cause__)
-    │   └── PeerLost                the peer died or went away
-    │       └── PeerClosed          ... by closing cleanly
-    ├── WouldBlock (BlockingIOError)   a non-blocking call could not proceed
-    ├── Timeout (TimeoutError)         a blocking call ran out of time
-    ├── NameInUse                   a live endpoint already owns the name
-    ├── AccessDenied (PermissionError) the peer's credentials are not allowed
-    └── ConfigurationError (ValueError)
+CopylessError
+├── LocalProtocolError          you used the API wrongly
+│   └── MessageTooLarge
+├── RemoteProtocolError         the peer broke the protocol (bad descriptor, bad segment, ...)
+│   └── VersionMismatch
+├── ClosedError                 you closed it
+├── BrokenError                 something outside failed (see __cause__)
+│   └── PeerLost                the peer died or went away
+│       └── PeerClosed          ... by closing cleanly
+├── WouldBlock (BlockingIOError)   a non-blocking call could not proceed
+├── Timeout (TimeoutError)         a blocking call ran out of time
+├── NameInUse                   a live endpoint already owns the name
+├── AccessDenied (PermissionError) the peer's credentials are not allowed
+└── ConfigurationError (ValueError)
 """
 
 from __future__ import annotations
