@@ -441,3 +441,26 @@ def test_try_recv_returns_none_when_empty_and_raises_on_close(name):
             sub.try_recv()
     with pytest.raises(copyless.ClosedError):
         sub.try_recv()
+
+
+def test_loan_publishes_while_numpy_holds_the_buffer(name):
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        for size in (16, 1 << 20):
+            with pub.loan(size, type=3) as buf:
+                arr = np.frombuffer(buf, dtype=np.uint8)  # still alive when the block ends
+                arr[:] = 7
+            with sub.recv(timeout=1) as msg:
+                assert msg.type == 3 and msg.nbytes == size and bytes(msg.data) == b"\7" * size
+            del arr
+        loan = pub.loan(10)
+        loan.data[:5] = b"hello"
+        assert loan.seq is None
+        seq = loan.publish(5)  # a prefix of the loan
+        assert loan.seq == seq
+        with pytest.raises(copyless.ClosedError):
+            loan.data  # noqa: B018
+        with pytest.raises(copyless.ClosedError):
+            loan.publish()
+        assert bytes(sub.recv(timeout=1).data) == b"hello"
+        assert pub.statistics().slots_in_use == 0

@@ -666,19 +666,6 @@ static PyObject *PubCore_send(PubCoreObject *self, PyObject *const *args, Py_ssi
     return PyLong_FromUnsignedLongLong(self->seq);
 }
 
-/* _alloc(timeout) -> block: a small slot held by the publisher (for loans). */
-static PyObject *PubCore_alloc(PubCoreObject *self, PyObject *args) {
-    PyObject *timeout = Py_None;
-    if (!PyArg_ParseTuple(args, "|O", &timeout)) return NULL;
-    int64_t deadline;
-    int nowait;
-    if (parse_deadline(timeout, self->default_timeout_ns, &deadline, &nowait) < 0) return NULL;
-    int64_t b = pub_alloc_small(self, nowait, deadline);
-    if (b < 0) return NULL;
-    self->st_loans++;
-    return PyLong_FromLongLong(b);
-}
-
 /* _claim_large(block): take a free large block (Python picked it). */
 static PyObject *PubCore_claim_large(PubCoreObject *self, PyObject *args) {
     unsigned int b;
@@ -688,44 +675,6 @@ static PyObject *PubCore_claim_large(PubCoreObject *self, PyObject *args) {
     }
     self->blocks[b].refs = 1;
     self->st_loans++;
-    Py_RETURN_NONE;
-}
-
-/* _view(block, nbytes) -> writable memoryview of a block the publisher holds */
-static PyObject *PubCore_view(PubCoreObject *self, PyObject *args) {
-    unsigned int b;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "In", &b, &n)) return NULL;
-    if (b >= self->n_blocks || self->blocks[b].refs == 0 || n < 0 || (uint64_t)n > self->blocks[b].cap) {
-        PyErr_SetString(PyExc_ValueError, "bad block or size"); return NULL;
-    }
-    PyObject *owner = b < self->n_slots ? self->arena : self->blocks[b].mapping;
-    return region_view(owner, self->blocks[b].ptr, n, 0);
-}
-
-/* _commit(block, nbytes, type, tag, timeout) -> seq */
-static PyObject *PubCore_commit(PubCoreObject *self, PyObject *args) {
-    unsigned int b;
-    unsigned long long len, tag;
-    unsigned long type;
-    PyObject *timeout = Py_None;
-    if (!PyArg_ParseTuple(args, "IKkK|O", &b, &len, &type, &tag, &timeout)) return NULL;
-    if (b >= self->n_blocks || self->blocks[b].refs != 1 || len > self->blocks[b].cap) {
-        PyErr_SetString(PyExc_ValueError, "bad block or size"); return NULL;
-    }
-    int64_t deadline;
-    int nowait;
-    if (parse_deadline(timeout, self->default_timeout_ns, &deadline, &nowait) < 0) return NULL;
-    if (pub_fanout(self, b, len, (uint32_t)type, tag, nowait, deadline) < 0) return NULL;
-    return PyLong_FromUnsignedLongLong(self->seq);
-}
-
-/* _discard(block): drop the publisher's hold on a loaned block */
-static PyObject *PubCore_discard(PubCoreObject *self, PyObject *args) {
-    unsigned int b;
-    if (!PyArg_ParseTuple(args, "I", &b)) return NULL;
-    if (b >= self->n_blocks || self->blocks[b].refs == 0) { PyErr_SetString(PyExc_ValueError, "bad block"); return NULL; }
-    block_decref(self, b);
     Py_RETURN_NONE;
 }
 
@@ -922,14 +871,210 @@ static int PubCore_set_spin(PubCoreObject *self, PyObject *v, void *c) {
     return 0;
 }
 
+/* A cached large segment of exactly `size` bytes that nobody holds, or -1. */
+static int64_t pub_find_large(PubCoreObject *self, uint64_t size) {
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t b = self->n_slots; b < self->n_blocks; b++) {
+            Block *blk = &self->blocks[b];
+            if (blk->mapping && blk->refs == 0 && blk->cap == size) return b;
+        }
+        if (pass == 0) pub_drain(self); /* a release may be waiting in a ring */
+    }
+    return -1;
+}
+
+static uint64_t pow2_class(uint64_t n) {
+    uint64_t c = 4096;
+    while (c < n) c <<= 1;
+    return c;
+}
+
+/* Take a block for n bytes: a small slot, a cached large segment, or (slow
+ * path, Python policy) a new segment from self._alloc_large(n, timeout). */
+static int64_t pub_take(PubCoreObject *self, uint64_t n, PyObject *timeout) {
+    if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); return -1; }
+    if (n <= self->slot_size) {
+        int64_t deadline;
+        int nowait;
+        if (parse_deadline(timeout, self->default_timeout_ns, &deadline, &nowait) < 0) return -1;
+        return pub_alloc_small(self, nowait, deadline);
+    }
+    int64_t b = pub_find_large(self, pow2_class(n));
+    if (b >= 0) {
+        self->blocks[b].refs = 1;
+        return b;
+    }
+    if (pub_report_bad(self) < 0) return -1;
+    PyObject *r = PyObject_CallMethod((PyObject *)self, "_alloc_large", "KO", (unsigned long long)n, timeout ? timeout : Py_None);
+    if (!r) return -1;
+    b = PyLong_AsLongLong(r);
+    Py_DECREF(r);
+    return b;
+}
+
+/* ------------------------------------------------------------------ Loan */
+typedef struct {
+    PyObject_HEAD
+    PubCoreObject *pub;
+    PyObject *view;       /* writable memoryview of the block */
+    uint64_t nbytes, tag, seq;
+    uint32_t block, type;
+    int state;            /* 0 open, 1 published, 2 discarded */
+} LoanObject;
+
+static PyTypeObject LoanType;
+
+static void loan_drop_view(LoanObject *l) {
+    if (!l->view) return;
+    /* invalidate the buffer we handed out if nobody else holds it; a numpy
+     * array made from it keeps pointing at the slot (do not write after publish) */
+    PyObject *r = PyObject_CallMethod(l->view, "release", NULL);
+    if (!r) PyErr_Clear();
+    Py_XDECREF(r);
+    Py_CLEAR(l->view);
+}
+
+static PyObject *loan_closed(void) {
+    PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "loan already published or discarded");
+    return NULL;
+}
+
+static PyObject *Loan_publish(LoanObject *l, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"nbytes", "timeout", NULL};
+    PyObject *nobj = Py_None, *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO", kwlist, &nobj, &timeout)) return NULL;
+    if (l->state) return loan_closed();
+    uint64_t n = l->nbytes;
+    if (nobj != Py_None) {
+        long long v = PyLong_AsLongLong(nobj);
+        if (v == -1 && PyErr_Occurred()) return NULL;
+        if (v < 0 || (uint64_t)v > l->nbytes) {
+            PyErr_Format(PyExc_ValueError, "publish %lld bytes of a %llu-byte loan", v, (unsigned long long)l->nbytes);
+            return NULL;
+        }
+        n = (uint64_t)v;
+    }
+    PubCoreObject *p = l->pub;
+    int64_t deadline;
+    int nowait;
+    if (parse_deadline(timeout, p->default_timeout_ns, &deadline, &nowait) < 0) return NULL;
+    loan_drop_view(l);
+    l->state = 1;
+    if (p->closed) { block_decref(p, l->block); PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); return NULL; }
+    if (pub_fanout(p, l->block, n, l->type, l->tag, nowait, deadline) < 0) return NULL;
+    l->seq = p->seq;
+    return PyLong_FromUnsignedLongLong(l->seq);
+}
+
+static void loan_discard(LoanObject *l) {
+    if (l->state) return;
+    loan_drop_view(l);
+    l->state = 2;
+    if (l->pub->blocks && l->pub->blocks[l->block].refs) block_decref(l->pub, l->block);
+}
+
+static PyObject *Loan_discard(LoanObject *l, PyObject *unused) {
+    loan_discard(l);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Loan_get_data(LoanObject *l, void *c) {
+    if (l->state) return loan_closed();
+    Py_INCREF(l->view);
+    return l->view;
+}
+
+static PyObject *Loan_enter(LoanObject *l, PyObject *unused) { return Loan_get_data(l, NULL); }
+
+static PyObject *Loan_exit(LoanObject *l, PyObject *args) {
+    PyObject *et = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
+    if (et == Py_None) {
+        if (l->state == 0) {
+            PyObject *r = Loan_publish(l, PyTuple_New(0), NULL);
+            if (!r) return NULL;
+            Py_DECREF(r);
+        }
+    } else {
+        loan_discard(l);
+    }
+    Py_RETURN_FALSE;
+}
+
+static void Loan_dealloc(LoanObject *l) {
+    loan_discard(l);
+    Py_XDECREF(l->view);
+    Py_XDECREF(l->pub);
+    PyObject_Free(l);
+}
+
+static PyObject *Loan_get_seq(LoanObject *l, void *c) {
+    if (l->state != 1) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(l->seq);
+}
+static PyObject *Loan_get_nbytes(LoanObject *l, void *c) { return PyLong_FromUnsignedLongLong(l->nbytes); }
+
+static PyMethodDef Loan_methods[] = {
+    {"publish", (PyCFunction)(void (*)(void))Loan_publish, METH_VARARGS | METH_KEYWORDS,
+     "publish(nbytes=None, timeout=None) -> seq: send the first nbytes (default all) with zero copies."},
+    {"discard", (PyCFunction)Loan_discard, METH_NOARGS, "Give the buffer back unsent."},
+    {"__enter__", (PyCFunction)Loan_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)Loan_exit, METH_VARARGS, NULL},
+    {NULL},
+};
+static PyGetSetDef Loan_getset[] = {
+    {"data", (getter)Loan_get_data, NULL, "writable memoryview into shared memory", NULL},
+    {"seq", (getter)Loan_get_seq, NULL, "sequence number once published, else None", NULL},
+    {"nbytes", (getter)Loan_get_nbytes, NULL, NULL, NULL},
+    {NULL},
+};
+static PyTypeObject LoanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless.Loan",
+    .tp_basicsize = sizeof(LoanObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A writable buffer in shared memory.  As a context manager: leaving the block publishes, an exception discards.",
+    .tp_dealloc = (destructor)Loan_dealloc,
+    .tp_methods = Loan_methods,
+    .tp_getset = Loan_getset,
+};
+
+/* loan(nbytes, type=0, tag=0, timeout=None) -> Loan */
+static PyObject *PubCore_loan(PubCoreObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"nbytes", "type", "tag", "timeout", NULL};
+    long long n;
+    unsigned long type = 0;
+    unsigned long long tag = 0;
+    PyObject *timeout = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|kKO", kwlist, &n, &type, &tag, &timeout)) return NULL;
+    if (n < 0) { PyErr_SetString(PyExc_ValueError, "nbytes must be >= 0"); return NULL; }
+    if (type > 0xffffffffUL) { PyErr_SetString(PyExc_OverflowError, "type must fit in 32 bits"); return NULL; }
+    if (!self->blocks) { PyErr_SetString(PyExc_RuntimeError, "PubCore not initialised"); return NULL; }
+    int64_t b = pub_take(self, (uint64_t)n, timeout);
+    if (b < 0) return NULL;
+    PyObject *owner = b < self->n_slots ? self->arena : self->blocks[b].mapping;
+    PyObject *view = region_view(owner, self->blocks[b].ptr, (Py_ssize_t)n, 0);
+    if (!view) { block_decref(self, (uint32_t)b); return NULL; }
+    LoanObject *l = PyObject_New(LoanObject, &LoanType);
+    if (!l) { Py_DECREF(view); block_decref(self, (uint32_t)b); return NULL; }
+    Py_INCREF(self);
+    l->pub = self;
+    l->view = view;
+    l->nbytes = (uint64_t)n;
+    l->tag = tag;
+    l->type = (uint32_t)type;
+    l->block = (uint32_t)b;
+    l->state = 0;
+    l->seq = 0;
+    self->st_loans++;
+    return (PyObject *)l;
+}
+
 static PyMethodDef PubCore_methods[] = {
     {"send", (PyCFunction)(void (*)(void))PubCore_send, METH_FASTCALL | METH_KEYWORDS,
      "send(obj, type=0, tag=0, timeout=None) -> seq: publish a copy of obj (one copy)."},
-    {"_alloc", (PyCFunction)PubCore_alloc, METH_VARARGS, NULL},
+    {"loan", (PyCFunction)(void (*)(void))PubCore_loan, METH_VARARGS | METH_KEYWORDS,
+     "loan(nbytes, type=0, tag=0, timeout=None) -> Loan: a writable buffer in shared memory (zero copies)."},
     {"_claim_large", (PyCFunction)PubCore_claim_large, METH_VARARGS, NULL},
-    {"_view", (PyCFunction)PubCore_view, METH_VARARGS, NULL},
-    {"_commit", (PyCFunction)PubCore_commit, METH_VARARGS, NULL},
-    {"_discard", (PyCFunction)PubCore_discard, METH_VARARGS, NULL},
     {"_install_large", (PyCFunction)PubCore_install_large, METH_VARARGS, NULL},
     {"_block_state", (PyCFunction)PubCore_block_state, METH_VARARGS, NULL},
     {"_add_sub", (PyCFunction)PubCore_add_sub, METH_VARARGS, NULL},
@@ -1565,14 +1710,15 @@ static struct PyModuleDef coremodule = {PyModuleDef_HEAD_INIT, "copyless._core",
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&RegionType) < 0 || PyType_Ready(&PubCoreType) < 0 ||
-        PyType_Ready(&SubCoreType) < 0 || PyType_Ready(&MessageType) < 0)
+        PyType_Ready(&SubCoreType) < 0 || PyType_Ready(&MessageType) < 0 || PyType_Ready(&LoanType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&coremodule);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) < 0 ||
         PyModule_AddObjectRef(m, "PubCore", (PyObject *)&PubCoreType) < 0 ||
         PyModule_AddObjectRef(m, "SubCore", (PyObject *)&SubCoreType) < 0 ||
-        PyModule_AddObjectRef(m, "Message", (PyObject *)&MessageType) < 0)
+        PyModule_AddObjectRef(m, "Message", (PyObject *)&MessageType) < 0 ||
+        PyModule_AddObjectRef(m, "Loan", (PyObject *)&LoanType) < 0)
         return NULL;
     PyModule_AddIntConstant(m, "WIRE_VERSION", WIRE_VERSION);
     PyModule_AddIntConstant(m, "CTL_MAGIC", CTL_MAGIC);

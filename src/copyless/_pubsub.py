@@ -29,6 +29,7 @@ from ._core import (
     POLICY_OVERWRITE,
     POLICY_RAISE,
     WIRE_VERSION,
+    Loan,
     Mapping,
     Message,
     PubCore,
@@ -166,64 +167,6 @@ class _Peer:
         self.evfd = -1
         self.known: dict[int, int] = {}  # large block -> gen whose fd this subscriber has
         self.attached = False
-
-
-class Loan:
-    """A writable buffer in shared memory; publish() sends it with zero copies.
-
-    As a context manager: leaving the block publishes, an exception discards.
-    """
-
-    __slots__ = ("_pub", "_block", "_nbytes", "_view", "type", "tag", "seq")
-
-    def __init__(self, pub: Publisher, block: int, nbytes: int, type: int, tag: int) -> None:
-        self._pub, self._block, self._nbytes = pub, block, nbytes
-        self._view: memoryview | None = pub._view(block, nbytes)
-        self.type, self.tag = type, tag
-        self.seq: int | None = None
-
-    @property
-    def data(self) -> memoryview:
-        if self._view is None:
-            raise ClosedError("loan already published or discarded")
-        return self._view
-
-    def publish(self, nbytes: int | None = None, timeout: float | None = None) -> int:
-        """Send the first `nbytes` (default: all) of the buffer.  Returns the sequence number."""
-        n = self._nbytes if nbytes is None else nbytes
-        if not 0 <= n <= self._nbytes:
-            raise ConfigurationError(f"publish {n} bytes of a {self._nbytes}-byte loan")
-        self._finish()
-        self.seq = self._pub._commit(self._block, n, self.type, self.tag, timeout)
-        return self.seq
-
-    def discard(self) -> None:
-        if self._view is not None:
-            self._finish()
-            self._pub._discard(self._block)
-
-    def _finish(self) -> None:
-        if self._view is None:
-            raise ClosedError("loan already published or discarded")
-        self._view.release()
-        self._view = None
-
-    def __enter__(self) -> memoryview:
-        return self.data
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        if et is None:
-            if self._view is not None:
-                self.publish()
-        else:
-            self.discard()
-
-    def __del__(self) -> None:
-        if self._view is not None:
-            try:
-                self.discard()
-            except Exception:
-                pass
 
 
 class Publisher(PubCore):
@@ -476,38 +419,22 @@ class Publisher(PubCore):
             self._remove_sub(index, False)
 
     # ------------------------------------------------------------ sending
-    def loan(self, nbytes: int, type: int = 0, tag: int = 0, timeout: float | None = None) -> Loan:
-        """A writable buffer of nbytes in shared memory; publish it (or leave the with block) to send."""
-        self._check_open()
-        if nbytes < 0:
-            raise ConfigurationError("nbytes must be >= 0")
-        if nbytes <= self._slot_size:
-            block = self._alloc(timeout)
-        else:
-            block = self._alloc_large(nbytes, timeout)
-        return Loan(self, block, nbytes, type, tag)
-
     def _send_large(self, obj: Any, type: int, tag: int, timeout: float | None) -> int:
-        """send() of a message bigger than a slot (or not contiguous): called by the core."""
+        """send() of a message bigger than a slot, or not contiguous: called by the core."""
         src = memoryview(obj)
         if not src.c_contiguous:
             src = memoryview(src.tobytes())  # a strided source costs one extra copy to compact it
         src = src.cast("B")
-        n = src.nbytes
-        if n <= self._slot_size:
-            block = self._alloc(timeout)
-        else:
-            block = self._alloc_large(n, timeout)
+        loan = self.loan(src.nbytes, type, tag, timeout)
         try:
-            view = self._view(block, n)
-            view[:] = src
-            view.release()
+            loan.data[:] = src
         except BaseException:
-            self._discard(block)
+            loan.discard()
             raise
-        return self._commit(block, n, type, tag, timeout)
+        return int(loan.publish(timeout=timeout))
 
     def _alloc_large(self, n: int, timeout: float | None) -> int:
+        """A block for a message bigger than a slot (called by the core when no cached segment fits)."""
         if n > self._max_message:
             raise MessageTooLarge(f"{n} bytes is over this publisher's max_message of {self._max_message}")
         self._check_open()
