@@ -119,8 +119,7 @@ class Child:
         _kill(self.proc)
         self.ctrl.close()
         if self.expired and exc_type is not None:
-            raise TimeoutError(f"watchdog killed child after {self.timeout:.0f}s "
-                               f"({exc_type.__name__}: {exc})") from exc
+            raise TimeoutError(f"hung: watchdog killed the child after {self.timeout:.0f}s") from exc
         return False
 
 

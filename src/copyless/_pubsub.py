@@ -18,7 +18,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from . import _shm
@@ -29,7 +28,6 @@ from ._core import (
     POLICY_OVERWRITE,
     POLICY_RAISE,
     WIRE_VERSION,
-    Loan,
     Mapping,
     Message,
     PubCore,
