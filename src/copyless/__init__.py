@@ -19,7 +19,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     ) from e
 
 from . import errors
-from ._pubsub import Loan, Message, Publisher, PublisherStatistics, Subscriber, SubscriberStatistics
+from ._core import Loan, Message
+from ._pubsub import Publisher, PublisherStatistics, Subscriber, SubscriberStatistics
 from .errors import (
     AccessDenied,
     BrokenError,

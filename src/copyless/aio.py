@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from . import _pubsub
-from ._pubsub import Loan, Message
+from ._core import Loan, Message
 from .errors import PeerClosed, Timeout, WouldBlock
 
 __all__ = ["Publisher", "Subscriber", "Message", "Loan"]
