@@ -464,3 +464,32 @@ def test_loan_publishes_while_numpy_holds_the_buffer(name):
             loan.publish()
         assert bytes(sub.recv(timeout=1).data) == b"hello"
         assert pub.statistics().slots_in_use == 0
+
+
+def test_blocked_publisher_is_woken_in_batches_not_per_message(name, child):
+    """A publisher outrunning its subscriber blocks on a full ring.  Waking it at the
+    first free entry would put the two in lockstep, a futex wake per message; it is
+    woken once half the ring has drained."""
+    c = child(
+        """
+        import sys, copyless
+        sub = copyless.Subscriber(sys.argv[1], timeout=20, spin=0)
+        n = 0
+        for msg in sub:
+            sum(msg.data)  # a little work per message: slower than the publisher
+            msg.release()
+            n += 1
+        print(n, sub.statistics().wakeups_sent, flush=True)
+        """,
+        name,
+    )
+    with copyless.Publisher(name, queue_depth=64, slots=128) as pub:
+        pub.wait_for_subscribers(1, timeout=20)
+        for _ in range(20000):
+            pub.send(b"x" * 64)
+        blocked = pub.statistics().blocked
+    rc, out, err = c.wait()
+    assert rc == 0, err
+    n, wakes = map(int, out.split())
+    assert n == 20000 and blocked > 10, "the publisher did block"
+    assert wakes <= 20000 // 16, f"{wakes} wake-ups for 20000 messages"

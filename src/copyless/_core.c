@@ -64,7 +64,8 @@
 
 /* Doorbell segment (read-write for all): how subscribers wake a blocked publisher. */
 #define DB_SEQ 0            /* u32 futex word, bumped by a subscriber that freed something */
-#define DB_PUB_WAITING 64   /* u32: 0 not waiting, 1 futex, 2 eventfd */
+#define DB_PUB_WAITING 64   /* u32: 1 while a blocked publisher sleeps */
+#define DB_CREDIT 128       /* i32: progress events (pops, releases) the sleeping publisher waits for */
 #define DB_SIZE 4096
 
 /* Arena: header page, then n_slots fixed-size slots. */
@@ -456,10 +457,17 @@ static int sub_steal_oldest(PubCoreObject *self, SubSlot *s) {
     }
 }
 
-/* Arm the doorbell, then the caller re-checks, then sleeps. */
+/* Arm the doorbell, then the caller re-checks, then sleeps.
+ *
+ * `credit` is how many progress events (pops and releases, from any
+ * subscriber) the publisher waits for before it is worth waking: waking at
+ * the first one would let it send one message and block again, and a fast
+ * consumer would then pay a futex wake per message (lockstep).  Callers pick
+ * a credit the queued messages alone guarantee; the slice timeout covers the
+ * rest. */
 typedef struct { uint32_t seen; int armed; int64_t spin_until; } Waiter;
 
-static int pub_sleep(PubCoreObject *self, Waiter *w, int64_t deadline) {
+static int pub_sleep(PubCoreObject *self, Waiter *w, int64_t deadline, int32_t credit) {
     /* returns 0 to re-check, -1 with an exception set */
     uint32_t *seqp = db_u32(self, DB_SEQ);
     uint32_t *waitp = db_u32(self, DB_PUB_WAITING);
@@ -473,6 +481,7 @@ static int pub_sleep(PubCoreObject *self, Waiter *w, int64_t deadline) {
     }
     if (!w->armed) {
         w->seen = LOAD_SC(seqp);
+        STORE_SC((int32_t *)db_u32(self, DB_CREDIT), credit > 0 ? credit : 1);
         STORE_SC(waitp, 1);
         w->armed = 1;
         return 0; /* re-check once with the flag raised */
@@ -550,7 +559,15 @@ static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline
             would_block(self, "publisher: every slot is in use (subscribers hold them)");
             return -1;
         }
-        if (pub_sleep(self, &w, deadline) < 0) return -1;
+        /* queued messages will be popped: wait for half of them (at most an
+         * eighth of the pool); with none queued, every release counts */
+        uint64_t queued = 0;
+        for (uint32_t i = 0; i < self->max_subs; i++) {
+            SubSlot *s = self->subs[i];
+            if (s && !s->bad) queued += s->tail - LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD));
+        }
+        uint64_t credit = queued / 2 < self->n_slots / 8 ? queued / 2 : self->n_slots / 8;
+        if (pub_sleep(self, &w, deadline, (int32_t)(credit ? credit : 1)) < 0) return -1;
     }
 }
 
@@ -562,6 +579,7 @@ static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t ty
     for (;;) {
         if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); goto fail; }
         int full = 0;
+        uint32_t credit = UINT32_MAX;
         for (uint32_t i = 0; i < self->max_subs; i++) {
             SubSlot *s = self->subs[i];
             if (!s || s->bad) continue;
@@ -570,6 +588,7 @@ static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t ty
                     if (!sub_steal_oldest(self, s) && !s->bad) full = 1; /* cannot happen unless raced */
                 } else {
                     full = 1;
+                    if (s->desc_cap / 2 < credit) credit = s->desc_cap / 2; /* half the full ring drained */
                 }
             }
         }
@@ -581,7 +600,7 @@ static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t ty
             would_block(self, "publisher: a subscriber's queue is full");
             goto fail;
         }
-        if (pub_sleep(self, &w, deadline) < 0) goto fail;
+        if (pub_sleep(self, &w, deadline, (int32_t)(credit == UINT32_MAX || credit == 0 ? 1 : credit)) < 0) goto fail;
     }
     if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
     {
@@ -816,6 +835,7 @@ static PyObject *PubCore_doze(PubCoreObject *self, PyObject *args) {
     uint64_t before = self->frees;
     uint32_t *seqp = db_u32(self, DB_SEQ), *waitp = db_u32(self, DB_PUB_WAITING);
     uint32_t seen = LOAD_SC(seqp);
+    STORE_SC((int32_t *)db_u32(self, DB_CREDIT), 1); /* large messages: every release counts */
     STORE_SC(waitp, 1);
     pub_drain(self);
     if (self->frees == before && t > 0) {
@@ -1266,12 +1286,13 @@ static inline void ring_doorbell(SubCoreObject *self) {
     /* the seq_cst operation before this (CAS or store) orders our ring
      * update before this load; pairs with the publisher's pub_sleep */
     uint8_t *db = ((MappingObject *)self->doorbell)->addr;
-    uint32_t *waitp = (uint32_t *)(db + DB_PUB_WAITING);
-    uint32_t w = LOAD_SC(waitp);
-    if (w) {
-        __atomic_fetch_add((uint32_t *)(db + DB_SEQ), 1, __ATOMIC_SEQ_CST);
-        futex_wake_all((uint32_t *)(db + DB_SEQ));
-        self->st_wakes_sent++;
+    if (LOAD_SC((uint32_t *)(db + DB_PUB_WAITING))) {
+        /* wake only when the publisher's credit runs out, exactly once */
+        if (__atomic_fetch_sub((int32_t *)(db + DB_CREDIT), 1, __ATOMIC_SEQ_CST) == 1) {
+            __atomic_fetch_add((uint32_t *)(db + DB_SEQ), 1, __ATOMIC_SEQ_CST);
+            futex_wake_all((uint32_t *)(db + DB_SEQ));
+            self->st_wakes_sent++;
+        }
     }
 }
 
