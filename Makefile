@@ -12,7 +12,7 @@ demo: $(VENV)/.bench
 	$(PY) benchmarks/bench_pubsub.py --quick
 
 test: $(VENV)/.test
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -20,7 +20,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/bench_pubsub.py
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
 deps:

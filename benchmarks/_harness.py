@@ -10,11 +10,12 @@ import atexit
 import ctypes
 import importlib.metadata
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import platform
 import signal
 import sys
-import threading
+import time
 import traceback
 from multiprocessing import reduction
 
@@ -23,7 +24,7 @@ _LIVE: set = set()  # child processes not yet reaped
 
 # ----------------------------------------------------------------- children
 class ChildError(RuntimeError):
-    """The child process raised; str() is the last line of its traceback."""
+    """A child process failed; the message names the side and its error line."""
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -47,79 +48,129 @@ def _child_main(target, ctrl, parent_pid, args):
         os._exit(1)
 
 
-class Child:
-    """`with Child(fn, args, timeout) as ch:` runs fn(ctrl, *args) in a spawned
-    process. The watchdog kills it after `timeout` seconds (and calls `wake`, to
-    unblock a parent stuck in a call that a dead peer does not interrupt). The
-    child is always reaped on exit from the block."""
+def expect(conn, kind: str, timeout: float):
+    """In a child: wait for control message `kind` from the orchestrator."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"no {kind!r} from the orchestrator within {timeout:.0f}s")
+    msg = conn.recv()
+    if msg[0] != kind:
+        raise RuntimeError(f"expected {kind!r}, got {msg[0]!r}")
+    return msg[1] if len(msg) > 1 else None
 
-    def __init__(self, target, args=(), timeout=60.0, wake=None):
-        self.target, self.args, self.timeout, self.wake = target, args, timeout, wake
-        self.expired = False
+
+class Pair:
+    """`with Pair(fn, args_a, args_b) as p:` runs fn(ctrl, *args_x) in two spawned
+    children A and B.  The orchestrator (this process) runs no library code: it
+    only exchanges small control messages with deadlines, so a child that hangs
+    (even inside native code holding its GIL) or crashes is simply killed.  Both
+    children are always reaped when the block exits."""
+
+    NAMES = {"A": "sender", "B": "receiver"}
+
+    def __init__(self, target, args_a, args_b):
+        self.target, self.args = target, {"A": args_a, "B": args_b}
 
     def __enter__(self):
         ctx = mp.get_context("spawn")
-        self.ctrl, child_end = ctx.Pipe()
-        self.proc = ctx.Process(target=_child_main, daemon=True,
-                                args=(self.target, child_end, os.getpid(), self.args))
-        self.proc.start()
-        _LIVE.add(self.proc)
-        child_end.close()
-        self.timer = threading.Timer(self.timeout, self._expire)
-        self.timer.daemon = True
-        self.timer.start()
+        self.ctrl, self.proc, self.pending, self.closed = {}, {}, {"A": [], "B": []}, set()
+        try:
+            for side in "AB":
+                self.ctrl[side], child_end = ctx.Pipe()
+                p = ctx.Process(target=_child_main, daemon=True,
+                                args=(self.target, child_end, os.getpid(), self.args[side]))
+                p.start()
+                _LIVE.add(p)
+                child_end.close()
+                self.proc[side] = p
+        except BaseException:
+            self._kill_all()
+            raise
         return self
 
-    def _expire(self):
-        self.expired = True
-        _kill(self.proc)
-        if self.wake is not None:
-            try:
-                self.wake()
-            except Exception:
-                pass
+    def send(self, side, *msg):
+        self.ctrl[side].send(msg)
 
-    def send(self, *msg):
-        self.ctrl.send(msg)
+    def _fill(self, deadline, what):
+        """Queue the next control message(s) from either child; errors/deaths raise."""
+        live = [c for s, c in self.ctrl.items() if s not in self.closed]
+        if not live:
+            raise ChildError(f"both children exited while waiting for {what}")
+        ready = mp.connection.wait(live, max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"hung: no {what} before the deadline (children killed)")
+        for side, conn in self.ctrl.items():
+            if conn in ready:
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    self.proc[side].join(0.5)
+                    if self.proc[side].exitcode == 0:  # finished normally
+                        self.closed.add(side)
+                        continue
+                    msg = ("died", None)
+                if msg[0] in ("error", "died"):
+                    raise ChildError(self._why(side, msg))
+                self.pending[side].append(msg)
 
-    def expect(self, kind: str, timeout: float):
-        """Wait for control message `kind` from the child; return its payload."""
-        if not self.ctrl.poll(timeout):
-            raise TimeoutError(f"child sent no {kind!r} within {timeout:.0f}s")
+    def _why(self, side, msg):
+        """Describe a failed side, preferring the other side's error if it came first."""
+        text = f"{self.NAMES[side]}: {self._line(side, msg)}"
+        other = "B" if side == "A" else "A"
         try:
-            msg = self.ctrl.recv()
-        except EOFError:
-            raise ChildError(self._death()) from None
-        if msg[0] == "error":
-            raise ChildError(msg[1].strip().splitlines()[-1])
-        if msg[0] != kind:
-            raise RuntimeError(f"expected {kind!r} from child, got {msg[0]!r}")
-        return msg[1] if len(msg) > 1 else None
-
-    def pending_error(self, wait: float = 0.5):
-        """The child's error line if it reported one (used when the parent failed)."""
-        try:
-            while self.ctrl.poll(wait):
-                msg = self.ctrl.recv()
-                if msg[0] == "error":
-                    return msg[1].strip().splitlines()[-1]
+            if other not in self.closed and self.ctrl[other].poll(0.3):
+                m = self.ctrl[other].recv()
+                if m[0] == "error":
+                    return f"{self.NAMES[other]}: {self._line(other, m)}; then {text}"
         except (EOFError, OSError):
             pass
-        return None
+        return text
 
-    def _death(self):
-        self.proc.join(1)
-        if self.expired:
-            return f"watchdog killed child after {self.timeout:.0f}s"
-        return f"child exited (code {self.proc.exitcode})"
+    def _line(self, side, msg):
+        if msg[0] == "error":
+            return msg[1].strip().splitlines()[-1]
+        code = self.proc[side].exitcode
+        if code is not None and code < 0:
+            return f"process killed by {signal.Signals(-code).name}"
+        return f"process exited (code {code})"
+
+    def expect(self, side, kind, timeout):
+        """Wait for control message `kind` from `side` (messages from the other side queue up)."""
+        deadline = time.monotonic() + timeout
+        while not self.pending[side]:
+            if side in self.closed:
+                raise ChildError(f"{self.NAMES[side]} exited before sending {kind!r}")
+            self._fill(deadline, f"{kind!r} from the {self.NAMES[side]}")
+        msg = self.pending[side].pop(0)
+        if msg[0] != kind:
+            raise RuntimeError(f"expected {kind!r} from the {self.NAMES[side]}, got {msg[0]!r}")
+        return msg[1] if len(msg) > 1 else None
+
+    def relay(self, until: str, timeout: float):
+        """Forward B's messages to A until A sends `until`; return its payload."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.pending["B"]:
+                self.ctrl["A"].send(self.pending["B"].pop(0))
+            if self.pending["A"]:
+                msg = self.pending["A"].pop(0)
+                if msg[0] != until:
+                    raise RuntimeError(f"unexpected {msg[0]!r} from the sender")
+                return msg[1] if len(msg) > 1 else None
+            if "A" in self.closed:
+                raise ChildError(f"sender exited before sending {until!r}")
+            self._fill(deadline, f"{until!r} from the sender")
+
+    def _kill_all(self):
+        for p in getattr(self, "proc", {}).values():
+            _kill(p)
 
     def __exit__(self, exc_type, exc, tb):
-        self.timer.cancel()
-        self.proc.join(5 if exc_type is None else 0.2)
-        _kill(self.proc)
-        self.ctrl.close()
-        if self.expired and exc_type is not None:
-            raise TimeoutError(f"hung: watchdog killed the child after {self.timeout:.0f}s") from exc
+        if exc_type is None:
+            for p in self.proc.values():
+                p.join(5)
+        self._kill_all()
+        for c in self.ctrl.values():
+            c.close()
         return False
 
 
@@ -245,8 +296,8 @@ def render_table(rows: dict, columns: list, headers: dict) -> str:
         cells.append([fmt(rows[n].get(c), c) for c in columns])
     first = max(len("backend"), *(len(n) for n in names)) if names else 7
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    out = ["backend".ljust(first) + "  " + "  ".join(h.rjust(w) for h, w in zip(cells[0], widths))]
+    out = ["backend".ljust(first) + "  " + "  ".join(h.rjust(w) for h, w in zip(cells[0], widths, strict=True))]
     out.append("-" * len(out[0]))
-    for n, r in zip(names, cells[1:]):
-        out.append(n.ljust(first) + "  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    for n, r in zip(names, cells[1:], strict=True):
+        out.append(n.ljust(first) + "  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
     return "\n".join(out)

@@ -3,10 +3,13 @@
 
     python benchmarks/bench_pubsub.py [--quick] [--json PATH] [--only copyless,pipe,unix,zmq,iceoryx2]
 
-Every measurement uses two processes: this one (sender / pinger, owns the
-clock) and one child started with multiprocessing 'spawn' (receiver / ponger).
-A control pipe carries only set-up handshakes, the end-of-stream ack and the
-receiver's counts; payloads go through the backend under test.
+Every measurement starts two fresh processes with multiprocessing 'spawn':
+A (sender / pinger, owns the clock) and B (receiver / ponger).  This process
+only orchestrates: it runs no messaging-library code, exchanges small control
+messages with deadlines (build, connect, start, B's 'warm'/'result' relayed to
+A, A's 'done'), and kills both children if anything hangs or dies, so a stuck
+native call (or a crash) costs one row, not the run.  Payloads go only through
+the backend under test.
 
 Metrics (per backend row):
   msgs_per_s_64        64-byte one-way stream, one send / one blocking receive per
@@ -22,6 +25,7 @@ floor) and memcpy (`dst[:] = src` in one process = bandwidth ceiling).
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import itertools
 import json
@@ -35,9 +39,21 @@ import tempfile
 import time
 from pathlib import Path
 
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")   # numpy must not add (spinning) BLAS threads to our processes
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (Child, ChildError, PassFd, close_spec, install_signal_cleanup,  # noqa: E402
-                      machine_info, median, percentile, render_table)
+from _harness import (  # noqa: E402
+    Pair,
+    PassFd,
+    close_spec,
+    expect,
+    install_signal_cleanup,
+    machine_info,
+    median,
+    percentile,
+    render_table,
+)
 
 pc = time.perf_counter_ns
 RECV_TIMEOUT = 5.0           # s, any single blocking receive / busy-poll wait
@@ -47,7 +63,7 @@ COPYLESS_KW: dict = {}       # Publisher sizing kwargs; {} = library defaults (l
 
 MODES = {  # seconds per throughput run, ping-pong iterations, repeats of throughput runs
     "quick": dict(stream_s=0.4, bw_s=0.4, rtt_iters=2000, rtt_warm=300, repeats=1),
-    "full": dict(stream_s=1.5, bw_s=1.5, rtt_iters=20000, rtt_warm=2000, repeats=3),
+    "full": dict(stream_s=1.0, bw_s=1.0, rtt_iters=10000, rtt_warm=1000, repeats=3),
 }
 # (metric, test, message size, busy-polling receiver?)
 TESTS = [
@@ -88,17 +104,19 @@ def touch(buf) -> int:
 
 
 # ================================================================= backends
-# An endpoint is one side ('A' = parent, 'B' = child) of a bidirectional
-# channel: A->B carries the stream / pings, B->A the pongs.  Construction
-# creates what the peer must find; connect() finishes once the peer exists.
-# recv() returns a buffer valid until release() / the next recv().
+# An endpoint is one side ('A' = sender/pinger, 'B' = receiver/ponger) of a
+# bidirectional channel: A->B carries the stream / pings, B->A the pongs.
+# Construction creates what the peer must find (A is built first, then B);
+# connect() finishes once the peer exists.  recv() returns a buffer valid until
+# release() / the next recv().  prepare() runs in the orchestrator and returns
+# (spec for A, spec for B); fds/sockets in a spec are handed to the child.
 
 class Endpoint:
     name = ""
     note = None              # how the rows were measured, shown in notes
 
     @staticmethod
-    def prepare(tag):        # -> (spec for A, spec for B); B's is pickled to the child
+    def prepare(tag):
         return tag, tag
 
     def connect(self):
@@ -130,7 +148,9 @@ def import_copyless():
 
 class Copyless(Endpoint):
     name = "copyless"
-    note = "sender: pub.send(src); receiver: sub.recv(timeout) / sub.recv_nowait(), msg.release()"
+    note = ("sender: pub.send(src); receiver: sub.recv(timeout) / sub.try_recv() (busy), msg.release(); "
+            "a blocking recv spins 50 us (the default) before it sleeps")
+    spin: float | None = None    # None: the library default
 
     def __init__(self, tag, side, cfg):
         self.cl = cl = import_copyless()
@@ -138,11 +158,15 @@ class Copyless(Endpoint):
         self.tx, self.rx = _names(tag, side)
         self.pub, self.sub, self.msg = cl.Publisher(self.tx, **COPYLESS_KW), None, None
         if side == "B":
-            self.sub = cl.Subscriber(self.rx, timeout=10)
+            self.sub = self._subscriber()
+
+    def _subscriber(self):
+        kw = {} if self.spin is None else {"spin": self.spin}
+        return self.cl.Subscriber(self.rx, timeout=10, **kw)
 
     def connect(self):
         if self.sub is None:
-            self.sub = self.cl.Subscriber(self.rx, timeout=10)
+            self.sub = self._subscriber()
         self.pub.wait_for_subscribers(1, timeout=10)
 
     def send(self, data):
@@ -155,11 +179,8 @@ class Copyless(Endpoint):
         return m.data
 
     def recv_nowait(self):
-        try:
-            self.msg = m = self.sub.recv_nowait()
-        except self.WouldBlock:
-            return None
-        return m.data
+        self.msg = m = self.sub.try_recv()
+        return None if m is None else m.data
 
     def release(self):
         self.msg.release()
@@ -177,6 +198,13 @@ class CopylessLoan(Copyless):
     def send(self, data):
         with self.pub.loan(len(data)) as buf:
             buf[:] = data
+
+
+class CopylessNoSpin(Copyless):
+    name = "copyless-nospin"
+    note = ("as copyless, but the subscriber never spins (spin=0): a blocking recv sleeps on the "
+            "futex at once, the row to compare with peers that sleep in the kernel")
+    spin = 0.0
 
 
 class MpPipe(Endpoint):
@@ -283,6 +311,7 @@ def _tmpdir():
     global _TMP
     if _TMP is None:
         _TMP = tempfile.mkdtemp(prefix="clbench-")
+        atexit.register(shutil.rmtree, _TMP, True)
     return _TMP
 
 
@@ -429,7 +458,36 @@ class Iceoryx2(Endpoint):
                 x.delete()
 
 
-BACKENDS = {c.name: c for c in (Copyless, CopylessLoan, MpPipe, UnixStream, Zmq, Iceoryx2)}
+class EventFd(Endpoint):
+    """Reference: no payload, just the two kernel wake-ups of a round trip."""
+    name = "eventfd"
+    note = "os.eventfd blocking write/read ping-pong, two processes: kernel wake-up floor"
+    metrics = {"rtt_block"}
+    PAYLOAD = {1: SENTINEL, 64: bytes(64)}   # the counter value stands for the message length
+
+    @staticmethod
+    def prepare(tag):
+        spec = (PassFd(os.eventfd(0)), PassFd(os.eventfd(0)))
+        return spec, spec
+
+    def __init__(self, spec, side, cfg):
+        self.spec = spec
+        a2b, b2a = spec[0].fd, spec[1].fd
+        self.tx, self.rx = (a2b, b2a) if side == "A" else (b2a, a2b)
+
+    def send(self, data):
+        os.eventfd_write(self.tx, len(data))
+
+    def recv(self, timeout=None):  # no timeout: the orchestrator kills us if we hang
+        return self.PAYLOAD[os.eventfd_read(self.rx)]
+
+    def close(self):
+        close_spec(self.spec)
+
+
+BACKENDS = {c.name: c for c in (Copyless, CopylessLoan, CopylessNoSpin, MpPipe, UnixStream, Zmq, Iceoryx2,
+                                EventFd)}
+REFERENCES = ("eventfd", "memcpy")
 
 
 # ==================================================================== roles
@@ -456,12 +514,15 @@ def cpu_pct(cpu0, t0):
     return round(100 * (time.process_time() - cpu0) / max(1e-9, (pc() - t0) / 1e9), 1)
 
 
-def parent_stream(ep, ch, cfg):
+# Side A (sender / pinger) owns the clock; side B (receiver / ponger) reports to
+# the orchestrator, which relays B's 'warm' and 'result' messages to A.
+
+def sender_stream(ep, ctrl, cfg):
     size, send = cfg["size"], ep.send
     src = make_src(size)
     for _ in range(cfg["warm"]):
         send(src)
-    ch.expect("warm", 10)
+    expect(ctrl, "warm", 10)
     batch, sent = (128 if size < BIG else 1), 0
     cpu0, t0 = time.process_time(), pc()
     end = t0 + int(cfg["duration"] * 1e9)
@@ -472,15 +533,15 @@ def parent_stream(ep, ch, cfg):
         if pc() >= end:
             break
     send(SENTINEL)
-    res = ch.expect("result", 10 + 2 * cfg["duration"])
-    res.update(sent=sent, seconds=(pc() - t0) / 1e9, parent_cpu_pct=cpu_pct(cpu0, t0))
+    res = expect(ctrl, "result", 10 + 2 * cfg["duration"])
+    res.update(sent=sent, seconds=(pc() - t0) / 1e9, cpu_pct_sender=cpu_pct(cpu0, t0))
     return res
 
 
-def child_stream(ep, ctrl, cfg):
+def receiver_stream(ep, ctrl, cfg):
     size, get, release = cfg["size"], make_get(ep, cfg["busy"]), ep.release
     big = size >= BIG
-    expect = touch(make_src(size)) if big else None
+    expect_sum = touch(make_src(size)) if big else None
     for _ in range(cfg["warm"]):
         get()
         release()
@@ -494,16 +555,17 @@ def child_stream(ep, ctrl, cfg):
             release()
             break
         if big:
-            bad += touch(v) != expect
+            bad += touch(v) != expect_sum
         else:
             v[-1]                                # read the payload (one cache line)
         count += 1
         nbytes += n
         release()
-    ctrl.send(("result", dict(count=count, bytes=nbytes, bad=bad, child_cpu_pct=cpu_pct(cpu0, t0))))
+    ctrl.send(("result", dict(count=count, bytes=nbytes, bad=bad,
+                              cpu_pct_receiver=cpu_pct(cpu0, t0))))
 
 
-def parent_rtt(ep, ch, cfg):
+def sender_rtt(ep, ctrl, cfg):
     src, send, release = make_src(cfg["size"]), ep.send, ep.release
     get = make_get(ep, cfg["busy"])
     n, lat = cfg["iters"], [0] * cfg["iters"]
@@ -516,37 +578,40 @@ def parent_rtt(ep, ch, cfg):
         t1 = pc()
         if i >= 0:
             lat[i] = t1 - t0
-    parent = cpu_pct(cpu0, start)
+    cpu = cpu_pct(cpu0, start)
     send(SENTINEL)
-    return dict(ch.expect("result", 10), lat=lat, parent_cpu_pct=parent)
+    return dict(expect(ctrl, "result", 10), lat=lat, cpu_pct_sender=cpu)
 
 
-def child_rtt(ep, ctrl, cfg):
+def receiver_rtt(ep, ctrl, cfg):
     get, send, release = make_get(ep, cfg["busy"]), ep.send, ep.release
-    cpu0, t0 = time.process_time(), pc()
-    while True:
-        v = get()
-        if len(v) == 1:
-            release()
-            break
+    v = get()
+    cpu0, t0 = time.process_time(), pc()   # from the first ping: not the sender's start-up
+    while len(v) != 1:
         send(v)
         release()
-    ctrl.send(("result", dict(child_cpu_pct=cpu_pct(cpu0, t0))))
+        v = get()
+    release()
+    ctrl.send(("result", dict(cpu_pct_receiver=cpu_pct(cpu0, t0))))
 
 
-PARENT = {"stream": parent_stream, "rtt": parent_rtt}
-CHILD = {"stream": child_stream, "rtt": child_rtt}
+ROLES = {("stream", "A"): sender_stream, ("stream", "B"): receiver_stream,
+         ("rtt", "A"): sender_rtt, ("rtt", "B"): receiver_rtt}
 
 
-def _child_endpoint(ctrl, bname, spec, test, cfg):
-    ep = BACKENDS[bname](spec, "B", cfg)
+def _side(ctrl, side, bname, spec, test, cfg):
+    """Body of each child: build, connect, run one role, on the orchestrator's cue."""
+    expect(ctrl, "build", 30)
+    ep = BACKENDS[bname](spec, side, cfg)
     try:
-        ctrl.send(("ready",))
-        if not ctrl.poll(30):
-            raise TimeoutError("parent sent no 'go'")
-        ctrl.recv()
+        ctrl.send(("built",))
+        expect(ctrl, "connect", 30)
         ep.connect()
-        CHILD[test](ep, ctrl, cfg)
+        ctrl.send(("connected",))
+        expect(ctrl, "start", 30)
+        res = ROLES[test, side](ep, ctrl, cfg)
+        if side == "A":
+            ctrl.send(("done", res))
     finally:
         ep.close()
 
@@ -555,63 +620,23 @@ _tags = itertools.count()
 
 
 def measure(bname, test, cfg, timeout):
-    """One two-process run of `test` over backend `bname`; returns the parent role's result."""
-    B = BACKENDS[bname]
+    """One run of `test` over backend `bname` in two fresh processes; A's result."""
     tag = f"{os.getpid()}_{next(_tags)}"
-    pspec, cspec = B.prepare(tag)
-    ep = None
+    pspec, cspec = BACKENDS[bname].prepare(tag)
     try:
-        ep = B(pspec, "A", cfg)
-        with Child(_child_endpoint, (bname, cspec, test, cfg), timeout) as ch:
-            close_spec(cspec)     # the child has its own copy now (EOF works on death)
-            try:
-                ch.expect("ready", 30)
-                ep.connect()
-                ch.send("go")
-                return PARENT[test](ep, ch, cfg)
-            except (ChildError, TimeoutError):
-                raise
-            except Exception as e:  # the parent failed because the child did: say why
-                err = ch.pending_error()
-                if err:
-                    raise ChildError(f"{err} (parent saw {type(e).__name__}: {e})") from e
-                raise
+        with Pair(_side, ("A", bname, pspec, test, cfg), ("B", bname, cspec, test, cfg)) as p:
+            close_spec(pspec)     # the children hold their own copies (EOF on death works)
+            close_spec(cspec)
+            for step, reply in (("build", "built"), ("connect", "connected")):
+                for side in "AB":  # A first: B opens what A created
+                    p.send(side, step)
+                    p.expect(side, reply, 40)
+            p.send("B", "start")
+            p.send("A", "start")
+            return p.relay("done", timeout)
     finally:
+        close_spec(pspec)
         close_spec(cspec)
-        if ep is not None:
-            ep.close()
-
-
-# =============================================================== references
-def _eventfd_pong(ctrl, a2b, b2a):
-    ctrl.send(("ready",))
-    while os.eventfd_read(a2b.fd) == 1:
-        os.eventfd_write(b2a.fd, 1)
-    ctrl.send(("result", None))
-
-
-def ref_eventfd(iters, warm):
-    a2b, b2a = os.eventfd(0), os.eventfd(0)   # blocking, counter semantics
-    try:
-        wake = lambda: os.eventfd_write(b2a, 1 << 40)   # noqa: E731  (watchdog unblocks us)
-        with Child(_eventfd_pong, (PassFd(a2b), PassFd(b2a)), 10 + iters / 1000, wake) as ch:
-            ch.expect("ready", 30)
-            lat = [0] * iters
-            for i in range(-warm, iters):
-                t0 = pc()
-                os.eventfd_write(a2b, 1)
-                v = os.eventfd_read(b2a)
-                t1 = pc()
-                if v != 1:
-                    raise TimeoutError("eventfd ping-pong stalled (watchdog)")
-                if i >= 0:
-                    lat[i] = t1 - t0
-            os.eventfd_write(a2b, 2)
-            ch.expect("result", 10)
-            return dict(lat=lat)
-    finally:
-        os.close(a2b)
-        os.close(b2a)
 
 
 def ref_memcpy(size, duration):
@@ -641,9 +666,12 @@ def lat_stats(res):
 
 
 def run_backend(bname, mode):
-    row, raw, notes = {c: None for c in COLUMNS}, {}, [BACKENDS[bname].note]
+    B = BACKENDS[bname]
+    row, raw, notes = {c: None for c in COLUMNS}, {}, [B.note]
     large_hung = False
     for metric, test, size, busy in TESTS:
+        if getattr(B, "metrics", None) and metric not in B.metrics:
+            continue
         if large_hung and size >= BIG:
             notes.append(f"{metric}: skipped, a smaller large-message run hung")
             continue
@@ -653,11 +681,15 @@ def run_backend(bname, mode):
                    iters=mode["rtt_iters"])
         try:
             if test == "rtt":
-                st = lat_stats(measure(bname, "rtt", cfg, timeout=10 + cfg["iters"] / 1000))
-                row[f"{metric}_p50_us"], row[f"{metric}_p99_us"] = st["p50_us"], st["p99_us"]
-                raw[metric] = st
-                log(f"  {bname:14s} {metric:18s} p50 {st['p50_us']:.2f} us  p99 {st['p99_us']:.2f} us"
-                    f"   cpu% parent {st['parent_cpu_pct']} child {st['child_cpu_pct']}")
+                runs = [lat_stats(measure(bname, "rtt", cfg, timeout=10 + cfg["iters"] / 1000))
+                        for _ in range(mode["repeats"])]
+                for q in ("p50_us", "p99_us"):
+                    row[f"{metric}_{q}"] = median([r[q] for r in runs])
+                raw[metric] = dict(median_p50_us=row[f"{metric}_p50_us"],
+                                   median_p99_us=row[f"{metric}_p99_us"], runs=runs)
+                log(f"  {bname:14s} {metric:18s} p50 {row[f'{metric}_p50_us']:.2f} us  p99 "
+                    f"{row[f'{metric}_p99_us']:.2f} us   cpu% pinger {runs[0]['cpu_pct_sender']} "
+                    f"ponger {runs[0]['cpu_pct_receiver']}")
                 continue
             runs = [measure(bname, "stream", cfg, timeout=10 + 5 * cfg["duration"])
                     for _ in range(mode["repeats"])]
@@ -670,39 +702,26 @@ def run_backend(bname, mode):
             key = "gbps" if metric.startswith("gbps") else "msgs_per_s"
             row[metric] = median([r[key] for r in runs])
             raw[metric] = dict(median=row[metric], runs=runs)
-            log(f"  {bname:14s} {metric:18s} {row[metric]:,.3f}   cpu% parent "
-                f"{runs[0]['parent_cpu_pct']} child {runs[0]['child_cpu_pct']}")
+            log(f"  {bname:14s} {metric:18s} {row[metric]:,.3f}   cpu% sender "
+                f"{runs[0]['cpu_pct_sender']} receiver {runs[0]['cpu_pct_receiver']}")
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             log(f"  {bname:14s} {metric:18s} FAILED {msg}")
-            if isinstance(e, ImportError):  # library unavailable: nothing else will work
-                notes.append(f"unavailable: {msg}")
+            if isinstance(e, ImportError) or "ImportError" in msg or "ModuleNotFoundError" in msg:
+                notes.append(f"unavailable: {msg}")   # nothing else will work either
                 break
-            large_hung |= size >= BIG and isinstance(e, TimeoutError)
+            large_hung |= size >= BIG and "hung" in msg
             notes.append(f"{metric}: {msg}")
     return row, raw, notes
 
 
-def run_references(mode):
-    rows, raw = {}, {}
-    row = {c: None for c in COLUMNS}
-    try:
-        st = lat_stats(ref_eventfd(mode["rtt_iters"], mode["rtt_warm"]))
-        row["rtt_block_p50_us"], row["rtt_block_p99_us"] = st["p50_us"], st["p99_us"]
-        raw["eventfd"] = {"rtt_block": st}
-        row["notes"] = ["os.eventfd blocking write/read ping-pong, two processes: kernel wake-up floor"]
-    except Exception as e:
-        row["notes"] = [f"failed: {type(e).__name__}: {e}"]
-    rows["eventfd"] = row
-    log(f"  eventfd        rtt_block          p50 {row['rtt_block_p50_us']} us")
+def run_memcpy(mode):
     row = {c: None for c in COLUMNS}
     row["gbps_1MiB"] = ref_memcpy(1 << 20, mode["bw_s"])
     row["gbps_16MiB"] = ref_memcpy(16 << 20, mode["bw_s"])
-    row["notes"] = ["memoryview dst[:] = src in one process, GB/s: bandwidth ceiling"]
-    raw["memcpy"] = {"gbps_1MiB": row["gbps_1MiB"], "gbps_16MiB": row["gbps_16MiB"]}
-    rows["memcpy"] = row
-    log(f"  memcpy         gbps               {row['gbps_1MiB']:.2f} / {row['gbps_16MiB']:.2f}")
-    return rows, raw
+    log(f"  memcpy         gbps_1MiB/16MiB    {row['gbps_1MiB']:.2f} / {row['gbps_16MiB']:.2f}")
+    return row, {"gbps_1MiB": row["gbps_1MiB"], "gbps_16MiB": row["gbps_16MiB"]}, \
+        ["memoryview dst[:] = src in one process, GB/s: bandwidth ceiling"]
 
 
 def ratios(results):
@@ -730,20 +749,21 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="short runs (< ~60 s total)")
     ap.add_argument("--json", metavar="PATH", help="write the JSON here instead of stdout")
     ap.add_argument("--only", metavar="LIST",
-                    help=f"comma list of backends from {','.join(BACKENDS)} ('copyless' "
-                         "selects both copyless variants); eventfd/memcpy reference rows always run "
+                    help="comma list of backends: copyless (both variants), copyless-loan, pipe, "
+                         "unix, zmq, iceoryx2; the eventfd/memcpy reference rows always run "
                          "unless --no-ref")
     ap.add_argument("--no-ref", action="store_true", help="skip the eventfd/memcpy reference rows")
     args = ap.parse_args(argv)
     install_signal_cleanup()
 
-    names = list(BACKENDS)
+    names = [n for n in BACKENDS if n not in REFERENCES]
     if args.only:
         want = {w.strip() for w in args.only.split(",") if w.strip()}
-        unknown = want - set(BACKENDS) - {"eventfd", "memcpy", "ref"}
+        unknown = want - set(names) - set(REFERENCES)
         if unknown:
             ap.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
-        names = [n for n in BACKENDS if n in want or (n.startswith("copyless") and "copyless" in want)]
+        names = [n for n in names if n in want or (n.startswith("copyless") and "copyless" in want)]
+    refs = [] if args.no_ref else list(REFERENCES)
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
 
@@ -755,23 +775,21 @@ def main(argv=None):
     print(f"machine: {info['cpu_model']}, nproc={info['nproc']}, kernel {info['kernel']}, "
           f"Python {info['python']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    print(f"mode: {mode_name} {mode}", flush=True)
+    info["loadavg_start"] = os.getloadavg()
+    print(f"mode: {mode_name} (" + ", ".join(f"{k}={v}" for k, v in mode.items())
+          + f"); load average {info['loadavg_start'][0]:.2f}", flush=True)
 
     t_start = time.monotonic()
     results, raw = {}, {}
     try:
-        for b in names:
+        for b in names + refs:
             log(f"[{b}]")
-            row, braw, notes = run_backend(b, mode)
+            row, braw, notes = run_memcpy(mode) if b == "memcpy" else run_backend(b, mode)
             results[b], raw[b] = dict(row, notes=notes), braw
-        if not args.no_ref:
-            log("[references]")
-            rrows, rraw = run_references(mode)
-            results.update(rrows)
-            raw.update(rraw)
     finally:
         if _TMP:
             shutil.rmtree(_TMP, ignore_errors=True)
+        info["loadavg_end"] = os.getloadavg()
 
     print()
     print(render_table(results, COLUMNS, HEADERS))
@@ -780,7 +798,10 @@ def main(argv=None):
         for n in row.get("notes", []):
             print(f"  {b}: {n}")
     print("  busy-poll rows spin one core per process, i.e. both cores of this machine.")
-    print(f"\ntotal wall time {time.monotonic() - t_start:.1f} s")
+    print("  rtt_block depends on how fast a sleeping process is woken; on a VM that is often\n"
+          "  bimodal (host halt-polling): compare rtt_block rows with the eventfd row of the same run.")
+    print(f"\ntotal wall time {time.monotonic() - t_start:.1f} s; load average at end "
+          f"{info['loadavg_end'][0]:.2f} (other load on this machine skews every row)")
 
     doc = {
         "benchmark": "copyless benchmarks/bench_pubsub.py",
@@ -792,6 +813,9 @@ def main(argv=None):
                                   warm=warm_count(s) if t == "stream" else mode["rtt_warm"])
                              for m, t, s, b in TESTS],
                    "busy": "both sides busy-poll; uses both cores",
+                   "repeats": "throughput: median of runs; rtt: median of per-run p50/p99",
+                   "cpu_pct": "process CPU time / wall time during the measured phase, per side "
+                              "(sender = pinger, receiver = ponger); 100 = one core busy",
                    "copyless_publisher_kwargs": COPYLESS_KW},
         "results": results, "raw": raw, "ratios": ratios(results),
     }
