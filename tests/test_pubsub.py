@@ -493,3 +493,17 @@ def test_blocked_publisher_is_woken_in_batches_not_per_message(name, child):
     n, wakes = map(int, out.split())
     assert n == 20000 and blocked > 10, "the publisher did block"
     assert wakes <= 20000 // 16, f"{wakes} wake-ups for 20000 messages"
+
+
+def test_send_timeout_applies_to_large_messages(name):
+    with copyless.Publisher(name, send_timeout=0.2, large_budget=1 << 20) as pub, copyless.Subscriber(
+        name, timeout=5
+    ) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        pub.send(bytes(1 << 20))
+        held = sub.recv(timeout=1)
+        t0 = time.monotonic()
+        with pytest.raises(Timeout):
+            pub.send(bytes(1 << 20))  # the budget is held by the subscriber
+        assert 0.15 < time.monotonic() - t0 < 2
+        held.release()

@@ -211,6 +211,7 @@ class Publisher(PubCore):
         self._large_free_ids = list(range(slots + large_blocks - 1, slots - 1, -1))
         self._large_budget = large_budget
         self._max_message = max_message
+        self._send_timeout = send_timeout
         self._protocol_errors = 0
         self._uids = frozenset([os.geteuid()] + list(allow_uids or []))
         self._gids = frozenset(allow_gids or [])
@@ -230,7 +231,6 @@ class Publisher(PubCore):
             db_fd, doorbell = _shm.create(f"{name}:doorbell", DB_SIZE, readonly_for_peers=False)
             self._fds.append(db_fd)
             self._arena_fd, self._db_fd = arena_fd, db_fd
-            self._arena_map, self._db_map = arena, doorbell
             PubCore.__init__(
                 self, arena, doorbell, slots, slot_size, large_blocks, max_subscribers, _POLICIES[on_full], send_timeout
             )
@@ -437,6 +437,8 @@ class Publisher(PubCore):
             raise MessageTooLarge(f"{n} bytes is over this publisher's max_message of {self._max_message}")
         self._check_open()
         size = max(_pow2(n), _shm.PAGE)
+        if timeout is None:
+            timeout = self._send_timeout  # as the core does for small messages
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
