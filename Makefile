@@ -6,10 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SRC    := pyproject.toml setup.py src/copyless/_core.c
 
-.PHONY: demo test bench bench-full lint debug asan clean deps
+.PHONY: demo test bench lint debug asan clean deps
 demo: $(VENV)/.bench
 	$(VENV)/bin/copyless demo
 	$(PY) benchmarks/bench_pubsub.py --quick
+	$(PY) benchmarks/bench_rate.py --quick
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -17,7 +18,9 @@ test: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(VENV)/.bench
-	$(PY) benchmarks/bench_pubsub.py
+	mkdir -p bench-results
+	$(PY) benchmarks/bench_pubsub.py --json bench-results/pubsub.json
+	$(PY) benchmarks/bench_rate.py --json bench-results/rate.json
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
