@@ -507,3 +507,23 @@ def test_send_timeout_applies_to_large_messages(name):
             pub.send(bytes(1 << 20))  # the budget is held by the subscriber
         assert 0.15 < time.monotonic() - t0 < 2
         held.release()
+
+
+def test_large_queue_bounds_segments_ahead_of_a_slow_subscriber(name):
+    """Unreceived large messages limit how far the publisher runs ahead (more segments
+    would only spill the caches); messages a subscriber holds do not (requirement: a
+    holder never blocks others beyond the budget)."""
+    big = bytes(1 << 20)
+    with copyless.Publisher(name, large_queue=2, send_timeout=0.2) as pub, copyless.Subscriber(
+        name, timeout=5
+    ) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        pub.send(big)
+        pub.send(big)
+        with pytest.raises(Timeout):
+            pub.send(big)  # two wait unreceived: wait for the subscriber
+        held = [sub.recv(timeout=1), sub.recv(timeout=1)]
+        pub.send(big)  # held ones do not count: new segments within the budget
+        pub.send(big)
+        assert pub.statistics().large_segments == 4
+        del held

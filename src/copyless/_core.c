@@ -71,7 +71,8 @@
 /* Arena: header page, then n_slots fixed-size slots. */
 #define ARENA_DATA 4096
 
-#define WAIT_SLICE_NS 50000000LL /* wake at least this often to notice dead peers and signals */
+#define WAIT_SLICE_NS 50000000LL
+#define LARGE_SPIN_NS 100000LL /* a publisher waiting for a large segment polls this long first */ /* wake at least this often to notice dead peers and signals */
 
 static size_t ctl_rel_ring_off(uint32_t desc_cap) {
     size_t end = CTL_DESC_RING + (size_t)desc_cap * DESC_SIZE;
@@ -794,6 +795,23 @@ static PyObject *PubCore_sub_is_bad(PubCoreObject *self, PyObject *args) {
     return PyBool_FromLong(self->subs[idx]->bad);
 }
 
+/* _queued_large() -> large messages sitting unreceived in subscriber rings */
+static PyObject *PubCore_queued_large(PubCoreObject *self, PyObject *unused) {
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < self->max_subs; i++) {
+        SubSlot *s = self->subs[i];
+        if (!s || s->bad) continue;
+        uint64_t head = LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD));
+        if (s->tail - head > s->desc_cap) continue;
+        for (uint64_t h = head; h != s->tail; h++) {
+            uint32_t b;
+            memcpy(&b, s->base + CTL_DESC_RING + (size_t)(h & (s->desc_cap - 1)) * DESC_SIZE, 4);
+            n += b >= self->n_slots;
+        }
+    }
+    return PyLong_FromUnsignedLongLong(n);
+}
+
 /* _reclaim(): drain all release rings now; returns free small slots. */
 static PyObject *PubCore_reclaim(PubCoreObject *self, PyObject *unused) {
     pub_drain(self);
@@ -833,21 +851,33 @@ static PyObject *PubCore_doze(PubCoreObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "d", &t)) return NULL;
     if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); return NULL; }
     uint64_t before = self->frees;
-    uint32_t *seqp = db_u32(self, DB_SEQ), *waitp = db_u32(self, DB_PUB_WAITING);
-    uint32_t seen = LOAD_SC(seqp);
-    STORE_SC((int32_t *)db_u32(self, DB_CREDIT), 1); /* large messages: every release counts */
-    STORE_SC(waitp, 1);
-    pub_drain(self);
-    if (self->frees == before && t > 0) {
-        int64_t ns = (int64_t)(t * 1e9);
-        if (ns > WAIT_SLICE_NS) ns = WAIT_SLICE_NS;
-        self->st_blocked++;
-        Py_BEGIN_ALLOW_THREADS
-        futex_wait_ns(seqp, seen, ns);
-        Py_END_ALLOW_THREADS
+    /* A large message takes tens of microseconds to write, and its release
+     * usually follows within a few: poll the release rings that long before
+     * paying for a kernel wake-up (~50 us here). */
+    int64_t now = now_ns(), spin_end = now + (t * 1e9 < LARGE_SPIN_NS ? (int64_t)(t * 1e9) : LARGE_SPIN_NS);
+    while (now < spin_end) {
         pub_drain(self);
+        if (self->frees != before) break;
+        for (int i = 0; i < 256; i++) cpu_relax();
+        now = now_ns();
     }
-    STORE_SC(waitp, 0);
+    uint32_t *seqp = db_u32(self, DB_SEQ), *waitp = db_u32(self, DB_PUB_WAITING);
+    if (self->frees == before) {
+        uint32_t seen = LOAD_SC(seqp);
+        STORE_SC((int32_t *)db_u32(self, DB_CREDIT), 1); /* large messages: every release counts */
+        STORE_SC(waitp, 1);
+        pub_drain(self);
+        int64_t ns = (int64_t)(t * 1e9) - (now_ns() - (spin_end - LARGE_SPIN_NS));
+        if (self->frees == before && ns > 0) {
+            if (ns > WAIT_SLICE_NS) ns = WAIT_SLICE_NS;
+            self->st_blocked++;
+            Py_BEGIN_ALLOW_THREADS
+            futex_wait_ns(seqp, seen, ns);
+            Py_END_ALLOW_THREADS
+            pub_drain(self);
+        }
+        STORE_SC(waitp, 0);
+    }
     if (pub_report_bad(self) < 0) return NULL;
     return PyBool_FromLong(self->frees != before);
 }
@@ -1101,6 +1131,7 @@ static PyMethodDef PubCore_methods[] = {
     {"_remove_sub", (PyCFunction)PubCore_remove_sub, METH_VARARGS, NULL},
     {"_sub_is_bad", (PyCFunction)PubCore_sub_is_bad, METH_VARARGS, NULL},
     {"_reclaim", (PyCFunction)PubCore_reclaim, METH_NOARGS, NULL},
+    {"_queued_large", (PyCFunction)PubCore_queued_large, METH_NOARGS, NULL},
     {"_wake", (PyCFunction)PubCore_wake, METH_NOARGS, NULL},
     {"_close_core", (PyCFunction)PubCore_close, METH_NOARGS, NULL},
     {"_doze", (PyCFunction)PubCore_doze, METH_VARARGS, NULL},

@@ -172,6 +172,9 @@ class Publisher(PubCore):
 
     slot_size/slots: the pool for ordinary messages (each at most slot_size bytes);
     larger messages get segments of their own, cached up to large_budget bytes.
+    large_queue: how many large messages may wait unreceived before a send waits
+    for a subscriber instead of making another segment (more would only spill the
+    caches; messages subscribers hold do not count).
     queue_depth: descriptors queued per subscriber.  on_full: what a send does
     when a subscriber is behind: "block" (default, up to send_timeout), "raise"
     (WouldBlock), or "overwrite" (drop that subscriber's oldest unreceived message).
@@ -188,6 +191,7 @@ class Publisher(PubCore):
         send_timeout: float | None = None,
         large_budget: int = 1 << 30,
         large_blocks: int = 64,
+        large_queue: int = 2,
         max_message: int = 1 << 34,
         max_subscribers: int = 64,
         allow_uids: list[int] | None = None,
@@ -198,8 +202,8 @@ class Publisher(PubCore):
             raise ConfigurationError(f"on_full must be one of {sorted(_POLICIES)}")
         if slot_size <= 0 or slot_size % 64 or slots <= 0 or queue_depth <= 0 or max_subscribers <= 0:
             raise ConfigurationError("slot_size must be a positive multiple of 64; slots, queue_depth > 0")
-        if large_blocks < 1 or large_budget <= 0:
-            raise ConfigurationError("large_blocks and large_budget must be positive")
+        if large_blocks < 1 or large_budget <= 0 or large_queue < 1:
+            raise ConfigurationError("large_blocks, large_budget and large_queue must be positive")
         self._name = name
         self._addr, self._path = _address(name)
         self._closed = True  # until fully built
@@ -212,6 +216,7 @@ class Publisher(PubCore):
         self._large_budget = large_budget
         self._max_message = max_message
         self._send_timeout = send_timeout
+        self._large_queue = large_queue
         self._protocol_errors = 0
         self._uids = frozenset([os.geteuid()] + list(allow_uids or []))
         self._gids = frozenset(allow_gids or [])
@@ -473,6 +478,8 @@ class Publisher(PubCore):
                 used_bytes += lg.size
         if used_bytes and used_bytes + size > self._large_budget:
             return None  # wait for subscribers to release (one message alone may exceed the budget)
+        if used_bytes and self._queued_large() >= self._large_queue:
+            return None  # subscribers are behind: wait for them rather than grow the working set
         # evict free segments until the new one fits in the budget and has an id
         free.sort(key=lambda b: self._large[b].size, reverse=True)
         while free and (used_bytes + cached_bytes + size > self._large_budget or not self._large_free_ids):
