@@ -788,12 +788,6 @@ static PyObject *PubCore_remove_sub(PubCoreObject *self, PyObject *args) {
     return PyLong_FromUnsignedLong(n);
 }
 
-static PyObject *PubCore_sub_is_bad(PubCoreObject *self, PyObject *args) {
-    unsigned int idx;
-    if (!PyArg_ParseTuple(args, "I", &idx)) return NULL;
-    if (idx >= self->max_subs || !self->subs[idx]) Py_RETURN_FALSE;
-    return PyBool_FromLong(self->subs[idx]->bad);
-}
 
 /* _queued_large() -> large messages sitting unreceived in subscriber rings */
 static PyObject *PubCore_queued_large(PubCoreObject *self, PyObject *unused) {
@@ -910,16 +904,17 @@ static PyObject *PubCore_stats(PubCoreObject *self, PyObject *unused) {
                          "slots_in_use", held_small, "large_in_use", held_large, "subscribers", self->n_subs_live, "per_subscriber", subs);
 }
 
-static PyObject *PubCore_get_seq(PubCoreObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->seq); }
 static PyObject *PubCore_get_policy(PubCoreObject *self, void *c) { return PyLong_FromLong(self->policy); }
-static PyObject *PubCore_get_spin(PubCoreObject *self, void *c) { return PyFloat_FromDouble(self->spin_ns / 1e9); }
-static int PubCore_set_spin(PubCoreObject *self, PyObject *v, void *c) {
+/* a non-negative number of seconds, stored as nanoseconds */
+static int set_seconds(int64_t *dst, PyObject *v) {
     double t = PyFloat_AsDouble(v);
     if (t == -1.0 && PyErr_Occurred()) return -1;
     if (t < 0) { PyErr_SetString(PyExc_ValueError, "spin must be >= 0"); return -1; }
-    self->spin_ns = (int64_t)(t * 1e9);
+    *dst = (int64_t)(t * 1e9);
     return 0;
 }
+static PyObject *PubCore_get_spin(PubCoreObject *self, void *c) { return PyFloat_FromDouble(self->spin_ns / 1e9); }
+static int PubCore_set_spin(PubCoreObject *self, PyObject *v, void *c) { return set_seconds(&self->spin_ns, v); }
 
 /* A cached large segment of exactly `size` bytes that nobody holds, or -1. */
 static int64_t pub_find_large(PubCoreObject *self, uint64_t size) {
@@ -1129,17 +1124,14 @@ static PyMethodDef PubCore_methods[] = {
     {"_block_state", (PyCFunction)PubCore_block_state, METH_VARARGS, NULL},
     {"_add_sub", (PyCFunction)PubCore_add_sub, METH_VARARGS, NULL},
     {"_remove_sub", (PyCFunction)PubCore_remove_sub, METH_VARARGS, NULL},
-    {"_sub_is_bad", (PyCFunction)PubCore_sub_is_bad, METH_VARARGS, NULL},
     {"_reclaim", (PyCFunction)PubCore_reclaim, METH_NOARGS, NULL},
     {"_queued_large", (PyCFunction)PubCore_queued_large, METH_NOARGS, NULL},
-    {"_wake", (PyCFunction)PubCore_wake, METH_NOARGS, NULL},
     {"_close_core", (PyCFunction)PubCore_close, METH_NOARGS, NULL},
     {"_doze", (PyCFunction)PubCore_doze, METH_VARARGS, NULL},
     {"_core_stats", (PyCFunction)PubCore_stats, METH_NOARGS, NULL},
     {NULL},
 };
 static PyGetSetDef PubCore_getset[] = {
-    {"_seq", (getter)PubCore_get_seq, NULL, NULL, NULL},
     {"_policy", (getter)PubCore_get_policy, NULL, NULL, NULL},
     {"spin", (getter)PubCore_get_spin, (setter)PubCore_set_spin, "seconds a blocked send spins before sleeping", NULL},
     {NULL},
@@ -1560,15 +1552,7 @@ static PyObject *SubCore_stats(SubCoreObject *self, PyObject *unused) {
 }
 
 static PyObject *SubCore_get_spin(SubCoreObject *self, void *c) { return PyFloat_FromDouble(self->spin_ns / 1e9); }
-static int SubCore_set_spin(SubCoreObject *self, PyObject *v, void *c) {
-    double t = PyFloat_AsDouble(v);
-    if (t == -1.0 && PyErr_Occurred()) return -1;
-    if (t < 0) { PyErr_SetString(PyExc_ValueError, "spin must be >= 0"); return -1; }
-    self->spin_ns = (int64_t)(t * 1e9);
-    return 0;
-}
-static PyObject *SubCore_get_attached(SubCoreObject *self, void *c) { return PyBool_FromLong(self->attached); }
-static PyObject *SubCore_get_epoch(SubCoreObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->epoch); }
+static int SubCore_set_spin(SubCoreObject *self, PyObject *v, void *c) { return set_seconds(&self->spin_ns, v); }
 
 static PyMethodDef SubCore_methods[] = {
     {"recv", (PyCFunction)(void (*)(void))SubCore_recv, METH_FASTCALL | METH_KEYWORDS,
@@ -1590,8 +1574,6 @@ static PyMethodDef SubCore_methods[] = {
 };
 static PyGetSetDef SubCore_getset[] = {
     {"spin", (getter)SubCore_get_spin, (setter)SubCore_set_spin, "seconds to spin before sleeping", NULL},
-    {"_attached", (getter)SubCore_get_attached, NULL, NULL, NULL},
-    {"_epoch", (getter)SubCore_get_epoch, NULL, NULL, NULL},
     {NULL},
 };
 
@@ -1725,36 +1707,11 @@ static PyObject *mod_ctl_size(PyObject *mod, PyObject *args) {
     return PyLong_FromSize_t(ctl_size(d, r));
 }
 
-/* futex_wake(mapping, offset) / futex_wait(mapping, offset, expected, timeout) for tests and tools */
-static PyObject *mod_futex_wake(PyObject *mod, PyObject *args) {
-    PyObject *m;
-    Py_ssize_t off;
-    if (!PyArg_ParseTuple(args, "O!n", &MappingType, &m, &off)) return NULL;
-    if (off < 0 || off % 4 || off + 4 > ((MappingObject *)m)->size) { PyErr_SetString(PyExc_ValueError, "offset"); return NULL; }
-    futex_wake_all((uint32_t *)(((MappingObject *)m)->addr + off));
-    Py_RETURN_NONE;
-}
 
-static PyObject *mod_futex_wait(PyObject *mod, PyObject *args) {
-    PyObject *m;
-    Py_ssize_t off;
-    unsigned int expected;
-    double t;
-    if (!PyArg_ParseTuple(args, "O!nId", &MappingType, &m, &off, &expected, &t)) return NULL;
-    if (off < 0 || off % 4 || off + 4 > ((MappingObject *)m)->size) { PyErr_SetString(PyExc_ValueError, "offset"); return NULL; }
-    int r;
-    Py_BEGIN_ALLOW_THREADS
-    r = futex_wait_ns((uint32_t *)(((MappingObject *)m)->addr + off), expected, (int64_t)(t * 1e9));
-    Py_END_ALLOW_THREADS
-    return PyBool_FromLong(r == 0);
-}
 
 static PyMethodDef module_methods[] = {
     {"_set_errors", mod_set_errors, METH_VARARGS, NULL},
     {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
-    {"futex_wake", mod_futex_wake, METH_VARARGS, "futex_wake(mapping, offset): wake all waiters on a shared u32"},
-    {"futex_wait", mod_futex_wait, METH_VARARGS,
-     "futex_wait(mapping, offset, expected, timeout) -> woken: sleep (GIL released) while the u32 equals expected"},
     {NULL},
 };
 
