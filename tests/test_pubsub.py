@@ -496,9 +496,10 @@ def test_blocked_publisher_is_woken_in_batches_not_per_message(name, child):
 
 
 def test_send_timeout_applies_to_large_messages(name):
-    with copyless.Publisher(name, send_timeout=0.2, large_budget=1 << 20) as pub, copyless.Subscriber(
-        name, timeout=5
-    ) as sub:
+    with (
+        copyless.Publisher(name, send_timeout=0.2, large_budget=1 << 20) as pub,
+        copyless.Subscriber(name, timeout=5) as sub,
+    ):
         pub.wait_for_subscribers(1, timeout=5)
         pub.send(bytes(1 << 20))
         held = sub.recv(timeout=1)
@@ -514,9 +515,7 @@ def test_large_queue_bounds_segments_ahead_of_a_slow_subscriber(name):
     would only spill the caches); messages a subscriber holds do not (requirement: a
     holder never blocks others beyond the budget)."""
     big = bytes(1 << 20)
-    with copyless.Publisher(name, large_queue=2, send_timeout=0.2) as pub, copyless.Subscriber(
-        name, timeout=5
-    ) as sub:
+    with copyless.Publisher(name, large_queue=2, send_timeout=0.2) as pub, copyless.Subscriber(name, timeout=5) as sub:
         pub.wait_for_subscribers(1, timeout=5)
         pub.send(big)
         pub.send(big)
