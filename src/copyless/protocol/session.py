@@ -1,0 +1,552 @@
+"""The session protocol of the Messenger, sans-I/O (wire format: docs/protocol.md).
+
+Two objects, after Ceph's AsyncMessenger/msgr2, in our own terms:
+
+- `Session` is the state that outlives a transport connection: cookies,
+  global/connect sequence numbers, the outgoing sequence, what was received,
+  and the messages sent but not yet acknowledged (replayed after a fault).
+- `Handshake`/`SessionConnection` drive one transport connection (one TCP or
+  Unix socket, one shared-memory channel): banner, hello, authentication,
+  ident or reconnect, then MESSAGE/ACK/KEEPALIVE frames.
+
+Nothing here reads a clock or a socket.  Callers feed bytes (`receive_data`),
+connection loss (`connection_lost`) and time (`tick(now)`), and take bytes
+(`data_to_send`), events (`next_events`) and the next deadline.  Anything that
+is not in the transition table is a RemoteProtocolError and closes the
+connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import AccessDenied, LocalProtocolError, RemoteProtocolError
+from .frames import Buffer, Frame, FrameAborted, FrameReader, SegmentSink, Tag, encode_frame
+
+BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
+BANNER_MAGIC = b"copyless"
+PROTOCOL_VERSION = 1
+
+# feature bits
+FEATURE_DATA_CRC_OFF = 1 << 0  # this side may send frames without a data crc
+FEATURES_SUPPORTED = FEATURE_DATA_CRC_OFF
+
+HELLO = struct.Struct("<B")  # role (0 client, 1 server) + utf-8 entity name
+IDENT = struct.Struct("<QQQ")  # cookie, global_seq, features in use   + utf-8 name
+RECONNECT = struct.Struct("<QQQQQ")  # client cookie, server cookie, global_seq, connect_seq, last received seq
+U64 = struct.Struct("<Q")
+MSG_HEADER = struct.Struct("<HBBQQQ")  # type, priority, flags, tid, seq, ack_seq
+NONCE = 32
+
+MSG_FLAG_REPLY = 0x1
+
+
+class FeatureMismatch(RemoteProtocolError):
+    """The peer requires a feature we lack (or the other way round)."""
+
+
+class AuthenticationFailed(AccessDenied):
+    """The peer did not prove knowledge of the shared secret (or we could not)."""
+
+
+class Role(enum.Enum):
+    CLIENT = 0
+    SERVER = 1
+
+
+class State(enum.Enum):
+    BANNER = "banner"
+    HELLO = "hello"
+    AUTH = "auth"
+    SESSION = "session"  # ident / reconnect exchange
+    READY = "ready"
+    CLOSED = "closed"
+
+
+# ---------------------------------------------------------------- events
+@dataclass
+class Established:
+    """The connection carries the session now (new=False: a reconnect resumed it)."""
+
+    peer_name: str
+    new: bool
+
+
+@dataclass
+class MessageReceived:
+    type: int
+    tid: int
+    seq: int
+    front: memoryview
+    data: memoryview
+    is_reply: bool
+    priority: int
+
+
+@dataclass
+class SessionReset:
+    """The peer no longer knows our session (it restarted): queued messages were dropped."""
+
+    dropped: int
+
+
+@dataclass
+class KeepaliveAck:
+    sent_ns: int
+    rtt_ns: int
+
+
+@dataclass
+class Closed:
+    """The connection is finished; error is None for a clean close."""
+
+    error: Exception | None
+
+
+Event = Established | MessageReceived | SessionReset | KeepaliveAck | Closed
+
+
+@dataclass
+class OutMessage:
+    type: int
+    front: Sequence[Buffer]
+    data: Sequence[Buffer]
+    tid: int = 0
+    priority: int = 0
+    is_reply: bool = False
+    seq: int = 0  # assigned when first written
+
+
+# ---------------------------------------------------------------- session state
+@dataclass
+class Session:
+    """What survives a connection fault.  lossless=False (lossy): nothing is replayed."""
+
+    lossless: bool = True
+    cookie: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little") or 1)
+    peer_cookie: int = 0
+    global_seq: int = 0
+    connect_seq: int = 0
+    out_seq: int = 0  # last seq assigned
+    in_seq: int = 0  # last seq received (and delivered)
+    unsent: deque[OutMessage] = field(default_factory=deque)
+    sent: deque[OutMessage] = field(default_factory=deque)  # written, not yet acked (lossless only)
+
+    def queue(self, msg: OutMessage) -> None:
+        self.unsent.append(msg)
+
+    def acked(self, seq: int) -> None:
+        while self.sent and self.sent[0].seq <= seq:
+            self.sent.popleft()
+
+    def requeue_unacked(self) -> None:
+        """After a fault: what was sent but not acked goes first, in order, same seqs."""
+        if self.lossless:
+            self.unsent.extendleft(reversed(self.sent))
+        self.sent.clear()
+
+    def reset(self) -> int:
+        """The peer lost the session: start a new one, dropping what was queued."""
+        dropped = len(self.unsent) + len(self.sent)
+        self.unsent.clear()
+        self.sent.clear()
+        self.out_seq = self.in_seq = 0
+        self.peer_cookie = 0
+        self.connect_seq = 0
+        self.cookie = int.from_bytes(os.urandom(8), "little") or 1
+        return dropped
+
+
+class SessionRegistry:
+    """The server's sessions, by client cookie (one per Messenger)."""
+
+    def __init__(self) -> None:
+        self.by_client: dict[int, Session] = {}
+
+    def lookup(self, client_cookie: int) -> Session | None:
+        return self.by_client.get(client_cookie)
+
+    def create(self, client_cookie: int, lossless: bool) -> Session:
+        s = Session(lossless=lossless)
+        s.peer_cookie = client_cookie
+        self.by_client[client_cookie] = s
+        return s
+
+
+# ---------------------------------------------------------------- the connection machine
+class SessionConnection:
+    """One transport connection carrying a session.
+
+    Client: `SessionConnection(Role.CLIENT, name, session=Session(...))`.
+    Server: `SessionConnection(Role.SERVER, name, registry=registry)`; the
+    session is found or made during the handshake.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        name: str,
+        *,
+        session: Session | None = None,
+        registry: SessionRegistry | None = None,
+        lossless: bool = True,
+        secret: bytes | None = None,
+        features_required: int = 0,
+        data_crc: bool = True,
+        max_segment: int = 64 << 20,
+        sink: SegmentSink | None = None,
+    ) -> None:
+        if role is Role.CLIENT and session is None:
+            raise LocalProtocolError("a client connection needs its Session")
+        if role is Role.SERVER and registry is None:
+            raise LocalProtocolError("a server connection needs the SessionRegistry")
+        self.role, self.name = role, name
+        self.session = session
+        self.registry = registry
+        self.lossless = lossless
+        self.secret = secret
+        self.required = features_required | (0 if data_crc else FEATURE_DATA_CRC_OFF)
+        self.data_crc = data_crc
+        self.state = State.BANNER
+        self.peer_name = ""
+        self.peer_features = 0
+        self._reader = FrameReader(max_segment=max_segment, sink=sink)
+        self._banner = bytearray()
+        self._out: list[Buffer] = []
+        self._events: list[Event] = []
+        self._nonce = b""
+        self._unacked_in = 0  # messages received since we last told the peer
+        self._out.append(BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED, self.required))
+
+    # ------------------------------------------------------------ API
+    def data_to_send(self) -> list[Buffer]:
+        out, self._out = self._out, []
+        return out
+
+    def next_events(self) -> list[Event]:
+        ev, self._events = self._events, []
+        return ev
+
+    def send_message(self, msg: OutMessage) -> None:
+        """Queue a message on the session; it goes out now if the connection is ready."""
+        if self.state is State.CLOSED:
+            raise LocalProtocolError("connection closed")
+        assert self.session is not None or self.role is Role.SERVER
+        if self.session is None:
+            raise LocalProtocolError("no session yet: wait for Established")
+        self.session.queue(msg)
+        if self.state is State.READY:
+            self._flush()
+
+    def send_ack(self) -> None:
+        if self.state is State.READY and self.session is not None and self._unacked_in:
+            self._out += encode_frame(Tag.ACK, [[U64.pack(self.session.in_seq)]])
+            self._unacked_in = 0
+
+    def keepalive(self, now_ns: int) -> None:
+        if self.state is State.READY:
+            self._out += encode_frame(Tag.KEEPALIVE, [[U64.pack(now_ns)]])
+
+    def close(self) -> None:
+        self._close(None)
+
+    def connection_lost(self) -> None:
+        """The transport failed: unacked messages go back to the queue (lossless)."""
+        if self.state is not State.CLOSED:
+            if self.session is not None:
+                self.session.requeue_unacked()
+            self._close(None)
+
+    def next_read(self) -> tuple[memoryview, int]:
+        """Where the transport should read next: (buffer, nbytes).  Zero-copy reads."""
+        if self.state is State.BANNER:
+            need = BANNER.size - len(self._banner)
+            return memoryview(bytearray(need)), need
+        req = self._reader.next_read()
+        return req.buffer, req.nbytes
+
+    def bytes_read(self, buf: memoryview, n: int) -> None:
+        """Account for n bytes read into the buffer from next_read()."""
+        if self.state is State.CLOSED:
+            return
+        try:
+            if self.state is State.BANNER:
+                self._banner += buf[:n]
+                if len(self._banner) == BANNER.size:
+                    self._on_banner(bytes(self._banner))
+                return
+            ev = self._reader.bytes_read(n)
+            if isinstance(ev, Frame):
+                self._on_frame(ev)
+            elif isinstance(ev, FrameAborted):
+                pass  # the sender gave it up; nothing to do
+        except (RemoteProtocolError, AuthenticationFailed) as e:
+            # the peer broke the protocol or failed authentication: this connection ends
+            if self.session is not None:
+                self.session.requeue_unacked()
+            self._close(e)
+
+    def receive_data(self, data: bytes) -> None:
+        """Convenience for tests and simple transports: feed bytes (copied into place)."""
+        view = memoryview(data)
+        while view and self.state is not State.CLOSED:
+            buf, want = self.next_read()
+            n = min(want, len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.bytes_read(buf, n)
+
+    # ------------------------------------------------------------ handshake
+    def _on_banner(self, raw: bytes) -> None:
+        magic, version, supported, required = BANNER.unpack(raw)
+        if magic != BANNER_MAGIC:
+            raise RemoteProtocolError("the peer is not speaking the copyless session protocol")
+        if version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(f"protocol version {version}, we speak {PROTOCOL_VERSION}")
+        if required & ~FEATURES_SUPPORTED:
+            raise FeatureMismatch(f"the peer requires features {required & ~FEATURES_SUPPORTED:#x} we lack")
+        if self.required & ~supported:
+            raise FeatureMismatch(f"we require features {self.required & ~supported:#x} the peer lacks")
+        self.peer_features = supported
+        self.state = State.HELLO
+        self._out += encode_frame(Tag.HELLO, [[HELLO.pack(self.role.value) + self.name.encode()]])
+
+    def _on_frame(self, f: Frame) -> None:
+        handler = _HANDLERS.get((self.state, self.role, f.tag))
+        if handler is None:
+            raise RemoteProtocolError(f"unexpected {_name(f.tag)} frame in state {self.state.value} ({self.role.name})")
+        handler(self, f)
+
+    def _on_hello(self, f: Frame) -> None:
+        body = bytes(f.segments[0])
+        (role,) = HELLO.unpack_from(body)
+        if role == self.role.value:
+            raise RemoteProtocolError("both ends claim the same role")
+        self.peer_name = body[HELLO.size :].decode(errors="replace")
+        if self.secret is None:
+            self._to_session()
+        else:
+            self.state = State.AUTH
+            if self.role is Role.CLIENT:  # the client asks; the server challenges back
+                self._nonce = os.urandom(NONCE)
+                self._out += encode_frame(Tag.AUTH_REQUEST, [[self._nonce]])
+
+    def _mac(self, nonce: bytes, who: bytes) -> bytes:
+        assert self.secret is not None
+        return hmac.new(self.secret, who + nonce, hashlib.sha256).digest()
+
+    def _on_auth_request(self, f: Frame) -> None:  # server
+        client_nonce = bytes(f.segments[0])
+        if len(client_nonce) != NONCE:
+            raise RemoteProtocolError("bad auth request")
+        self._nonce = os.urandom(NONCE)
+        # prove we know the secret, and challenge the client to prove it too
+        self._out += encode_frame(Tag.AUTH_CHALLENGE, [[self._mac(client_nonce, b"server"), self._nonce]])
+
+    def _on_auth_challenge(self, f: Frame) -> None:  # client
+        body = bytes(f.segments[0])
+        proof, server_nonce = body[:32], body[32:]
+        if len(server_nonce) != NONCE:
+            raise RemoteProtocolError("bad auth challenge")
+        if not hmac.compare_digest(proof, self._mac(self._nonce, b"server")):
+            self._out += encode_frame(Tag.AUTH_BAD, [[b"bad secret"]])  # so the server fails too
+            raise AuthenticationFailed(f"{self.peer_name or 'the server'} does not know the shared secret")
+        self._out += encode_frame(Tag.AUTH_REPLY, [[self._mac(server_nonce, b"client")]])
+
+    def _on_auth_reply(self, f: Frame) -> None:  # server
+        if not hmac.compare_digest(bytes(f.segments[0]), self._mac(self._nonce, b"client")):
+            self._out += encode_frame(Tag.AUTH_BAD, [[b"bad secret"]])
+            raise AuthenticationFailed(f"{self.peer_name or 'the client'} does not know the shared secret")
+        self._out += encode_frame(Tag.AUTH_DONE, [[b""]])
+        self._to_session()
+
+    def _on_auth_done(self, f: Frame) -> None:  # client
+        self._to_session()
+
+    def _on_auth_bad(self, f: Frame) -> None:
+        raise AuthenticationFailed(f"{self.peer_name} refused our proof of the shared secret")
+
+    def _to_session(self) -> None:
+        self.state = State.SESSION
+        if self.role is Role.SERVER:
+            return  # the client speaks first
+        s = self.session
+        assert s is not None
+        if s.peer_cookie == 0:  # a new session
+            s.global_seq += 1
+            self._out += encode_frame(Tag.CLIENT_IDENT, [[IDENT.pack(s.cookie, s.global_seq, 0) + self.name.encode()]])
+        else:
+            s.global_seq += 1
+            s.connect_seq += 1
+            self._out += encode_frame(
+                Tag.SESSION_RECONNECT,
+                [[RECONNECT.pack(s.cookie, s.peer_cookie, s.global_seq, s.connect_seq, s.in_seq)]],
+            )
+
+    # server side of the session exchange
+    def _on_client_ident(self, f: Frame) -> None:
+        assert self.registry is not None
+        body = bytes(f.segments[0])
+        cookie, global_seq, _features = IDENT.unpack_from(body)
+        s = self.registry.lookup(cookie)
+        if s is None:
+            s = self.registry.create(cookie, self.lossless)
+        else:
+            # A cookie we know in an ident (not a reconnect): the client never saw our
+            # SERVER_IDENT, so it sent nothing on the session, and it has seen nothing
+            # of ours either.  Resume from zero: everything we sent goes again, and
+            # nothing we queued is dropped.  (A restarted client has a new cookie.)
+            s.requeue_unacked()
+        s.global_seq = max(s.global_seq, global_seq)
+        self.session = s
+        self._out += encode_frame(Tag.SERVER_IDENT, [[IDENT.pack(s.cookie, s.global_seq, 0) + self.name.encode()]])
+        self._ready(new=True)
+
+    def _on_reconnect(self, f: Frame) -> None:
+        assert self.registry is not None
+        client_cookie, server_cookie, global_seq, connect_seq, peer_in_seq = RECONNECT.unpack(bytes(f.segments[0]))
+        s = self.registry.lookup(client_cookie)
+        if s is None or s.cookie != server_cookie:
+            # we restarted (or never knew it): the client must start a new session
+            self._out += encode_frame(Tag.SESSION_RESET, [[U64.pack(0)]])
+            self.state = State.SESSION
+            return
+        if connect_seq <= s.connect_seq:  # a stale attempt: tell it where we are
+            self._out += encode_frame(Tag.SESSION_RETRY, [[U64.pack(s.connect_seq)]])
+            return
+        s.connect_seq, s.global_seq = connect_seq, max(s.global_seq, global_seq)
+        self.session = s
+        s.requeue_unacked()  # our side of the old connection may not have seen its fault yet
+        s.acked(peer_in_seq)
+        s.unsent = deque(m for m in s.unsent if m.seq == 0 or m.seq > peer_in_seq)
+        self._out += encode_frame(Tag.SESSION_RECONNECT_OK, [[U64.pack(s.in_seq)]])
+        self._ready(new=False)
+
+    # client side of the session exchange
+    def _on_server_ident(self, f: Frame) -> None:
+        s = self.session
+        assert s is not None
+        body = bytes(f.segments[0])
+        cookie, global_seq, _features = IDENT.unpack_from(body)
+        s.peer_cookie, s.global_seq = cookie, max(s.global_seq, global_seq)
+        self._ready(new=True)
+
+    def _on_reconnect_ok(self, f: Frame) -> None:
+        s = self.session
+        assert s is not None
+        (peer_in_seq,) = U64.unpack(bytes(f.segments[0]))
+        s.acked(peer_in_seq)
+        s.unsent = deque(m for m in s.unsent if m.seq == 0 or m.seq > peer_in_seq)
+        self._ready(new=False)
+
+    def _on_session_reset(self, f: Frame) -> None:
+        s = self.session
+        assert s is not None
+        dropped = s.reset()
+        self._events.append(SessionReset(dropped))
+        self._to_session()  # and start a new one on this connection
+
+    def _on_session_retry(self, f: Frame) -> None:
+        s = self.session
+        assert s is not None
+        (server_connect_seq,) = U64.unpack(bytes(f.segments[0]))
+        s.connect_seq = server_connect_seq  # _to_session bumps it past the server's
+        self._to_session()
+
+    def _ready(self, new: bool) -> None:
+        self.state = State.READY
+        self._events.append(Established(self.peer_name, new))
+        self._flush()
+
+    # ------------------------------------------------------------ steady state
+    def _flush(self) -> None:
+        s = self.session
+        assert s is not None
+        while s.unsent:
+            m = s.unsent.popleft()
+            if m.seq == 0:
+                s.out_seq += 1
+                m.seq = s.out_seq
+            flags = MSG_FLAG_REPLY if m.is_reply else 0
+            header = MSG_HEADER.pack(m.type, m.priority, flags, m.tid, m.seq, s.in_seq)
+            self._out += encode_frame(Tag.MESSAGE, [[header], m.front, m.data], data_crc=self.data_crc)
+            self._unacked_in = 0  # the header carried our ack
+            if s.lossless:
+                s.sent.append(m)
+
+    def _on_message(self, f: Frame) -> None:
+        s = self.session
+        assert s is not None
+        if len(f.segments) != 3 or len(f.segments[0]) != MSG_HEADER.size:
+            raise RemoteProtocolError("malformed MESSAGE frame")
+        mtype, prio, flags, tid, seq, ack = MSG_HEADER.unpack(f.segments[0])
+        s.acked(ack)
+        if seq <= s.in_seq:
+            return  # a replayed duplicate: already delivered
+        if s.lossless and seq != s.in_seq + 1:
+            raise RemoteProtocolError(f"message seq {seq} after {s.in_seq}: a gap in a lossless session")
+        s.in_seq = seq
+        self._unacked_in += 1
+        self._events.append(
+            MessageReceived(mtype, tid, seq, f.segments[1], f.segments[2], bool(flags & MSG_FLAG_REPLY), prio)
+        )
+
+    def _on_ack(self, f: Frame) -> None:
+        assert self.session is not None
+        (seq,) = U64.unpack(bytes(f.segments[0]))
+        self.session.acked(seq)
+
+    def _on_keepalive(self, f: Frame) -> None:
+        self._out += encode_frame(Tag.KEEPALIVE_ACK, [[bytes(f.segments[0])]])
+
+    def _on_keepalive_ack(self, f: Frame) -> None:
+        (sent,) = U64.unpack(bytes(f.segments[0]))
+        self._events.append(KeepaliveAck(sent, 0))
+
+    def _close(self, error: Exception | None) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self._events.append(Closed(error))
+
+
+def _name(tag: int) -> str:
+    try:
+        return Tag(tag).name
+    except ValueError:
+        return f"tag-{tag}"
+
+
+C, S = Role.CLIENT, Role.SERVER
+# the transition table: anything not here is a protocol error
+_HANDLERS: dict[tuple[State, Role, int], Callable[[SessionConnection, Frame], None]] = {
+    (State.HELLO, C, Tag.HELLO): SessionConnection._on_hello,
+    (State.HELLO, S, Tag.HELLO): SessionConnection._on_hello,
+    (State.AUTH, S, Tag.AUTH_REQUEST): SessionConnection._on_auth_request,
+    (State.AUTH, C, Tag.AUTH_CHALLENGE): SessionConnection._on_auth_challenge,
+    (State.AUTH, S, Tag.AUTH_REPLY): SessionConnection._on_auth_reply,
+    (State.AUTH, C, Tag.AUTH_DONE): SessionConnection._on_auth_done,
+    (State.AUTH, C, Tag.AUTH_BAD): SessionConnection._on_auth_bad,
+    (State.AUTH, S, Tag.AUTH_BAD): SessionConnection._on_auth_bad,
+    (State.SESSION, S, Tag.CLIENT_IDENT): SessionConnection._on_client_ident,
+    (State.SESSION, S, Tag.SESSION_RECONNECT): SessionConnection._on_reconnect,
+    (State.SESSION, C, Tag.SERVER_IDENT): SessionConnection._on_server_ident,
+    (State.SESSION, C, Tag.SESSION_RECONNECT_OK): SessionConnection._on_reconnect_ok,
+    (State.SESSION, C, Tag.SESSION_RESET): SessionConnection._on_session_reset,
+    (State.SESSION, C, Tag.SESSION_RETRY): SessionConnection._on_session_retry,
+    (State.READY, C, Tag.MESSAGE): SessionConnection._on_message,
+    (State.READY, S, Tag.MESSAGE): SessionConnection._on_message,
+    (State.READY, C, Tag.ACK): SessionConnection._on_ack,
+    (State.READY, S, Tag.ACK): SessionConnection._on_ack,
+    (State.READY, C, Tag.KEEPALIVE): SessionConnection._on_keepalive,
+    (State.READY, S, Tag.KEEPALIVE): SessionConnection._on_keepalive,
+    (State.READY, C, Tag.KEEPALIVE_ACK): SessionConnection._on_keepalive_ack,
+    (State.READY, S, Tag.KEEPALIVE_ACK): SessionConnection._on_keepalive_ack,
+}

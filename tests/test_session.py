@@ -1,0 +1,225 @@
+"""The session machine over a simulated link: deterministic, seeded, with cuts that lose
+whatever was in flight.  Lossless sessions must deliver every message exactly once,
+in order, across any number of faults."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from copyless.errors import RemoteProtocolError
+from copyless.protocol.session import (
+    BANNER,
+    AuthenticationFailed,
+    Closed,
+    Established,
+    FeatureMismatch,
+    MessageReceived,
+    OutMessage,
+    Role,
+    Session,
+    SessionConnection,
+    SessionRegistry,
+    SessionReset,
+    State,
+)
+
+
+def drain(conn: SessionConnection) -> bytes:
+    return b"".join(bytes(b) for b in conn.data_to_send())
+
+
+class Link:
+    """Two connection machines joined by byte pipes that deliver in random chunks."""
+
+    def __init__(self, rng: random.Random, client: SessionConnection, server: SessionConnection) -> None:
+        self.rng, self.c, self.s = rng, client, server
+        self.c2s, self.s2c = bytearray(), bytearray()
+
+    def step(self) -> None:
+        self.c2s += drain(self.c)
+        self.s2c += drain(self.s)
+        for pipe, dst in ((self.c2s, self.s), (self.s2c, self.c)):
+            if pipe:
+                n = self.rng.randint(1, len(pipe))
+                dst.receive_data(bytes(pipe[:n]))
+                del pipe[:n]
+
+    def run(self, steps: int = 200) -> None:
+        for _ in range(steps):
+            self.step()
+            if not (self.c2s or self.s2c) and not self.c._out and not self.s._out:
+                return
+
+    def cut(self) -> None:
+        """The transport dies: bytes in flight are lost, both ends notice."""
+        self.c2s.clear()
+        self.s2c.clear()
+        self.c.connection_lost()
+        self.s.connection_lost()
+
+
+def pair(rng, *, client_session=None, registry=None, lossless=True, **kw):
+    client_session = client_session or Session(lossless=lossless)
+    registry = registry or SessionRegistry()
+    c = SessionConnection(Role.CLIENT, "client.1", session=client_session, lossless=lossless, **kw)
+    s = SessionConnection(Role.SERVER, "store.1", registry=registry, lossless=lossless, **kw)
+    return Link(rng, c, s), client_session, registry
+
+
+def received(conn: SessionConnection, into: list) -> list:
+    for ev in conn.next_events():
+        if isinstance(ev, MessageReceived):
+            into.append(bytes(ev.front))
+    return into
+
+
+def test_handshake_and_messages_both_ways():
+    link, _, _ = pair(random.Random(1))
+    link.run()
+    assert link.c.state is State.READY and link.s.state is State.READY
+    assert [type(e) for e in link.c.next_events()] == [Established]
+    assert link.s.peer_name == "client.1" and link.c.peer_name == "store.1"
+    link.c.send_message(OutMessage(7, [b"ping"], [b"data", b"more"], tid=42))
+    link.run()
+    (ev,) = [e for e in link.s.next_events() if isinstance(e, MessageReceived)]
+    assert (ev.type, ev.tid, ev.seq, bytes(ev.front), bytes(ev.data)) == (7, 42, 1, b"ping", b"datamore")
+    link.s.send_message(OutMessage(8, [b"pong"], [], tid=42, is_reply=True))
+    link.run()
+    (ev,) = [e for e in link.c.next_events() if isinstance(e, MessageReceived)]
+    assert ev.is_reply and ev.tid == 42
+    # the reply's header carried the ack of the request
+    assert not link.c.session.sent
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), cuts=st.integers(0, 12))
+def test_lossless_exactly_once_in_order_across_faults(seed, cuts):
+    rng = random.Random(seed)
+    cs, reg = Session(), SessionRegistry()
+    link, _, _ = pair(rng, client_session=cs, registry=reg)
+    n = 60
+    to_server = [f"c{i}".encode() for i in range(n)]
+    to_client = [f"s{i}".encode() for i in range(n)]
+    got_s: list[bytes] = []
+    got_c: list[bytes] = []
+    sent_c = sent_s = 0
+    cut_at = sorted(rng.randrange(400) for _ in range(cuts))
+    for t in range(400):
+        if sent_c < n and rng.random() < 0.4:
+            link.c.send_message(OutMessage(1, [to_server[sent_c]], []))
+            sent_c += 1
+        if sent_s < n and link.s.session is not None and rng.random() < 0.4:
+            link.s.send_message(OutMessage(1, [to_client[sent_s]], []))
+            sent_s += 1
+        if rng.random() < 0.2:
+            link.c.send_ack()
+            link.s.send_ack()
+        link.step()
+        received(link.s, got_s)
+        received(link.c, got_c)
+        while cut_at and cut_at[0] == t:
+            cut_at.pop(0)
+            link.cut()
+            received(link.s, got_s)
+            received(link.c, got_c)
+            link = Link(
+                rng,
+                SessionConnection(Role.CLIENT, "client.1", session=cs),
+                SessionConnection(Role.SERVER, "store.1", registry=reg),
+            )
+    for _ in range(50):  # let everything finish
+        link.c.send_ack()
+        link.s.send_ack()
+        link.run()
+        received(link.s, got_s)
+        received(link.c, got_c)
+    assert got_s == to_server[:sent_c], "server saw every client message once, in order"
+    assert got_c == to_client[:sent_s], "client saw every server message once, in order"
+    assert sent_c == n
+
+
+def test_server_restart_is_a_session_reset():
+    rng = random.Random(3)
+    cs = Session()
+    link, _, _ = pair(rng, client_session=cs)
+    link.run()
+    link.c.send_message(OutMessage(1, [b"a"], []))
+    link.run()
+    link.s.send_ack()  # "a" is acknowledged: only what follows is lost with the session
+    link.run()
+    assert not cs.sent
+    link.cut()
+    cs.queue(OutMessage(1, [b"lost with the old session"], []))
+    # the server restarted: a new registry knows nothing of our session
+    link2 = Link(
+        rng,
+        SessionConnection(Role.CLIENT, "client.1", session=cs),
+        SessionConnection(Role.SERVER, "store.1", registry=SessionRegistry()),
+    )
+    link2.run()
+    events = link2.c.next_events()
+    resets = [e for e in events if isinstance(e, SessionReset)]
+    assert resets and resets[0].dropped == 1
+    assert any(isinstance(e, Established) and e.new for e in events)
+    link2.c.send_message(OutMessage(1, [b"fresh"], []))
+    link2.run()
+    got = received(link2.s, [])
+    assert got == [b"fresh"]
+    assert link2.s.session is not None and link2.s.session.in_seq == 1, "a new session starts at seq 1"
+
+
+def test_shared_secret_authentication():
+    link, _, _ = pair(random.Random(4), secret=b"k" * 32)
+    link.run()
+    assert link.c.state is State.READY and link.s.state is State.READY
+    c = SessionConnection(Role.CLIENT, "client.1", session=Session(), secret=b"right")
+    s = SessionConnection(Role.SERVER, "store.1", registry=SessionRegistry(), secret=b"wrong")
+    Link(random.Random(5), c, s).run()
+    errors = [e.error for e in c.next_events() + s.next_events() if isinstance(e, Closed)]
+    assert errors and all(isinstance(e, AuthenticationFailed) for e in errors)
+    assert c.state is State.CLOSED and s.state is State.CLOSED
+
+
+def test_required_feature_missing():
+    c = SessionConnection(Role.CLIENT, "c", session=Session(), features_required=1 << 40)
+    s = SessionConnection(Role.SERVER, "s", registry=SessionRegistry())
+    Link(random.Random(6), c, s).run()
+    (closed,) = [e for e in c.next_events() if isinstance(e, Closed)]
+    assert isinstance(closed.error, FeatureMismatch)
+
+
+@pytest.mark.parametrize("junk", [b"x" * BANNER.size, b"copyless" + b"\xff" * 18, b"\0" * 200])
+def test_garbage_closes_with_a_protocol_error(junk):
+    s = SessionConnection(Role.SERVER, "s", registry=SessionRegistry())
+    s.receive_data(junk)
+    (closed,) = [e for e in s.next_events() if isinstance(e, Closed)]
+    assert isinstance(closed.error, RemoteProtocolError)
+    s.receive_data(b"more junk after close is ignored")
+
+
+def test_frame_out_of_order_is_a_protocol_error():
+    link, _, _ = pair(random.Random(7))
+    link.run()
+    # a READY server receiving a second CLIENT_IDENT-like handshake frame: not in the table
+    from copyless.protocol.frames import Tag, encode_frame
+
+    link.s.receive_data(b"".join(bytes(b) for b in encode_frame(Tag.AUTH_DONE, [[b""]])))
+    (closed,) = [e for e in link.s.next_events() if isinstance(e, Closed)]
+    assert isinstance(closed.error, RemoteProtocolError) and "unexpected AUTH_DONE" in str(closed.error)
+
+
+@settings(max_examples=200, deadline=None)
+@given(junk=st.binary(max_size=400), split=st.integers(1, 50))
+def test_fuzz_any_bytes_after_the_banner_never_crash(junk, split):
+    s = SessionConnection(Role.SERVER, "s", registry=SessionRegistry())
+    c = SessionConnection(Role.CLIENT, "c", session=Session())
+    s.receive_data(drain(c))  # a valid banner and hello
+    for i in range(0, len(junk), split):
+        s.receive_data(junk[i : i + split])
+    for e in s.next_events():
+        if isinstance(e, Closed):
+            assert e.error is None or isinstance(e.error, RemoteProtocolError)
