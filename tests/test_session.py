@@ -223,3 +223,41 @@ def test_fuzz_any_bytes_after_the_banner_never_crash(junk, split):
     for e in s.next_events():
         if isinstance(e, Closed):
             assert e.error is None or isinstance(e.error, RemoteProtocolError)
+
+
+def test_handshake_timeout_when_the_peer_is_silent():
+    c = SessionConnection(Role.CLIENT, "c", session=Session(), now=100.0, handshake_timeout=5)
+    assert c.next_deadline() == 105.0
+    c.tick(104.9)
+    assert c.state is State.BANNER
+    c.tick(105.0)
+    (closed,) = [e for e in c.next_events() if isinstance(e, Closed)]
+    assert isinstance(closed.error, TimeoutError) and c.next_deadline() is None
+
+
+def test_keepalive_and_idle_timeout():
+    from copyless.protocol.session import KeepaliveAck
+
+    cs = Session()
+    c = SessionConnection(Role.CLIENT, "c", session=cs, keepalive_interval=1.0, idle_timeout=3.0)
+    s = SessionConnection(Role.SERVER, "s", registry=SessionRegistry(), idle_timeout=3.0)
+    link = Link(random.Random(8), c, s)
+    link.run()
+    assert c.state is State.READY and c.next_deadline() == 1.0
+    for t in (1.0, 2.0, 2.9, 3.5, 4.0):  # keepalives flow both ways: nobody idles out
+        c.tick(t)
+        s.tick(t)
+        link.run()
+    acks = [e for e in c.next_events() if isinstance(e, KeepaliveAck)]
+    assert len(acks) >= 3 and all(a.rtt_ns >= 0 for a in acks)
+    assert c.state is State.READY and s.state is State.READY
+    c.send_message(OutMessage(1, [b"unacked"], []))
+    # the peer falls silent from now on: last heard at 4.0, so the client gives up at 7.0
+    assert c.next_deadline() == 5.0  # the next keepalive comes first
+    c.tick(5.0)
+    c.tick(6.9)
+    assert c.state is State.READY
+    c.tick(7.0)
+    (closed,) = [e for e in c.next_events() if isinstance(e, Closed)]
+    assert isinstance(closed.error, TimeoutError)
+    assert [bytes(m.front[0]) for m in cs.unsent] == [b"unacked"], "requeued for replay"

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import AccessDenied, LocalProtocolError, RemoteProtocolError
+from ..errors import AccessDenied, LocalProtocolError, RemoteProtocolError, Timeout
 from .frames import Buffer, Frame, FrameAborted, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
@@ -202,6 +202,10 @@ class SessionConnection:
         data_crc: bool = True,
         max_segment: int = 64 << 20,
         sink: SegmentSink | None = None,
+        now: float = 0.0,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float | None = None,
+        keepalive_interval: float | None = None,
     ) -> None:
         if role is Role.CLIENT and session is None:
             raise LocalProtocolError("a client connection needs its Session")
@@ -223,6 +227,11 @@ class SessionConnection:
         self._events: list[Event] = []
         self._nonce = b""
         self._unacked_in = 0  # messages received since we last told the peer
+        # time: only what callers tell us (tick); never a clock
+        self._now = self._started = self._last_rx = now
+        self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
+        self.keepalive_interval = keepalive_interval
+        self._next_keepalive: float | None = None
         self._out.append(BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED, self.required))
 
     # ------------------------------------------------------------ API
@@ -245,14 +254,46 @@ class SessionConnection:
         if self.state is State.READY:
             self._flush()
 
+    def tick(self, now: float) -> None:
+        """Tell the machine the time; it closes on a deadline or sends a keepalive."""
+        self._now = now
+        if self.state is State.CLOSED:
+            return
+        if self.state is not State.READY:
+            if now - self._started >= self.handshake_timeout:
+                self._close(
+                    Timeout(f"handshake with {self.peer_name or 'the peer'} took over {self.handshake_timeout} s")
+                )
+            return
+        if self.idle_timeout is not None and now - self._last_rx >= self.idle_timeout:
+            if self.session is not None:
+                self.session.requeue_unacked()
+            self._close(Timeout(f"nothing from {self.peer_name} for {self.idle_timeout} s"))
+            return
+        if self._next_keepalive is not None and now >= self._next_keepalive:
+            self.keepalive(now)
+
+    def next_deadline(self) -> float | None:
+        """When tick() must be called next (None: no timer running)."""
+        if self.state is State.CLOSED:
+            return None
+        if self.state is not State.READY:
+            return self._started + self.handshake_timeout
+        times = [t for t in (self._next_keepalive,) if t is not None]
+        if self.idle_timeout is not None:
+            times.append(self._last_rx + self.idle_timeout)
+        return min(times) if times else None
+
     def send_ack(self) -> None:
         if self.state is State.READY and self.session is not None and self._unacked_in:
             self._out += encode_frame(Tag.ACK, [[U64.pack(self.session.in_seq)]])
             self._unacked_in = 0
 
-    def keepalive(self, now_ns: int) -> None:
+    def keepalive(self, now: float) -> None:
         if self.state is State.READY:
-            self._out += encode_frame(Tag.KEEPALIVE, [[U64.pack(now_ns)]])
+            self._out += encode_frame(Tag.KEEPALIVE, [[U64.pack(int(now * 1e9))]])
+            if self.keepalive_interval is not None:
+                self._next_keepalive = now + self.keepalive_interval
 
     def close(self) -> None:
         self._close(None)
@@ -276,6 +317,7 @@ class SessionConnection:
         """Account for n bytes read into the buffer from next_read()."""
         if self.state is State.CLOSED:
             return
+        self._last_rx = self._now
         try:
             if self.state is State.BANNER:
                 self._banner += buf[:n]
@@ -462,6 +504,9 @@ class SessionConnection:
 
     def _ready(self, new: bool) -> None:
         self.state = State.READY
+        self._last_rx = self._now
+        if self.keepalive_interval is not None:
+            self._next_keepalive = self._now + self.keepalive_interval
         self._events.append(Established(self.peer_name, new))
         self._flush()
 
@@ -508,7 +553,7 @@ class SessionConnection:
 
     def _on_keepalive_ack(self, f: Frame) -> None:
         (sent,) = U64.unpack(bytes(f.segments[0]))
-        self._events.append(KeepaliveAck(sent, 0))
+        self._events.append(KeepaliveAck(sent, int(self._now * 1e9) - sent))
 
     def _close(self, error: Exception | None) -> None:
         if self.state is State.CLOSED:
