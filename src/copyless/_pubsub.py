@@ -656,7 +656,10 @@ class Subscriber(SubCore):
         _pid, uid, gid = _peercred(sock)
         if not _allowed(uid, gid, self._uids, self._gids):
             raise AccessDenied(f"publisher {self._name!r} runs as uid {uid}, not an allowed one")
-        socket.send_fds(sock, [_HELLO.pack(b"CLSB", WIRE_VERSION, os.getpid())], [self._evfd])
+        try:
+            socket.send_fds(sock, [_HELLO.pack(b"CLSB", WIRE_VERSION, os.getpid())], [self._evfd])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before our hello: the reason is waiting to be read below
         left = 10.0 if deadline is None else max(0.001, deadline - time.monotonic())
         sock.settimeout(left)
         try:
