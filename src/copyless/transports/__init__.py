@@ -1,0 +1,201 @@
+"""Byte-stream transports behind one interface: they move buffers and know
+nothing of frames or sequence numbers.
+
+    listener = listen("tcp://127.0.0.1:0")      # or "unix:///path", "unix://@abstract"
+    t = connect(listener.address)               # non-blocking Stream
+    peer = listener.accept()                    # Stream or None
+    queue = SendQueue(); queue.add(buffers)     # scatter-gather, no concatenation
+    queue.flush(t)                              # as much as the socket takes now
+    n = t.recv_into(buffer)                     # into a buffer the caller chose
+
+Addresses: tcp://HOST:PORT, unix:///absolute/path, unix://@name (abstract).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from collections.abc import Iterable
+
+from ..errors import ConfigurationError
+
+Buffer = bytes | bytearray | memoryview
+
+__all__ = ["Stream", "Listener", "SendQueue", "connect", "listen", "parse_address"]
+
+IOV_MAX = 1024
+
+
+def parse_address(address: str) -> tuple[int, str | bytes | tuple[str, int]]:
+    """(socket family, sockaddr) for a transport address."""
+    if address.startswith("tcp://"):
+        host, sep, port = address[6:].rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigurationError(f"tcp address needs host:port: {address!r}")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return family, (host, int(port))
+    if address.startswith("unix://"):
+        path = address[7:]
+        if path.startswith("@"):
+            return socket.AF_UNIX, b"\0" + path[1:].encode()
+        if not path.startswith("/"):
+            raise ConfigurationError(f"unix address needs an absolute path or @name: {address!r}")
+        return socket.AF_UNIX, path
+    raise ConfigurationError(f"unknown transport in {address!r} (tcp://, unix://)")
+
+
+def _format(family: int, sockaddr: object) -> str:
+    if family == socket.AF_UNIX:
+        if isinstance(sockaddr, bytes):
+            return "unix://@" + sockaddr[1:].decode()
+        return f"unix://{sockaddr}"
+    host, port = sockaddr[0], sockaddr[1]  # type: ignore[index]
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+class Stream:
+    """A connected, non-blocking byte stream."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.peer = peer
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send_buffers(self, buffers: list[memoryview]) -> int:
+        """One sendmsg of as many buffers as it takes; returns bytes written (0 if it would block)."""
+        try:
+            return self.sock.sendmsg(buffers[:IOV_MAX])
+        except BlockingIOError:
+            return 0
+
+    def recv_into(self, buf: memoryview) -> int:
+        """Bytes read into buf; 0 means the peer closed.  Raises BlockingIOError when nothing is there."""
+        return self.sock.recv_into(buf)
+
+    def connected(self) -> bool:
+        """For a connect in progress: True once established; raises if it failed."""
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        try:
+            self.sock.getpeername()
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Listener:
+    def __init__(self, address: str, backlog: int = 128) -> None:
+        family, sockaddr = parse_address(address)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            elif isinstance(sockaddr, str) and os.path.exists(sockaddr):
+                _replace_stale_unix(sockaddr)
+            sock.bind(sockaddr)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.address = _format(family, sock.getsockname())
+        self._path = sockaddr if isinstance(sockaddr, str) and family == socket.AF_UNIX else None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self) -> Stream | None:
+        try:
+            conn, addr = self.sock.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return None
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return Stream(conn, _format(conn.family, addr) if addr else "unix://(client)")
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._path:
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass
+
+
+def _replace_stale_unix(path: str) -> None:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: a leftover of a dead process
+    else:
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by a live listener")
+    finally:
+        probe.close()
+
+
+def listen(address: str) -> Listener:
+    return Listener(address)
+
+
+def connect(address: str) -> Stream:
+    """Start a non-blocking connect; poll for writability, then check Stream.connected()."""
+    family, sockaddr = parse_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            raise OSError(err, f"connect {address}: {os.strerror(err)}")
+    except BaseException:
+        sock.close()
+        raise
+    return Stream(sock, address)
+
+
+class SendQueue:
+    """Buffers waiting to be written, sent with scatter-gather and never joined."""
+
+    def __init__(self) -> None:
+        self._q: deque[memoryview] = deque()
+        self.pending = 0
+
+    def add(self, buffers: Iterable[Buffer]) -> None:
+        for b in buffers:
+            v = memoryview(b).cast("B")
+            if v.nbytes:
+                self._q.append(v)
+                self.pending += v.nbytes
+
+    def flush(self, stream: Stream) -> bool:
+        """Write what the socket takes now.  True when everything is written."""
+        while self._q:
+            batch = [self._q[i] for i in range(min(len(self._q), IOV_MAX))]
+            n = stream.send_buffers(batch)
+            if n == 0:
+                return False
+            self.pending -= n
+            while n:
+                head = self._q[0]
+                if n >= head.nbytes:
+                    n -= head.nbytes
+                    self._q.popleft()
+                else:
+                    self._q[0] = head[n:]
+                    n = 0
+        return True
+
+    def clear(self) -> None:
+        self._q.clear()
+        self.pending = 0

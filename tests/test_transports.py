@@ -1,0 +1,130 @@
+"""One conformance suite, run against every stream transport."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+
+import pytest
+
+from copyless.errors import ConfigurationError
+from copyless.transports import Listener, SendQueue, Stream, connect, listen, parse_address
+
+
+@pytest.fixture(params=["tcp", "unix-path", "unix-abstract"])
+def address(request, tmp_path, name):
+    return {
+        "tcp": "tcp://127.0.0.1:0",
+        "unix-path": f"unix://{tmp_path}/s.sock",
+        "unix-abstract": f"unix://@copyless-test-{name}",
+    }[request.param]
+
+
+def wait(fd: int, write: bool = False, timeout: float = 5) -> None:
+    r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], timeout)
+    assert r or w, "timed out"
+
+
+def pair(address: str) -> tuple[Listener, Stream, Stream]:
+    lst = listen(address)
+    client = connect(lst.address)
+    wait(lst.fileno())
+    server = lst.accept()
+    assert server is not None
+    wait(client.fileno(), write=True)
+    assert client.connected()
+    return lst, client, server
+
+
+def recv_exactly(stream: Stream, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        wait(stream.fileno())
+        k = stream.recv_into(view[got:])
+        assert k, "unexpected EOF"
+        got += k
+    return bytes(buf)
+
+
+def test_scatter_gather_round_trip_into_a_chosen_buffer(address):
+    lst, c, s = pair(address)
+    try:
+        q = SendQueue()
+        parts = [b"head", bytearray(b"-middle-"), memoryview(b"tail" * 1000)]
+        q.add(parts)
+        while not q.flush(c):
+            wait(c.fileno(), write=True)
+        assert q.pending == 0
+        assert recv_exactly(s, sum(len(p) for p in parts)) == b"".join(bytes(p) for p in parts)
+    finally:
+        for x in (c, s, lst):
+            x.close()
+
+
+def test_partial_writes_resume_where_they_stopped(address):
+    lst, c, s = pair(address)
+    try:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        payload = os.urandom(4 << 20)
+        q = SendQueue()
+        q.add([payload[: 1 << 20], payload[1 << 20 :]])
+        assert not q.flush(c), "4 MiB cannot fit a 4 KiB send buffer at once"
+        got = bytearray()
+        deadline = time.monotonic() + 20
+        while len(got) < len(payload) and time.monotonic() < deadline:
+            q.flush(c)
+            r, _, _ = select.select([s.fileno()], [], [], 0.01)
+            if r:
+                buf = bytearray(1 << 16)
+                got += buf[: s.recv_into(memoryview(buf))]
+        assert bytes(got) == payload
+    finally:
+        for x in (c, s, lst):
+            x.close()
+
+
+def test_eof_and_would_block(address):
+    lst, c, s = pair(address)
+    try:
+        with pytest.raises(BlockingIOError):
+            s.recv_into(memoryview(bytearray(10)))
+        c.close()
+        wait(s.fileno())
+        assert s.recv_into(memoryview(bytearray(10))) == 0
+    finally:
+        s.close()
+        lst.close()
+
+
+def test_connect_refused_is_reported():
+    lst = listen("tcp://127.0.0.1:0")
+    addr = lst.address
+    lst.close()
+    c = connect(addr)
+    try:
+        wait(c.fileno(), write=True)
+        with pytest.raises(OSError):
+            c.connected()
+    finally:
+        c.close()
+
+
+def test_stale_unix_socket_file_is_replaced(tmp_path):
+    path = f"{tmp_path}/stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()  # the file stays, nobody listens
+    lst = listen(f"unix://{path}")
+    with pytest.raises(OSError):
+        listen(f"unix://{path}")  # a live one is not replaced
+    lst.close()
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("bad", ["tcp://nohostport", "unix://relative", "udp://x:1", "tcp://h:notaport"])
+def test_bad_addresses(bad):
+    with pytest.raises(ConfigurationError):
+        parse_address(bad)
