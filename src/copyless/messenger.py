@@ -1,0 +1,549 @@
+"""Messenger: reliable, ordered sessions between named endpoints (after Ceph's AsyncMessenger).
+
+    server = Messenger("store.1", policies={"client": Policy.stateless_server()})
+    server.add_dispatcher(MyDispatcher()); server.bind("tcp://127.0.0.1:6800"); server.start()
+    client = Messenger("client.7", default_policy=Policy.lossless_client())
+    conn = client.connect("tcp://127.0.0.1:6800")
+    conn.send(Message(type=1, front=b"...", data=[buf1, buf2]))            # scatter-gather
+    reply = conn.call(Message(type=2, front=req), into=user_buffer, timeout=5)  # data lands in user_buffer
+
+The protocol is the sans-I/O machine in protocol/session.py; this module only
+drives it over transports, on a fixed pool of I/O loops (never a thread per
+connection), and dispatches what arrives: `fast_dispatch` on the I/O loop for
+messages the dispatcher says may, `dispatch` from one dispatch thread for the
+rest (in arrival order per connection).
+
+Status (issue 3): tcp:// and unix:// transports; lossless and lossy clients
+with reconnect and replay; direct receive for replies; fast and queued
+dispatch.  A server's accepted connections run on one loop for now (see
+docs/design.md); throttles, lossless-peer races, ipc:// and TLS are to come.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._ioloop import IOLoop, Timer
+from .errors import ClosedError, ConfigurationError, PeerLost, Timeout
+from .protocol.frames import Preamble, Tag
+from .protocol.session import (
+    MSG_FLAG_REPLY,
+    MSG_HEADER,
+    Closed,
+    Established,
+    MessageReceived,
+    OutMessage,
+    Role,
+    Session,
+    SessionConnection,
+    SessionRegistry,
+    SessionReset,
+    State,
+)
+from .transports import Buffer, Listener, SendQueue, Stream, connect, listen
+
+__all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a connection behaves on faults (Ceph's policies)."""
+
+    lossy: bool
+    server: bool
+    reconnect: bool
+
+    @classmethod
+    def lossy_client(cls) -> Policy:
+        return cls(lossy=True, server=False, reconnect=False)
+
+    @classmethod
+    def lossless_client(cls) -> Policy:
+        return cls(lossy=False, server=False, reconnect=True)
+
+    @classmethod
+    def stateless_server(cls) -> Policy:
+        return cls(lossy=True, server=True, reconnect=False)
+
+    @classmethod
+    def stateful_server(cls) -> Policy:
+        return cls(lossy=False, server=True, reconnect=False)
+
+    @classmethod
+    def lossless_peer(cls) -> Policy:
+        return cls(lossy=False, server=False, reconnect=True)
+
+
+class Message:
+    """An outgoing or received message.  Received: front/data are memoryviews, and
+    `connection` is where it came from (reply with msg.connection.send(msg.reply(...)))."""
+
+    __slots__ = ("type", "front", "data", "tid", "priority", "seq", "is_reply", "connection")
+
+    def __init__(
+        self,
+        type: int,
+        front: Buffer = b"",
+        data: Sequence[Buffer] | Buffer = (),
+        tid: int = 0,
+        priority: int = 0,
+    ) -> None:
+        if not 0 <= type < 1 << 16:
+            raise ConfigurationError("message type is a u16")
+        self.type, self.front, self.tid, self.priority = type, front, tid, priority
+        self.data: Any = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        self.seq = 0
+        self.is_reply = False
+        self.connection: Connection | None = None
+
+    def reply(self, type: int, front: Buffer = b"", data: Sequence[Buffer] | Buffer = ()) -> Message:
+        m = Message(type, front, data, tid=self.tid, priority=self.priority)
+        m.is_reply = True
+        return m
+
+    def __repr__(self) -> str:
+        return f"<Message type={self.type} tid={self.tid} seq={self.seq}{' reply' if self.is_reply else ''}>"
+
+
+class Dispatcher:
+    """Override what you need.  fast_dispatch runs on an I/O loop and must not block."""
+
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return False
+
+    def fast_dispatch(self, msg: Message) -> None:
+        pass
+
+    def dispatch(self, msg: Message) -> None:
+        pass
+
+    def handle_connect(self, conn: Connection) -> None:
+        pass
+
+    def handle_accept(self, conn: Connection) -> None:
+        pass
+
+    def handle_reset(self, conn: Connection) -> None:
+        pass
+
+    def handle_remote_reset(self, conn: Connection) -> None:
+        pass
+
+    def handle_refused(self, conn: Connection) -> None:
+        pass
+
+
+class _Call:
+    __slots__ = ("conn", "into", "done", "reply", "error")
+
+    def __init__(self, conn: Connection, into: memoryview | None) -> None:
+        self.conn, self.into = conn, into
+        self.done = threading.Event()
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+
+
+class Connection:
+    """A session with one peer; survives transport faults according to its policy."""
+
+    def __init__(self, messenger: Messenger, loop: IOLoop, policy: Policy, address: str = "") -> None:
+        self.messenger, self.loop, self.policy, self.address = messenger, loop, policy, address
+        self.peer_name = ""
+        self.session: Session | None = Session(lossless=not policy.lossy) if not policy.server else None
+        self._machine: SessionConnection | None = None
+        self._stream: Stream | None = None
+        self._sendq = SendQueue()
+        self._timer: Timer | None = None
+        self._closed = False
+        self._backoff = 0.01
+        self._ready = threading.Event()
+        self._adopted_by: Connection | None = None  # server: the session's connection took our transport
+
+    # ------------------------------------------------------------ any thread
+    def send(self, msg: Message) -> None:
+        """Queue a message (scatter-gather: the data buffers are not joined or copied)."""
+        if self._closed:
+            raise ClosedError(f"connection to {self.peer_name or self.address} is closed")
+        out = OutMessage(msg.type, [msg.front], msg.data, msg.tid, msg.priority, msg.is_reply)
+        self.loop.call_soon_threadsafe(self._send, out)
+
+    def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
+        """Send a request and wait for its reply; the reply's data is read straight into `into`."""
+        if msg.tid == 0:
+            msg.tid = next(self.messenger._tids)
+        pending = _Call(self, memoryview(into).cast("B") if into is not None else None)
+        self.messenger._calls[msg.tid] = pending
+        try:
+            self.send(msg)
+            if not pending.done.wait(timeout):
+                raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
+        finally:
+            self.messenger._calls.pop(msg.tid, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        return pending.reply
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if not self._ready.wait(timeout):
+            raise Timeout(f"session with {self.address} not established in time")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.loop.call_soon_threadsafe(self._teardown, None)
+
+    # ------------------------------------------------------------ loop thread
+    def _send(self, out: OutMessage) -> None:
+        if self.session is None:
+            return
+        if self._machine is not None and self._machine.state is not State.CLOSED:
+            self._machine.send_message(out)
+            self._pump()
+        else:
+            self.session.queue(out)
+
+    def _start_connect(self) -> None:
+        try:
+            stream = connect(self.address)
+        except OSError:
+            self._schedule_reconnect()
+            return
+        self._stream = stream
+        self.loop.set_writer(stream, self._on_connected)
+
+    def _on_connected(self) -> None:
+        stream = self._stream
+        assert stream is not None
+        self.loop.set_writer(stream, None)
+        try:
+            ok = stream.connected()
+        except OSError:
+            ok = False
+        if not ok:
+            self.loop.remove(stream)
+            stream.close()
+            self._stream = None
+            self.messenger._each(lambda d: d.handle_refused(self))
+            self._schedule_reconnect()
+            return
+        assert self.session is not None
+        self._attach(stream, self.messenger._machine(Role.CLIENT, session=self.session))
+
+    def _attach(self, stream: Stream, machine: SessionConnection) -> None:
+        self._stream, self._machine = stream, machine
+        self._sendq.clear()
+        self.loop.add_reader(stream, self._on_readable)
+        self._pump()
+
+    def _on_readable(self) -> None:
+        m, st = self._machine, self._stream
+        if m is None or st is None:
+            return
+        for _ in range(64):  # bounded: other connections on this loop get their turn
+            buf, n = m.next_read()
+            try:
+                k = st.recv_into(buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                k = 0
+            if k == 0:
+                m.connection_lost()
+                break
+            m.bytes_read(buf, k)
+            if m.state is State.CLOSED:
+                break
+        m.send_ack()
+        self._pump()
+
+    def _on_writable(self) -> None:
+        self._pump()
+
+    def _pump(self) -> None:
+        m, st = self._machine, self._stream
+        if m is None or st is None:
+            return
+        m.tick(time.monotonic())
+        events = m.next_events()
+        i = 0
+        while i < len(events) and self._machine is m:
+            self._on_event(events[i])
+            i += 1
+        if self._machine is not m:
+            owner = self._adopted_by
+            if owner is not None and owner._machine is m:  # the rest belongs to the adopting connection
+                for ev in events[i:]:
+                    owner._on_event(ev)
+                owner._pump()
+            return
+        self._sendq.add(m.data_to_send())
+        try:
+            done = self._sendq.flush(st)
+        except OSError:
+            m.connection_lost()
+            done = True
+            for ev in m.next_events():
+                self._on_event(ev)
+        if self._machine is not m:
+            return
+        self.loop.set_writer(st, None if done else self._on_writable)
+        if self._timer is not None:
+            self._timer.cancel()
+        deadline = m.next_deadline()
+        self._timer = self.loop.call_at(deadline, self._pump) if deadline is not None else None
+
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, MessageReceived):
+            self.messenger._deliver(self, ev)
+        elif isinstance(ev, Established):
+            self.peer_name = ev.peer_name
+            self._backoff = 0.01
+            if self.session is None and self._machine is not None:
+                self.session = self._machine.session
+            self._ready.set()
+            if self.policy.server:
+                self.messenger._adopt(self)
+            elif ev.new:
+                self.messenger._each(lambda d: d.handle_connect(self))
+        elif isinstance(ev, SessionReset):
+            self.messenger._each(lambda d: d.handle_remote_reset(self))
+        elif isinstance(ev, Closed):
+            self._teardown(ev.error)
+
+    def _teardown(self, error: BaseException | None) -> None:
+        """The transport is gone; reconnect if the policy says so."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._stream is not None:
+            self.loop.remove(self._stream)
+            self._stream.close()
+            self._stream = None
+        if self._machine is not None and self._machine.state is not State.CLOSED:
+            self._machine.connection_lost()
+        self._machine = None
+        self._sendq.clear()
+        self._ready.clear()
+        if self.policy.server and not self.policy.lossy and not self._closed:
+            return  # standby: a stateful server keeps the session until the client reconnects
+        if self._closed or not self.policy.reconnect:
+            if not self._closed:
+                self._closed = True
+                self.messenger._each(lambda d: d.handle_reset(self))
+            self.messenger._fail_calls(self, PeerLost(f"connection to {self.peer_name or self.address} lost"))
+            self.messenger._forget(self)
+            return
+        if self.policy.lossy and self.session is not None:
+            self.session.reset()
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._closed:
+            return
+        delay, self._backoff = self._backoff, min(self._backoff * 2, 2.0)
+        self.loop.call_later(delay, self._start_connect)
+
+
+class Messenger:
+    """An endpoint named "type.id"; the type before the dot picks the policy for a peer."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        policies: dict[str, Policy] | None = None,
+        default_policy: Policy | None = None,
+        io_loops: int = 2,
+        secret: bytes | None = None,
+        data_crc: bool = True,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float | None = 30.0,
+        keepalive_interval: float | None = 5.0,
+    ) -> None:
+        if io_loops < 1:
+            raise ConfigurationError("io_loops must be >= 1")
+        self.name = name
+        self.policies = dict(policies or {})
+        self.default_policy = default_policy or Policy.lossless_client()
+        self._secret, self._data_crc = secret, data_crc
+        self._timeouts = (handshake_timeout, idle_timeout, keepalive_interval)
+        self._loops = [IOLoop(f"copyless-io-{name}-{i}") for i in range(io_loops)]
+        self._dispatchers: list[Dispatcher] = []
+        self._registry = SessionRegistry()
+        self._listeners: list[Listener] = []
+        self._connections: set[Connection] = set()
+        self._by_session: dict[int, Connection] = {}
+        self._calls: dict[int, _Call] = {}
+        self._tids = itertools.count(1)
+        self._queue: queue.Queue[Message | None] = queue.Queue()
+        self._dispatch_thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._shut = False
+
+    # ------------------------------------------------------------ setup
+    def add_dispatcher(self, d: Dispatcher) -> None:
+        self._dispatchers.append(d)
+
+    def bind(self, address: str) -> str:
+        """Listen on an address (tcp://host:port, unix:///path); returns the bound address."""
+        lst = listen(address)
+        self._listeners.append(lst)
+        loop = self._loops[0]  # a server's connections live on this loop for now
+        loop.call_soon_threadsafe(loop.add_reader, lst, lambda: self._on_accept(lst, loop))
+        return lst.address
+
+    def start(self) -> None:
+        if self._dispatch_thread is None:
+            self._dispatch_thread = threading.Thread(target=self._dispatch_loop, name=f"copyless-dispatch-{self.name}")
+            self._dispatch_thread.daemon = True
+            self._dispatch_thread.start()
+
+    def connect(self, address: str, policy: Policy | None = None) -> Connection:
+        self.start()
+        loop = min(self._loops, key=lambda lp: lp.load)
+        loop.load += 1
+        conn = Connection(self, loop, policy or self.default_policy, address)
+        with self._lock:
+            self._connections.add(conn)
+        loop.call_soon_threadsafe(conn._start_connect)
+        return conn
+
+    def shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
+        with self._lock:
+            conns = list(self._connections)
+        for c in conns:
+            c.close()
+        for lst in self._listeners:
+            self._loops[0].call_soon_threadsafe(self._loops[0].remove, lst)
+        for loop in self._loops:
+            loop.stop()
+        for lst in self._listeners:
+            lst.close()
+        self._queue.put(None)
+        if self._dispatch_thread is not None:
+            self._dispatch_thread.join(10)
+
+    def __enter__(self) -> Messenger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------ internals
+    def _machine(self, role: Role, **kw: Any) -> SessionConnection:
+        hs, idle, ka = self._timeouts
+        return SessionConnection(
+            role,
+            self.name,
+            secret=self._secret,
+            data_crc=self._data_crc,
+            sink=self._sink,
+            now=time.monotonic(),
+            handshake_timeout=hs,
+            idle_timeout=idle,
+            keepalive_interval=ka,
+            **kw,
+        )
+
+    def _policy_for(self, peer_name: str) -> Policy:
+        return self.policies.get(peer_name.split(".", 1)[0], self.default_policy)
+
+    def _on_accept(self, lst: Listener, loop: IOLoop) -> None:
+        while (stream := lst.accept()) is not None:
+            conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
+            conn._attach(stream, self._machine(Role.SERVER, registry=self._registry))
+            with self._lock:
+                self._connections.add(conn)
+
+    def _adopt(self, conn: Connection) -> None:
+        """A server transport finished its handshake: bind it to the connection of its
+        session.  On a reconnect the existing Connection keeps its identity (and what
+        the application holds) and the new transport moves into it."""
+        assert conn.session is not None
+        key = id(conn.session)
+        existing = self._by_session.get(key)
+        policy = self._policy_for(conn.peer_name)
+        if existing is None or existing is conn or existing._closed:
+            conn.policy = Policy(lossy=policy.lossy, server=True, reconnect=False)
+            self._by_session[key] = conn
+            self._each(lambda d: d.handle_accept(conn))
+            return
+        if existing._timer is not None:
+            existing._timer.cancel()
+        if existing._stream is not None:
+            existing.loop.remove(existing._stream)
+            existing._stream.close()
+        existing._stream, existing._machine, existing._sendq = conn._stream, conn._machine, conn._sendq
+        existing.peer_name = conn.peer_name
+        existing._ready.set()
+        if conn._timer is not None:
+            conn._timer.cancel()
+        conn._stream, conn._machine, conn._adopted_by, conn._closed = None, None, existing, True
+        with self._lock:
+            self._connections.discard(conn)
+        if existing._stream is not None:
+            existing.loop.add_reader(existing._stream, existing._on_readable)
+
+    def _sink(self, pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
+        """Direct receive: a reply's data segment goes straight into the buffer its call posted."""
+        if pre.tag != Tag.MESSAGE or index != 2 or not earlier or len(earlier[0]) != MSG_HEADER.size:
+            return None
+        _t, _p, flags, tid, _s, _a = MSG_HEADER.unpack(earlier[0])
+        pending = self._calls.get(tid) if flags & MSG_FLAG_REPLY else None
+        if pending is None or pending.into is None or len(pending.into) < pre.lengths[2]:
+            return None
+        return pending.into[: pre.lengths[2]]
+
+    def _deliver(self, conn: Connection, ev: MessageReceived) -> None:
+        msg = Message(ev.type, ev.front, ev.data, ev.tid, ev.priority)
+        msg.front, msg.data = ev.front, ev.data
+        msg.seq, msg.is_reply, msg.connection = ev.seq, ev.is_reply, conn
+        if ev.is_reply:
+            pending = self._calls.get(ev.tid)
+            if pending is not None:
+                pending.reply = msg
+                pending.done.set()
+                return
+        if any(d.can_fast_dispatch(msg) for d in self._dispatchers):
+            for d in self._dispatchers:
+                if d.can_fast_dispatch(msg):
+                    d.fast_dispatch(msg)
+                    return
+        self._queue.put(msg)
+
+    def _dispatch_loop(self) -> None:
+        while (msg := self._queue.get()) is not None:
+            for d in self._dispatchers:
+                try:
+                    d.dispatch(msg)
+                except Exception:
+                    import traceback
+
+                    traceback.print_exc()
+
+    def _each(self, fn: Any) -> None:
+        for d in self._dispatchers:
+            fn(d)
+
+    def _fail_calls(self, conn: Connection, error: BaseException) -> None:
+        for pending in list(self._calls.values()):
+            if pending.conn is conn and not pending.done.is_set():
+                pending.error = error
+                pending.done.set()
+
+    def _forget(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        if self._by_session.get(id(conn.session)) is conn:
+            del self._by_session[id(conn.session)]
+        conn.loop.load = max(0, conn.loop.load - 1)
