@@ -4,6 +4,7 @@ Nothing here knows about any messaging library: it starts one child process
 (multiprocessing 'spawn'), talks to it over a small control pipe, kills it on a
 watchdog deadline, and formats results.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -76,8 +77,9 @@ class Pair:
         try:
             for side in "AB":
                 self.ctrl[side], child_end = ctx.Pipe()
-                p = ctx.Process(target=_child_main, daemon=True,
-                                args=(self.target, child_end, os.getpid(), self.args[side]))
+                p = ctx.Process(
+                    target=_child_main, daemon=True, args=(self.target, child_end, os.getpid(), self.args[side])
+                )
                 p.start()
                 _LIVE.add(p)
                 child_end.close()
@@ -271,6 +273,7 @@ def machine_info(extra_versions: dict | None = None) -> dict:
     }
     try:
         import zmq
+
         info["versions"]["libzmq"] = zmq.zmq_version()
     except Exception:
         pass

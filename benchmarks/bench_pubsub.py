@@ -22,6 +22,7 @@ Metrics (per backend row):
 Reference rows: eventfd (blocking ping-pong between two processes = kernel wake-up
 floor) and memcpy (`dst[:] = src` in one process = bandwidth ceiling).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ import time
 from pathlib import Path
 
 for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")   # numpy must not add (spinning) BLAS threads to our processes
+    os.environ.setdefault(_v, "1")  # numpy must not add (spinning) BLAS threads to our processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
@@ -56,10 +57,10 @@ from _harness import (  # noqa: E402
 )
 
 pc = time.perf_counter_ns
-RECV_TIMEOUT = 5.0           # s, any single blocking receive / busy-poll wait
-SENTINEL = b"\x00"           # a 1-byte message ends every stream / ping-pong
-BIG = 64 * 1024              # messages >= this are "large" (zero-copy paths, page-touching)
-COPYLESS_KW: dict = {}       # Publisher sizing kwargs; {} = library defaults (large msgs take the large path)
+RECV_TIMEOUT = 5.0  # s, any single blocking receive / busy-poll wait
+SENTINEL = b"\x00"  # a 1-byte message ends every stream / ping-pong
+BIG = 64 * 1024  # messages >= this are "large" (zero-copy paths, page-touching)
+COPYLESS_KW: dict = {}  # Publisher sizing kwargs; {} = library defaults (large msgs take the large path)
 
 MODES = {  # seconds per throughput run, ping-pong iterations, repeats of throughput runs
     "quick": dict(stream_s=0.4, bw_s=0.4, rtt_iters=2000, rtt_warm=300, repeats=1),
@@ -74,32 +75,48 @@ TESTS = [
     ("gbps_1MiB", "stream", 1 << 20, False),
     ("gbps_16MiB", "stream", 16 << 20, False),
 ]
-COLUMNS = ["msgs_per_s_64", "msgs_per_s_64_busy", "rtt_busy_p50_us", "rtt_busy_p99_us",
-           "rtt_block_p50_us", "rtt_block_p99_us", "gbps_1MiB", "gbps_16MiB"]
-HEADERS = {"msgs_per_s_64": "msg/s 64B", "msgs_per_s_64_busy": "msg/s busy",
-           "rtt_busy_p50_us": "busy p50us", "rtt_busy_p99_us": "busy p99us",
-           "rtt_block_p50_us": "block p50us", "rtt_block_p99_us": "block p99us",
-           "gbps_1MiB": "GB/s 1MiB", "gbps_16MiB": "GB/s 16MiB"}
+COLUMNS = [
+    "msgs_per_s_64",
+    "msgs_per_s_64_busy",
+    "rtt_busy_p50_us",
+    "rtt_busy_p99_us",
+    "rtt_block_p50_us",
+    "rtt_block_p99_us",
+    "gbps_1MiB",
+    "gbps_16MiB",
+]
+HEADERS = {
+    "msgs_per_s_64": "msg/s 64B",
+    "msgs_per_s_64_busy": "msg/s busy",
+    "rtt_busy_p50_us": "busy p50us",
+    "rtt_busy_p99_us": "busy p99us",
+    "rtt_block_p50_us": "block p50us",
+    "rtt_block_p99_us": "block p99us",
+    "gbps_1MiB": "GB/s 1MiB",
+    "gbps_16MiB": "GB/s 16MiB",
+}
 HIGHER_IS_BETTER = {"msgs_per_s_64", "msgs_per_s_64_busy", "gbps_1MiB", "gbps_16MiB"}
 
 
-def queue_depth(size):   # for backends that need a bound (iceoryx2 buffer, zmq HWM for large)
+def queue_depth(size):  # for backends that need a bound (iceoryx2 buffer, zmq HWM for large)
     return 256 if size < BIG else (8 if size <= 1 << 20 else 4)
 
 
-def warm_count(size):    # messages sent before the clock starts (page faults, connections)
+def warm_count(size):  # messages sent before the clock starts (page faults, connections)
     return 2000 if size < BIG else (16 if size <= 1 << 20 else 6)
 
 
 def make_src(n: int) -> bytes:
     """Deterministic payload, identical in both processes."""
     import numpy as np
+
     return np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
 def touch(buf) -> int:
     """Read one byte of every 4 KiB page (forces zero-copy receivers to map the data)."""
     import numpy as np
+
     return int(np.frombuffer(buf, dtype=np.uint8)[::4096].sum())
 
 
@@ -111,9 +128,10 @@ def touch(buf) -> int:
 # release() / the next recv().  prepare() runs in the orchestrator and returns
 # (spec for A, spec for B); fds/sockets in a spec are handed to the child.
 
+
 class Endpoint:
     name = ""
-    note = None              # how the rows were measured, shown in notes
+    note = None  # how the rows were measured, shown in notes
 
     @staticmethod
     def prepare(tag):
@@ -148,9 +166,11 @@ def import_copyless():
 
 class Copyless(Endpoint):
     name = "copyless"
-    note = ("sender: pub.send(src); receiver: sub.recv(timeout) / sub.try_recv() (busy), msg.release(); "
-            "a blocking recv spins 50 us (the default) before it sleeps")
-    spin: float | None = None    # None: the library default
+    note = (
+        "sender: pub.send(src); receiver: sub.recv(timeout) / sub.try_recv() (busy), msg.release(); "
+        "a blocking recv spins 50 us (the default) before it sleeps"
+    )
+    spin: float | None = None  # None: the library default
 
     def __init__(self, tag, side, cfg):
         self.cl = cl = import_copyless()
@@ -202,15 +222,19 @@ class CopylessLoan(Copyless):
 
 class CopylessNoSpin(Copyless):
     name = "copyless-nospin"
-    note = ("as copyless, but the subscriber never spins (spin=0): a blocking recv sleeps on the "
-            "futex at once, the row to compare with peers that sleep in the kernel")
+    note = (
+        "as copyless, but the subscriber never spins (spin=0): a blocking recv sleeps on the "
+        "futex at once, the row to compare with peers that sleep in the kernel"
+    )
     spin = 0.0
 
 
 class MpPipe(Endpoint):
     name = "pipe"
-    note = ("multiprocessing.Pipe: send_bytes / recv_bytes (large: recv_bytes_into a "
-            "preallocated bytearray); busy = conn.poll() spin")
+    note = (
+        "multiprocessing.Pipe: send_bytes / recv_bytes (large: recv_bytes_into a "
+        "preallocated bytearray); busy = conn.poll() spin"
+    )
 
     @staticmethod
     def prepare(tag):
@@ -226,7 +250,7 @@ class MpPipe(Endpoint):
 
     def recv(self, timeout=None):  # no timeout: a dead peer gives EOFError
         if self.buf is not None:
-            return self.mv[:self.c.recv_bytes_into(self.buf)]
+            return self.mv[: self.c.recv_bytes_into(self.buf)]
         return self.c.recv_bytes()
 
     def recv_nowait(self):
@@ -240,9 +264,12 @@ class UnixStream(Endpoint):
     """AF_UNIX SOCK_STREAM socketpair, 4-byte length prefix.  The receiver reads
     greedily (<= 64 KiB per recv_into) into one preallocated buffer and returns
     views into it; bodies of large messages are read in place, never moved."""
+
     name = "unix"
-    note = ("AF_UNIX SOCK_STREAM socketpair, length prefix; sendall / recv_into a "
-            "preallocated buffer; busy = recv_into(MSG_DONTWAIT) spin")
+    note = (
+        "AF_UNIX SOCK_STREAM socketpair, length prefix; sendall / recv_into a "
+        "preallocated buffer; busy = recv_into(MSG_DONTWAIT) spin"
+    )
     HDR = struct.Struct("<I")
     CHUNK = 64 * 1024
 
@@ -252,7 +279,7 @@ class UnixStream(Endpoint):
 
     def __init__(self, sock, side, cfg):
         self.s = sock
-        sock.setblocking(True)   # no timeout: CPython would poll() before every recv
+        sock.setblocking(True)  # no timeout: CPython would poll() before every recv
         self.cap = cfg["max_msg"] + 4 + self.CHUNK
         self.buf = bytearray(self.cap)
         self.mv = memoryview(self.buf)
@@ -267,17 +294,17 @@ class UnixStream(Endpoint):
             self.s.sendall(data)
 
     def _fill(self, need, flags=0):
-        if self.r + need > self.cap:                      # compact (moves < 64 KiB)
+        if self.r + need > self.cap:  # compact (moves < 64 KiB)
             k = self.w - self.r
-            self.mv[:k] = self.mv[self.r:self.w]
+            self.mv[:k] = self.mv[self.r : self.w]
             self.r, self.w = 0, k
         while self.w - self.r < need:
             end = self.r + need if need > self.CHUNK else min(self.cap, self.w + self.CHUNK)
-            n = self.s.recv_into(self.mv[self.w:end], 0, flags)
+            n = self.s.recv_into(self.mv[self.w : end], 0, flags)
             if n == 0:
                 raise EOFError("peer closed the socket")
             self.w += n
-            flags = 0                                      # got something: block for the rest
+            flags = 0  # got something: block for the rest
 
     def _get(self, flags):
         if self.r == self.w:
@@ -289,7 +316,7 @@ class UnixStream(Endpoint):
             self._fill(4 + n)
         start = self.r + 4
         self.r = start + n
-        return self.mv[start:self.r]
+        return self.mv[start : self.r]
 
     def recv(self, timeout=None):
         return self._get(0)
@@ -317,8 +344,10 @@ def _tmpdir():
 
 class Zmq(Endpoint):
     name = "zmq"
-    note = ("pyzmq PUSH/PULL over ipc:// (one pair per direction); large: copy=False both "
-            "sides, HWM = queue depth; busy = recv(NOBLOCK) spin")
+    note = (
+        "pyzmq PUSH/PULL over ipc:// (one pair per direction); large: copy=False both "
+        "sides, HWM = queue depth; busy = recv(NOBLOCK) spin"
+    )
 
     @staticmethod
     def prepare(tag):
@@ -328,6 +357,7 @@ class Zmq(Endpoint):
 
     def __init__(self, spec, side, cfg):
         import zmq
+
         self.Again, self.NOBLOCK = zmq.Again, zmq.NOBLOCK
         self.ctx = zmq.Context()
         self.tx, self.rx = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
@@ -370,13 +400,17 @@ class Iceoryx2(Endpoint):
     RetryUntilDelivered (lossless like the others).  Blocking receives need a
     separate event service: the sender notify()s after each send and the
     receiver Listener.timed_wait()s whenever receive() returns None."""
+
     name = "iceoryx2"
-    note = ("Slice[c_uint8] pub/sub, loan_slice_uninit + memmove + assume_init().send(); "
-            "receive() + payload().as_memory_view(); blocking = event service "
-            "(notify per message, Listener.timed_wait); busy = receive() spin")
+    note = (
+        "Slice[c_uint8] pub/sub, loan_slice_uninit + memmove + assume_init().send(); "
+        "receive() + payload().as_memory_view(); blocking = event service "
+        "(notify per message, Listener.timed_wait); busy = receive() spin"
+    )
 
     def __init__(self, tag, side, cfg):
         import iceoryx2 as iox
+
         iox.set_log_level(iox.LogLevel.Error)
         self.iox, self.n = iox, cfg["max_msg"]
         self.node = node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
@@ -384,17 +418,27 @@ class Iceoryx2(Endpoint):
         depth = cfg["depth"]
 
         def pubsub(name):
-            return (node.service_builder(iox.ServiceName.new(name))
-                    .publish_subscribe(iox.Slice[ctypes.c_uint8])
-                    .enable_safe_overflow(False).subscriber_max_buffer_size(depth)
-                    .history_size(0).max_publishers(1).max_subscribers(1).open_or_create())
+            return (
+                node.service_builder(iox.ServiceName.new(name))
+                .publish_subscribe(iox.Slice[ctypes.c_uint8])
+                .enable_safe_overflow(False)
+                .subscriber_max_buffer_size(depth)
+                .history_size(0)
+                .max_publishers(1)
+                .max_subscribers(1)
+                .open_or_create()
+            )
 
         def event(name):
             return node.service_builder(iox.ServiceName.new(name + "/ev")).event().open_or_create()
 
         self.tx_svc, self.rx_svc = pubsub(tx), pubsub(rx)
-        self.pub = (self.tx_svc.publisher_builder().initial_max_slice_len(self.n)
-                    .backpressure_strategy(iox.BackpressureStrategy.RetryUntilDelivered).create())
+        self.pub = (
+            self.tx_svc.publisher_builder()
+            .initial_max_slice_len(self.n)
+            .backpressure_strategy(iox.BackpressureStrategy.RetryUntilDelivered)
+            .create()
+        )
         self.sub = self.rx_svc.subscriber_builder().buffer_size(depth).create()
         self.notifier = self.listener = self.tx_ev = None
         if not cfg["busy"]:
@@ -405,19 +449,22 @@ class Iceoryx2(Endpoint):
 
     def connect(self):
         deadline = time.monotonic() + 10
-        while (self.tx_svc.dynamic_config.number_of_subscribers < 1 or self.tx_ev is not None
-               and self.tx_ev.dynamic_config.number_of_listeners < 1):
+        while (
+            self.tx_svc.dynamic_config.number_of_subscribers < 1
+            or self.tx_ev is not None
+            and self.tx_ev.dynamic_config.number_of_listeners < 1
+        ):
             if time.monotonic() > deadline:
                 raise TimeoutError("iceoryx2: peer's subscriber/listener did not appear")
             time.sleep(0.001)
         self.pub.update_connections()
-        if self.tx_ev is not None:   # a Notifier created before the peer's Listener never reaches it
+        if self.tx_ev is not None:  # a Notifier created before the peer's Listener never reaches it
             self.notifier = self.tx_ev.notifier_builder().create()
 
     def send(self, data):
         n = len(data)
         s = self.pub.loan_slice_uninit(n)
-        if data is self.view:                 # pong: copy straight from the received sample
+        if data is self.view:  # pong: copy straight from the received sample
             ctypes.memmove(s.payload_ptr, self.sample.payload_ptr, n)
         elif type(data) is bytes:
             ctypes.memmove(s.payload_ptr, data, n)
@@ -429,7 +476,7 @@ class Iceoryx2(Endpoint):
 
     def _take(self, s):
         self.sample = s
-        self.view = v = s.payload().as_memory_view().cast("B")   # ctypes format '<B' -> 'B'
+        self.view = v = s.payload().as_memory_view().cast("B")  # ctypes format '<B' -> 'B'
         return v
 
     def recv(self, timeout):
@@ -460,10 +507,11 @@ class Iceoryx2(Endpoint):
 
 class EventFd(Endpoint):
     """Reference: no payload, just the two kernel wake-ups of a round trip."""
+
     name = "eventfd"
     note = "os.eventfd blocking write/read ping-pong, two processes: kernel wake-up floor"
     metrics = {"rtt_block"}
-    PAYLOAD = {1: SENTINEL, 64: bytes(64)}   # the counter value stands for the message length
+    PAYLOAD = {1: SENTINEL, 64: bytes(64)}  # the counter value stands for the message length
 
     @staticmethod
     def prepare(tag):
@@ -485,8 +533,7 @@ class EventFd(Endpoint):
         close_spec(self.spec)
 
 
-BACKENDS = {c.name: c for c in (Copyless, CopylessLoan, CopylessNoSpin, MpPipe, UnixStream, Zmq, Iceoryx2,
-                                EventFd)}
+BACKENDS = {c.name: c for c in (Copyless, CopylessLoan, CopylessNoSpin, MpPipe, UnixStream, Zmq, Iceoryx2, EventFd)}
 REFERENCES = ("eventfd", "memcpy")
 
 
@@ -506,6 +553,7 @@ def make_get(ep, busy):
                 if pc() > deadline:
                     raise TimeoutError("busy-poll receive timed out")
         return v
+
     return get
 
 
@@ -516,6 +564,7 @@ def cpu_pct(cpu0, t0):
 
 # Side A (sender / pinger) owns the clock; side B (receiver / ponger) reports to
 # the orchestrator, which relays B's 'warm' and 'result' messages to A.
+
 
 def sender_stream(ep, ctrl, cfg):
     size, send = cfg["size"], ep.send
@@ -557,12 +606,11 @@ def receiver_stream(ep, ctrl, cfg):
         if big:
             bad += touch(v) != expect_sum
         else:
-            v[-1]                                # read the payload (one cache line)
+            v[-1]  # read the payload (one cache line)
         count += 1
         nbytes += n
         release()
-    ctrl.send(("result", dict(count=count, bytes=nbytes, bad=bad,
-                              cpu_pct_receiver=cpu_pct(cpu0, t0))))
+    ctrl.send(("result", dict(count=count, bytes=nbytes, bad=bad, cpu_pct_receiver=cpu_pct(cpu0, t0))))
 
 
 def sender_rtt(ep, ctrl, cfg):
@@ -586,7 +634,7 @@ def sender_rtt(ep, ctrl, cfg):
 def receiver_rtt(ep, ctrl, cfg):
     get, send, release = make_get(ep, cfg["busy"]), ep.send, ep.release
     v = get()
-    cpu0, t0 = time.process_time(), pc()   # from the first ping: not the sender's start-up
+    cpu0, t0 = time.process_time(), pc()  # from the first ping: not the sender's start-up
     while len(v) != 1:
         send(v)
         release()
@@ -595,8 +643,12 @@ def receiver_rtt(ep, ctrl, cfg):
     ctrl.send(("result", dict(cpu_pct_receiver=cpu_pct(cpu0, t0))))
 
 
-ROLES = {("stream", "A"): sender_stream, ("stream", "B"): receiver_stream,
-         ("rtt", "A"): sender_rtt, ("rtt", "B"): receiver_rtt}
+ROLES = {
+    ("stream", "A"): sender_stream,
+    ("stream", "B"): receiver_stream,
+    ("rtt", "A"): sender_rtt,
+    ("rtt", "B"): receiver_rtt,
+}
 
 
 def _side(ctrl, side, bname, spec, test, cfg):
@@ -625,7 +677,7 @@ def measure(bname, test, cfg, timeout):
     pspec, cspec = BACKENDS[bname].prepare(tag)
     try:
         with Pair(_side, ("A", bname, pspec, test, cfg), ("B", bname, cspec, test, cfg)) as p:
-            close_spec(pspec)     # the children hold their own copies (EOF on death works)
+            close_spec(pspec)  # the children hold their own copies (EOF on death works)
             close_spec(cspec)
             for step, reply in (("build", "built"), ("connect", "connected")):
                 for side in "AB":  # A first: B opens what A created
@@ -660,9 +712,16 @@ def log(*a):
 
 def lat_stats(res):
     s = sorted(res.pop("lat"))
-    us = lambda ns: round(ns / 1000, 3)   # noqa: E731
-    return dict(iters=len(s), p50_us=us(percentile(s, .5)), p99_us=us(percentile(s, .99)),
-                min_us=us(s[0]), max_us=us(s[-1]), mean_us=us(sum(s) / len(s)), **res)
+    us = lambda ns: round(ns / 1000, 3)  # noqa: E731
+    return dict(
+        iters=len(s),
+        p50_us=us(percentile(s, 0.5)),
+        p99_us=us(percentile(s, 0.99)),
+        min_us=us(s[0]),
+        max_us=us(s[-1]),
+        mean_us=us(sum(s) / len(s)),
+        **res,
+    )
 
 
 def run_backend(bname, mode):
@@ -675,24 +734,33 @@ def run_backend(bname, mode):
         if large_hung and size >= BIG:
             notes.append(f"{metric}: skipped, a smaller large-message run hung")
             continue
-        cfg = dict(size=size, busy=busy, max_msg=size, depth=queue_depth(size),
-                   warm=warm_count(size) if test == "stream" else mode["rtt_warm"],
-                   duration=mode["stream_s"] if size < BIG else mode["bw_s"],
-                   iters=mode["rtt_iters"])
+        cfg = dict(
+            size=size,
+            busy=busy,
+            max_msg=size,
+            depth=queue_depth(size),
+            warm=warm_count(size) if test == "stream" else mode["rtt_warm"],
+            duration=mode["stream_s"] if size < BIG else mode["bw_s"],
+            iters=mode["rtt_iters"],
+        )
         try:
             if test == "rtt":
-                runs = [lat_stats(measure(bname, "rtt", cfg, timeout=10 + cfg["iters"] / 1000))
-                        for _ in range(mode["repeats"])]
+                runs = [
+                    lat_stats(measure(bname, "rtt", cfg, timeout=10 + cfg["iters"] / 1000))
+                    for _ in range(mode["repeats"])
+                ]
                 for q in ("p50_us", "p99_us"):
                     row[f"{metric}_{q}"] = median([r[q] for r in runs])
-                raw[metric] = dict(median_p50_us=row[f"{metric}_p50_us"],
-                                   median_p99_us=row[f"{metric}_p99_us"], runs=runs)
-                log(f"  {bname:14s} {metric:18s} p50 {row[f'{metric}_p50_us']:.2f} us  p99 "
+                raw[metric] = dict(
+                    median_p50_us=row[f"{metric}_p50_us"], median_p99_us=row[f"{metric}_p99_us"], runs=runs
+                )
+                log(
+                    f"  {bname:14s} {metric:18s} p50 {row[f'{metric}_p50_us']:.2f} us  p99 "
                     f"{row[f'{metric}_p99_us']:.2f} us   cpu% pinger {runs[0]['cpu_pct_sender']} "
-                    f"ponger {runs[0]['cpu_pct_receiver']}")
+                    f"ponger {runs[0]['cpu_pct_receiver']}"
+                )
                 continue
-            runs = [measure(bname, "stream", cfg, timeout=10 + 5 * cfg["duration"])
-                    for _ in range(mode["repeats"])]
+            runs = [measure(bname, "stream", cfg, timeout=10 + 5 * cfg["duration"]) for _ in range(mode["repeats"])]
             for r in runs:
                 r["msgs_per_s"] = r["count"] / r["seconds"]
                 r["gbps"] = r["bytes"] / r["seconds"] / 1e9
@@ -702,13 +770,15 @@ def run_backend(bname, mode):
             key = "gbps" if metric.startswith("gbps") else "msgs_per_s"
             row[metric] = median([r[key] for r in runs])
             raw[metric] = dict(median=row[metric], runs=runs)
-            log(f"  {bname:14s} {metric:18s} {row[metric]:,.3f}   cpu% sender "
-                f"{runs[0]['cpu_pct_sender']} receiver {runs[0]['cpu_pct_receiver']}")
+            log(
+                f"  {bname:14s} {metric:18s} {row[metric]:,.3f}   cpu% sender "
+                f"{runs[0]['cpu_pct_sender']} receiver {runs[0]['cpu_pct_receiver']}"
+            )
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             log(f"  {bname:14s} {metric:18s} FAILED {msg}")
             if isinstance(e, ImportError) or "ImportError" in msg or "ModuleNotFoundError" in msg:
-                notes.append(f"unavailable: {msg}")   # nothing else will work either
+                notes.append(f"unavailable: {msg}")  # nothing else will work either
                 break
             large_hung |= size >= BIG and "hung" in msg
             notes.append(f"{metric}: {msg}")
@@ -720,13 +790,20 @@ def run_memcpy(mode):
     row["gbps_1MiB"] = ref_memcpy(1 << 20, mode["bw_s"])
     row["gbps_16MiB"] = ref_memcpy(16 << 20, mode["bw_s"])
     log(f"  memcpy         gbps_1MiB/16MiB    {row['gbps_1MiB']:.2f} / {row['gbps_16MiB']:.2f}")
-    return row, {"gbps_1MiB": row["gbps_1MiB"], "gbps_16MiB": row["gbps_16MiB"]}, \
-        ["memoryview dst[:] = src in one process, GB/s: bandwidth ceiling"]
+    return (
+        row,
+        {"gbps_1MiB": row["gbps_1MiB"], "gbps_16MiB": row["gbps_16MiB"]},
+        ["memoryview dst[:] = src in one process, GB/s: bandwidth ceiling"],
+    )
 
 
 def ratios(results):
-    out = {"convention": ("for each copyless variant and peer: msgs_per_s*/gbps* = copyless/peer, "
-                          "rtt_* = peer/copyless; >1 always means copyless is better")}
+    out = {
+        "convention": (
+            "for each copyless variant and peer: msgs_per_s*/gbps* = copyless/peer, "
+            "rtt_* = peer/copyless; >1 always means copyless is better"
+        )
+    }
     for cl in ("copyless", "copyless-loan"):
         if cl not in results:
             continue
@@ -748,10 +825,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short runs (< ~60 s total)")
     ap.add_argument("--json", metavar="PATH", help="write the JSON here instead of stdout")
-    ap.add_argument("--only", metavar="LIST",
-                    help="comma list of backends: copyless (both variants), copyless-loan, pipe, "
-                         "unix, zmq, iceoryx2; the eventfd/memcpy reference rows always run "
-                         "unless --no-ref")
+    ap.add_argument(
+        "--only",
+        metavar="LIST",
+        help="comma list of backends: copyless (both variants), copyless-loan, pipe, "
+        "unix, zmq, iceoryx2; the eventfd/memcpy reference rows always run "
+        "unless --no-ref",
+    )
     ap.add_argument("--no-ref", action="store_true", help="skip the eventfd/memcpy reference rows")
     args = ap.parse_args(argv)
     install_signal_cleanup()
@@ -772,12 +852,15 @@ def main(argv=None):
         info["versions"]["copyless"] = info["versions"]["copyless"] or import_copyless().__version__
     except Exception:
         pass
-    print(f"machine: {info['cpu_model']}, nproc={info['nproc']}, kernel {info['kernel']}, "
-          f"Python {info['python']}")
+    print(f"machine: {info['cpu_model']}, nproc={info['nproc']}, kernel {info['kernel']}, Python {info['python']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     info["loadavg_start"] = os.getloadavg()
-    print(f"mode: {mode_name} (" + ", ".join(f"{k}={v}" for k, v in mode.items())
-          + f"); load average {info['loadavg_start'][0]:.2f}", flush=True)
+    print(
+        f"mode: {mode_name} ("
+        + ", ".join(f"{k}={v}" for k, v in mode.items())
+        + f"); load average {info['loadavg_start'][0]:.2f}",
+        flush=True,
+    )
 
     t_start = time.monotonic()
     results, raw = {}, {}
@@ -798,26 +881,46 @@ def main(argv=None):
         for n in row.get("notes", []):
             print(f"  {b}: {n}")
     print("  busy-poll rows spin one core per process, i.e. both cores of this machine.")
-    print("  rtt_block depends on how fast a sleeping process is woken; on a VM that is often\n"
-          "  bimodal (host halt-polling): compare rtt_block rows with the eventfd row of the same run.")
-    print(f"\ntotal wall time {time.monotonic() - t_start:.1f} s; load average at end "
-          f"{info['loadavg_end'][0]:.2f} (other load on this machine skews every row)")
+    print(
+        "  rtt_block depends on how fast a sleeping process is woken; on a VM that is often\n"
+        "  bimodal (host halt-polling): compare rtt_block rows with the eventfd row of the same run."
+    )
+    print(
+        f"\ntotal wall time {time.monotonic() - t_start:.1f} s; load average at end "
+        f"{info['loadavg_end'][0]:.2f} (other load on this machine skews every row)"
+    )
 
     doc = {
         "benchmark": "copyless benchmarks/bench_pubsub.py",
-        "mode": mode_name, "settings": mode, "machine": info,
-        "units": {"msgs_per_s_*": "messages/s (receiver count, end-to-end)",
-                  "rtt_*_us": "microseconds round trip, 64 B each way",
-                  "gbps_*": "1e9 bytes/s received, every 4 KiB page read by the receiver"},
-        "method": {"tests": [dict(metric=m, test=t, size=s, busy_receiver=b, depth=queue_depth(s),
-                                  warm=warm_count(s) if t == "stream" else mode["rtt_warm"])
-                             for m, t, s, b in TESTS],
-                   "busy": "both sides busy-poll; uses both cores",
-                   "repeats": "throughput: median of runs; rtt: median of per-run p50/p99",
-                   "cpu_pct": "process CPU time / wall time during the measured phase, per side "
-                              "(sender = pinger, receiver = ponger); 100 = one core busy",
-                   "copyless_publisher_kwargs": COPYLESS_KW},
-        "results": results, "raw": raw, "ratios": ratios(results),
+        "mode": mode_name,
+        "settings": mode,
+        "machine": info,
+        "units": {
+            "msgs_per_s_*": "messages/s (receiver count, end-to-end)",
+            "rtt_*_us": "microseconds round trip, 64 B each way",
+            "gbps_*": "1e9 bytes/s received, every 4 KiB page read by the receiver",
+        },
+        "method": {
+            "tests": [
+                dict(
+                    metric=m,
+                    test=t,
+                    size=s,
+                    busy_receiver=b,
+                    depth=queue_depth(s),
+                    warm=warm_count(s) if t == "stream" else mode["rtt_warm"],
+                )
+                for m, t, s, b in TESTS
+            ],
+            "busy": "both sides busy-poll; uses both cores",
+            "repeats": "throughput: median of runs; rtt: median of per-run p50/p99",
+            "cpu_pct": "process CPU time / wall time during the measured phase, per side "
+            "(sender = pinger, receiver = ponger); 100 = one core busy",
+            "copyless_publisher_kwargs": COPYLESS_KW,
+        },
+        "results": results,
+        "raw": raw,
+        "ratios": ratios(results),
     }
     text = json.dumps(doc, indent=2, default=str)
     if args.json:

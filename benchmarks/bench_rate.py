@@ -192,8 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:<10} {'-' if v is None else f'{v / 1e6:.2f} M':>26}  {ratio}")
     for k, v in notes.items():
         print(f"  {k}: {v}")
-    doc = {"benchmark": "bench_rate", "messages": n, "repeats": repeats, "msgs_per_s_64_bare": results,
-           "ratios_copyless_over_peer": ratios, "notes": notes}
+    doc = {
+        "benchmark": "bench_rate",
+        "messages": n,
+        "repeats": repeats,
+        "msgs_per_s_64_bare": results,
+        "ratios_copyless_over_peer": ratios,
+        "notes": notes,
+    }
     text = json.dumps(doc, indent=2)
     if args.json:
         with open(args.json, "w") as f:

@@ -171,7 +171,10 @@ class Connection:
         if self._closed:
             raise ClosedError(f"connection to {self.peer_name or self.address} is closed")
         out = OutMessage(msg.type, [msg.front], msg.data, msg.tid, msg.priority, msg.is_reply)
-        self.loop.call_soon_threadsafe(self._send, out)
+        if self.loop.in_loop():
+            self._send(out)  # from fast dispatch: no hop, no wake-up
+        else:
+            self.loop.call_soon_threadsafe(self._send, out)
 
     def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply; the reply's data is read straight into `into`."""
@@ -294,10 +297,12 @@ class Connection:
         if self._machine is not m:
             return
         self.loop.set_writer(st, None if done else self._on_writable)
-        if self._timer is not None:
-            self._timer.cancel()
         deadline = m.next_deadline()
-        self._timer = self.loop.call_at(deadline, self._pump) if deadline is not None else None
+        if self._timer is not None and (deadline is None or self._timer.when != deadline):
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and self._timer is None:  # re-armed only when the deadline moves
+            self._timer = self.loop.call_at(deadline, self._pump)
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, MessageReceived):
