@@ -163,18 +163,38 @@ class Connection:
         self._closed = False
         self._backoff = 0.01
         self._ready = threading.Event()
+        # Held by every loop-side entry point, and by send() from any thread, which
+        # writes to the socket itself (run to completion: no hop to the loop thread).
+        self._lock = threading.RLock()
         self._adopted_by: Connection | None = None  # server: the session's connection took our transport
 
     # ------------------------------------------------------------ any thread
     def send(self, msg: Message) -> None:
-        """Queue a message (scatter-gather: the data buffers are not joined or copied)."""
+        """Send a message (scatter-gather: the data buffers are not joined or copied).
+
+        The calling thread writes to the socket itself when it can; a message sent
+        while the session is (re)connecting waits in the session's queue, in order."""
         if self._closed:
             raise ClosedError(f"connection to {self.peer_name or self.address} is closed")
         out = OutMessage(msg.type, [msg.front], msg.data, msg.tid, msg.priority, msg.is_reply)
-        if self.loop.in_loop():
-            self._send(out)  # from fast dispatch: no hop, no wake-up
-        else:
-            self.loop.call_soon_threadsafe(self._send, out)
+        with self._lock:
+            m, st = self._machine, self._stream
+            if m is None or st is None or m.state is not State.READY:
+                if self.session is None:
+                    raise ClosedError("no session with the peer yet")
+                self.session.queue(out)
+                return
+            m.send_message(out)
+            self._sendq.add(m.data_to_send())
+            try:
+                done = self._sendq.flush(st)
+            except OSError:
+                done = False  # the loop sees the fault and tears the transport down
+            if not done:
+                if self.loop.in_loop():
+                    self._pump()
+                else:
+                    self.loop.call_soon_threadsafe(self._locked, self._pump)
 
     def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply; the reply's data is read straight into `into`."""
@@ -203,14 +223,9 @@ class Connection:
             self.loop.call_soon_threadsafe(self._teardown, None)
 
     # ------------------------------------------------------------ loop thread
-    def _send(self, out: OutMessage) -> None:
-        if self.session is None:
-            return
-        if self._machine is not None and self._machine.state is not State.CLOSED:
-            self._machine.send_message(out)
-            self._pump()
-        else:
-            self.session.queue(out)
+    def _locked(self, fn: Any, *args: Any) -> None:
+        with self._lock:
+            fn(*args)
 
     def _start_connect(self) -> None:
         try:
@@ -222,6 +237,10 @@ class Connection:
         self.loop.set_writer(stream, self._on_connected)
 
     def _on_connected(self) -> None:
+        with self._lock:
+            self.__on_connected_locked()
+
+    def __on_connected_locked(self) -> None:
         stream = self._stream
         assert stream is not None
         self.loop.set_writer(stream, None)
@@ -246,6 +265,10 @@ class Connection:
         self._pump()
 
     def _on_readable(self) -> None:
+        with self._lock:
+            self.__on_readable_locked()
+
+    def __on_readable_locked(self) -> None:
         m, st = self._machine, self._stream
         if m is None or st is None:
             return
@@ -267,6 +290,10 @@ class Connection:
         self._pump()
 
     def _on_writable(self) -> None:
+        with self._lock:
+            self.__on_writable_locked()
+
+    def __on_writable_locked(self) -> None:
         self._pump()
 
     def _pump(self) -> None:
@@ -281,10 +308,12 @@ class Connection:
             i += 1
         if self._machine is not m:
             owner = self._adopted_by
-            if owner is not None and owner._machine is m:  # the rest belongs to the adopting connection
-                for ev in events[i:]:
-                    owner._on_event(ev)
-                owner._pump()
+            if owner is not None:
+                with owner._lock:
+                    if owner._machine is m:  # the rest belongs to the adopting connection
+                        for ev in events[i:]:
+                            owner._on_event(ev)
+                        owner._pump()
             return
         self._sendq.add(m.data_to_send())
         try:
@@ -302,7 +331,7 @@ class Connection:
             self._timer.cancel()
             self._timer = None
         if deadline is not None and self._timer is None:  # re-armed only when the deadline moves
-            self._timer = self.loop.call_at(deadline, self._pump)
+            self._timer = self.loop.call_at(deadline, lambda: self._locked(self._pump))
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, MessageReceived):
@@ -324,6 +353,10 @@ class Connection:
 
     def _teardown(self, error: BaseException | None) -> None:
         """The transport is gone; reconnect if the policy says so."""
+        with self._lock:
+            self._teardown_locked(error)
+
+    def _teardown_locked(self, error: BaseException | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -466,7 +499,8 @@ class Messenger:
     def _on_accept(self, lst: Listener, loop: IOLoop) -> None:
         while (stream := lst.accept()) is not None:
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
-            conn._attach(stream, self._machine(Role.SERVER, registry=self._registry))
+            with conn._lock:
+                conn._attach(stream, self._machine(Role.SERVER, registry=self._registry))
             with self._lock:
                 self._connections.add(conn)
 
@@ -483,21 +517,23 @@ class Messenger:
             self._by_session[key] = conn
             self._each(lambda d: d.handle_accept(conn))
             return
-        if existing._timer is not None:
-            existing._timer.cancel()
-        if existing._stream is not None:
-            existing.loop.remove(existing._stream)
-            existing._stream.close()
-        existing._stream, existing._machine, existing._sendq = conn._stream, conn._machine, conn._sendq
-        existing.peer_name = conn.peer_name
-        existing._ready.set()
-        if conn._timer is not None:
-            conn._timer.cancel()
-        conn._stream, conn._machine, conn._adopted_by, conn._closed = None, None, existing, True
+        with existing._lock:  # application threads may be sending on it
+            if existing._timer is not None:
+                existing._timer.cancel()
+                existing._timer = None
+            if existing._stream is not None:
+                existing.loop.remove(existing._stream)
+                existing._stream.close()
+            existing._stream, existing._machine, existing._sendq = conn._stream, conn._machine, conn._sendq
+            existing.peer_name = conn.peer_name
+            existing._ready.set()
+            if conn._timer is not None:
+                conn._timer.cancel()
+            conn._stream, conn._machine, conn._adopted_by, conn._closed = None, None, existing, True
+            if existing._stream is not None:
+                existing.loop.add_reader(existing._stream, existing._on_readable)
         with self._lock:
             self._connections.discard(conn)
-        if existing._stream is not None:
-            existing.loop.add_reader(existing._stream, existing._on_readable)
 
     def _sink(self, pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
         """Direct receive: a reply's data segment goes straight into the buffer its call posted."""
