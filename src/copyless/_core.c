@@ -140,7 +140,6 @@ typedef struct {
     uint8_t *addr;
     Py_ssize_t size;
     int writable;
-    Py_ssize_t exports;
 } MappingObject;
 
 static PyTypeObject MappingType;
@@ -170,13 +169,10 @@ static void Mapping_dealloc(MappingObject *self) {
 }
 
 static int Mapping_getbuffer(MappingObject *self, Py_buffer *view, int flags) {
-    if (PyBuffer_FillInfo(view, (PyObject *)self, self->addr, self->size, !self->writable, flags) < 0) return -1;
-    self->exports++;
-    return 0;
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->addr, self->size, !self->writable, flags);
 }
-static void Mapping_releasebuffer(MappingObject *self, Py_buffer *view) { self->exports--; }
 
-static PyBufferProcs Mapping_as_buffer = {(getbufferproc)Mapping_getbuffer, (releasebufferproc)Mapping_releasebuffer};
+static PyBufferProcs Mapping_as_buffer = {(getbufferproc)Mapping_getbuffer, NULL};
 
 static PyObject *Mapping_get_address(MappingObject *self, void *c) { return PyLong_FromVoidPtr(self->addr); }
 static PyObject *Mapping_get_size(MappingObject *self, void *c) { return PyLong_FromSsize_t(self->size); }
@@ -507,6 +503,11 @@ static int pub_sleep(PubCoreObject *self, Waiter *w, int64_t deadline, int32_t c
     return 0;
 }
 
+/* Lower the doorbell flag raised by pub_sleep, if it was raised. */
+static inline void waiter_disarm(PubCoreObject *self, Waiter *w) {
+    if (w->armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+}
+
 /* Any subscriber marked bad is reported to Python, which drops it. */
 static int pub_report_bad(PubCoreObject *self) {
     for (uint32_t i = 0; i < self->max_subs; i++) {
@@ -548,7 +549,7 @@ static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline
         }
         if (pub_report_bad(self) < 0) return -1;
         if (self->n_free) {
-            if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+            waiter_disarm(self, &w);
             uint32_t b = self->free_stack[--self->n_free];
             Block *blk = &self->blocks[b];
             blk->refs = 1;
@@ -556,7 +557,7 @@ static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline
             return b;
         }
         if (nowait || self->policy == POLICY_RAISE) {
-            if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+            waiter_disarm(self, &w);
             would_block(self, "publisher: every slot is in use (subscribers hold them)");
             return -1;
         }
@@ -597,13 +598,13 @@ static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t ty
         if (!full) break;
         pub_drain(self);
         if (nowait || self->policy == POLICY_RAISE) {
-            if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+            waiter_disarm(self, &w);
             would_block(self, "publisher: a subscriber's queue is full");
             goto fail;
         }
         if (pub_sleep(self, &w, deadline, (int32_t)(credit == UINT32_MAX || credit == 0 ? 1 : credit)) < 0) goto fail;
     }
-    if (w.armed) STORE_SC(db_u32(self, DB_PUB_WAITING), 0);
+    waiter_disarm(self, &w);
     {
         uint64_t seq = ++self->seq;
         Block *blk = &self->blocks[b];

@@ -28,7 +28,6 @@ from ._core import (
     POLICY_OVERWRITE,
     POLICY_RAISE,
     WIRE_VERSION,
-    Mapping,
     Message,
     PubCore,
     SubCore,
@@ -148,10 +147,12 @@ class SubscriberStatistics:
 
 
 class _Large:
-    __slots__ = ("fd", "mapping", "size", "gen")
+    """A large segment's fd (sent to each subscriber once); the core holds its mapping."""
 
-    def __init__(self, fd: int, mapping: Mapping, size: int, gen: int) -> None:
-        self.fd, self.mapping, self.size, self.gen = fd, mapping, size, gen
+    __slots__ = ("fd", "size", "gen")
+
+    def __init__(self, fd: int, size: int, gen: int) -> None:
+        self.fd, self.size, self.gen = fd, size, gen
 
 
 class _Peer:
@@ -491,7 +492,7 @@ class Publisher(PubCore):
         block = self._large_free_ids.pop()
         fd, mapping = _shm.create(f"{self._name}:large", size, readonly_for_peers=True)
         gen = self._install_large(block, mapping)
-        self._large[block] = _Large(fd, mapping, size, gen)
+        self._large[block] = _Large(fd, size, gen)
         for peer in list(self._by_index.values()):
             try:
                 self._send_ctl(peer, _SEGMENT.pack(b"CLSG", block, gen, size), [fd])

@@ -546,8 +546,8 @@ class Messenger:
         return pending.into[: pre.lengths[2]]
 
     def _deliver(self, conn: Connection, ev: MessageReceived) -> None:
-        msg = Message(ev.type, ev.front, ev.data, ev.tid, ev.priority)
-        msg.front, msg.data = ev.front, ev.data
+        msg = Message(ev.type, ev.front, (), ev.tid, ev.priority)
+        msg.data = ev.data  # received: one memoryview, not a list of buffers
         msg.seq, msg.is_reply, msg.connection = ev.seq, ev.is_reply, conn
         if ev.is_reply:
             pending = self._calls.get(ev.tid)
@@ -555,11 +555,10 @@ class Messenger:
                 pending.reply = msg
                 pending.done.set()
                 return
-        if any(d.can_fast_dispatch(msg) for d in self._dispatchers):
-            for d in self._dispatchers:
-                if d.can_fast_dispatch(msg):
-                    d.fast_dispatch(msg)
-                    return
+        for d in self._dispatchers:
+            if d.can_fast_dispatch(msg):
+                d.fast_dispatch(msg)
+                return
         self._queue.put(msg)
 
     def _dispatch_loop(self) -> None:

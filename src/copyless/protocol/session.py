@@ -247,7 +247,6 @@ class SessionConnection:
         """Queue a message on the session; it goes out now if the connection is ready."""
         if self.state is State.CLOSED:
             raise LocalProtocolError("connection closed")
-        assert self.session is not None or self.role is Role.SERVER
         if self.session is None:
             raise LocalProtocolError("no session yet: wait for Established")
         self.session.queue(msg)
