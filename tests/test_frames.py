@@ -25,16 +25,16 @@ def feed(reader: FrameReader, wire: bytes, chunks: list[int] | None = None) -> l
     """Drive the reader as an I/O loop would, with reads of the given sizes."""
     out, pos, i = [], 0, 0
     while pos < len(wire):
-        req = reader.next_read()
-        want = req.nbytes
+        buf = reader.next_read()
+        want = len(buf)
         if chunks:
             want = max(1, min(want, chunks[i % len(chunks)]))
             i += 1
         n = min(want, len(wire) - pos)
-        req.buffer[:n] = wire[pos : pos + n]
+        buf[:n] = wire[pos : pos + n]
         pos += n
-        ev = reader.bytes_read(n)
-        if ev is not None:
+        reader.bytes_read(n)
+        while (ev := reader.next_frame()) is not None:
             out.append(ev)
     return out
 
@@ -64,10 +64,34 @@ def test_round_trip_any_chunking(frames, chunks):
         assert [bytes(s) for s in ev.segments] == [b"".join(seg) for seg in segs]
 
 
-def test_encode_does_not_concatenate_payload():
-    data = [bytearray(b"a" * 1000), memoryview(b"b" * 1000)]
+def test_encode_passes_large_buffers_through_and_coalesces_small_ones():
+    data = [bytearray(b"a" * 5000), memoryview(b"b" * 5000)]
     bufs = encode_frame(Tag.MESSAGE, [[b"hdr"], data])
-    assert any(b is data[0] for b in bufs) and any(b is data[1] for b in bufs)
+    assert bufs[1] is data[0] and bufs[2] is data[1], "large buffers are passed through, not copied"
+    assert len(encode_frame(Tag.MESSAGE, [[b"hdr"], [b"front"], [b"x" * 100]])) == 1, "a small frame is one buffer"
+
+
+def test_many_small_frames_in_one_read():
+    wire = b"".join(wire_of(encode_frame(Tag.MESSAGE, [[b"h" * 28], [b""], [bytes([i]) * 64]])) for i in range(50))
+    reader = FrameReader()
+    buf = reader.next_read()
+    assert len(buf) >= len(wire)
+    buf[: len(wire)] = wire
+    reader.bytes_read(len(wire))
+    frames = []
+    while (f := reader.next_frame()) is not None:
+        frames.append(f)
+    assert [bytes(f.segments[2]) for f in frames] == [bytes([i]) * 64 for i in range(50)]
+    assert frames[0].segments[2].obj is frames[49].segments[2].obj is reader._buf, "views into the prefetch buffer"
+
+
+def test_large_segment_is_read_directly_copying_at_most_the_prefetched_part():
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    wire = wire_of(encode_frame(Tag.MESSAGE, [[b"h" * 28], [b"f"], [payload]]))
+    reader = FrameReader(prefetch=16 << 10)
+    (frame,) = feed(reader, wire)
+    assert bytes(frame.segments[2]) == payload
+    assert reader.copied < 16 << 10, "only the bulk read's overlap with the segment was copied"
 
 
 @settings(max_examples=300, deadline=None)
@@ -100,10 +124,10 @@ def test_header_is_verified_before_data_is_read_into_the_callers_buffer():
 
     def sink(pre, index, earlier):
         seen.append((index, [bytes(s) for s in earlier]))
-        return memoryview(posted) if index == 2 else None
+        return memoryview(posted)
 
     (frame,) = feed(FrameReader(sink=sink), wire, [7])
-    assert seen[2] == (2, [header, b"front"]), "data buffer chosen after header and front were verified"
+    assert seen == [(2, [header, b"front"])], "asked once, for the data, after header and front were verified"
     assert bytes(posted) == payload
     assert frame.segments[2].obj is posted, "the data segment is the caller's buffer, no copy"
 
@@ -120,10 +144,49 @@ def test_corrupt_header_stops_before_data():
 def test_oversize_segment_is_refused_from_the_preamble():
     wire = wire_of(encode_frame(Tag.MESSAGE, [[b"h"], [bytes(2000)]]))
     reader = FrameReader(max_segment=1000)
-    req = reader.next_read()
-    req.buffer[:] = wire[:32]
+    reader.next_read()[:32] = wire[:32]
+    reader.bytes_read(32)
     with pytest.raises(FrameTooLarge):
-        reader.bytes_read(32)
+        reader.next_frame()
+
+
+def test_budget_holds_a_frame_before_its_body_until_resumed():
+    small = wire_of(encode_frame(Tag.MESSAGE, [[b"h" * 28], [b""], [b"s" * 100]]))
+    big = wire_of(encode_frame(Tag.MESSAGE, [[b"h" * 28], [b""], [bytes(100_000)]]))
+    wire = small * 3 + big + small
+    reader = FrameReader()
+    reader.budget_frames = 2
+    pos, got = 0, []
+
+    def pump() -> None:
+        nonlocal pos
+        while True:
+            while (f := reader.next_frame()) is not None:
+                got.append(f)
+            buf = reader.next_read()
+            if not buf or pos == len(wire):
+                return
+            n = min(len(buf), len(wire) - pos)
+            buf[:n] = wire[pos : pos + n]
+            pos += n
+            reader.bytes_read(n)
+
+    pump()
+    assert len(got) == 2 and reader.paused and len(reader.next_read()) == 0
+    reader.budget_frames, reader.budget_bytes = 4, reader.taken_bytes + 100 + 99_999
+    reader.resume()
+    pump()
+    assert len(got) == 3 and reader.paused, "the big frame does not fit the byte budget"
+    assert pos < 20_000, "its data was not read from the transport"
+    reader.budget_bytes += 1
+    reader.resume()
+    pump()
+    assert len(got) == 4 and bytes(got[3].segments[2]) == bytes(100_000) and pos == len(wire)
+    assert reader.paused, "the fifth frame waits for budget"
+    reader.budget_frames = reader.budget_bytes = -1
+    reader.resume()
+    pump()
+    assert len(got) == 5 and reader.taken_frames == 5
 
 
 def test_aborted_frame_is_discarded_and_the_stream_continues():
@@ -151,6 +214,34 @@ def test_encoder_refuses_bad_frames():
 
 
 def test_sink_must_give_the_right_buffer():
-    wire = wire_of(encode_frame(Tag.MESSAGE, [[b"h"], [b"data"]]))
+    wire = wire_of(encode_frame(Tag.MESSAGE, [[b"h"], [b"data" * 2000]]))
     with pytest.raises(LocalProtocolError):
-        feed(FrameReader(sink=lambda p, i, e: bytearray(3) if i == 1 else None), wire)
+        feed(FrameReader(sink=lambda p, i, e: bytearray(3)), wire)
+
+
+def _crc32c_reference(data: bytes, value: int = 0) -> int:
+    crc = value ^ 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4095, 3 * 4096 - 1, 3 * 4096, 3 * 4096 + 1, 2 * 3 * 4096 + 13])
+def test_crc32c_matches_the_bitwise_definition(n, hardware):
+    from copyless._codec import _use_hardware_crc, crc32c
+
+    _use_hardware_crc(hardware)
+    try:
+        check(n, crc32c)
+    finally:
+        _use_hardware_crc(True)
+
+
+def check(n, crc32c):
+    data = bytes((i * 131 + n) & 0xFF for i in range(n))
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value
+    assert crc32c(data) == _crc32c_reference(data)
+    assert crc32c(data[n // 3 :], crc32c(data[: n // 3])) == crc32c(data), "chaining"

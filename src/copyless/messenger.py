@@ -273,7 +273,9 @@ class Connection:
         if m is None or st is None:
             return
         for _ in range(64):  # bounded: other connections on this loop get their turn
-            buf, n = m.next_read()
+            buf = m.next_read()
+            if not buf:
+                break  # held by a throttle, or closed
             try:
                 k = st.recv_into(buf)
             except BlockingIOError:
@@ -283,9 +285,9 @@ class Connection:
             if k == 0:
                 m.connection_lost()
                 break
-            m.bytes_read(buf, k)
-            if m.state is State.CLOSED:
-                break
+            m.bytes_read(k)
+            if k < len(buf) or m.state is State.CLOSED:
+                break  # a short read: the socket is drained (saves the EAGAIN round)
         m.send_ack()
         self._pump()
 
@@ -536,7 +538,8 @@ class Messenger:
             self._connections.discard(conn)
 
     def _sink(self, pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
-        """Direct receive: a reply's data segment goes straight into the buffer its call posted."""
+        """Direct receive: a large reply's data segment goes straight from the transport
+        into the buffer its call posted (small ones are copied in by _deliver)."""
         if pre.tag != Tag.MESSAGE or index != 2 or not earlier or len(earlier[0]) != MSG_HEADER.size:
             return None
         _t, _p, flags, tid, _s, _a = MSG_HEADER.unpack(earlier[0])
@@ -552,6 +555,10 @@ class Messenger:
         if ev.is_reply:
             pending = self._calls.get(ev.tid)
             if pending is not None:
+                into, n = pending.into, len(ev.data)
+                if into is not None and ev.data.obj is not into.obj and n <= len(into):
+                    into[:n] = ev.data  # a small reply came in the prefetch buffer: one copy
+                    msg.data = into[:n]
                 pending.reply = msg
                 pending.done.set()
                 return

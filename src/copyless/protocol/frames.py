@@ -8,8 +8,9 @@ message's header before it reads the data, and choose where the data goes
 (direct receive: straight from the socket into a buffer the application posted).
 
 `encode_frame` returns a list of buffers for one sendmsg (payload buffers are
-never concatenated).  `FrameReader` says how many bytes it wants next and into
-which buffer, and turns what was read into events; it never touches a socket.
+never concatenated; small pieces are).  `FrameReader` says into which buffer
+it wants bytes next, and turns what was read into frames; it never touches a
+socket.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
-from crc32c import crc32c
-
+from .._codec import crc32c, frame_encode, frame_scan
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 Buffer = bytes | bytearray | memoryview
@@ -71,49 +72,29 @@ class FrameTooLarge(FrameError):
     """A segment is longer than this endpoint accepts (checked before reading it)."""
 
 
-def _crc(buffers: Sequence[Buffer], value: int = 0) -> int:
-    for b in buffers:
-        value = crc32c(b, value)
-    return value
-
-
-def _nbytes(buffers: Sequence[Buffer]) -> int:
-    return sum(memoryview(b).nbytes for b in buffers)
+COALESCE = 1024  # buffers smaller than this are copied into the frame's own bytes
 
 
 def encode_frame(
     tag: int,
     segments: Sequence[Sequence[Buffer]],
     *,
-    aligns: Sequence[int] | None = None,
     data_crc: bool = True,
     aborted: bool = False,
 ) -> list[Buffer]:
     """The buffers of one frame, ready for a scatter-gather send.
 
     Each segment is a sequence of buffers sent back to back; its checksum
-    covers them all.  With data_crc=False the last segment is not checksummed
-    (for payloads protected elsewhere, or when the CPU matters more).
+    covers them all.  Small buffers are coalesced with the preamble and
+    checksums into one bytearray; a buffer of COALESCE bytes or more is passed
+    through as it is (never copied), so a small message is one buffer and a
+    large one is three.  With data_crc=False the last segment is not
+    checksummed (for payloads protected elsewhere, or when the CPU matters more).
     """
-    if not 1 <= len(segments) <= MAX_SEGMENTS:
-        raise LocalProtocolError(f"a frame has 1 to {MAX_SEGMENTS} segments, not {len(segments)}")
-    lengths = [_nbytes(seg) for seg in segments]
-    if any(n >= 1 << 32 for n in lengths):
-        raise LocalProtocolError("a segment is limited to 4 GiB - 1")
-    aligns = list(aligns) if aligns is not None else [1] * len(segments)
-    flags = 0 if data_crc else FLAG_NO_DATA_CRC
-    fields: list[int] = []
-    for i in range(MAX_SEGMENTS):
-        fields += [lengths[i], aligns[i]] if i < len(segments) else [0, 0]
-    head = PREAMBLE.pack(tag, len(segments), flags, *fields, 0)
-    preamble = head[:28] + CRC.pack(crc32c(head[:28]))
-    out: list[Buffer] = [preamble]
-    last = len(segments) - 1
-    for i, seg in enumerate(segments):
-        out.extend(b for b in seg if memoryview(b).nbytes)
-        out.append(CRC.pack(0 if (i == last and not data_crc) else _crc(seg)))
-    out.append(EPILOGUE.pack(LATE_ABORTED if aborted else 0))
-    return out
+    try:
+        return frame_encode(tag, segments, data_crc, aborted, COALESCE)
+    except ValueError as e:
+        raise LocalProtocolError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -124,13 +105,11 @@ class Preamble:
     data_crc: bool
 
 
-@dataclass
-class Frame:
+class Frame(NamedTuple):
     """A complete, verified frame: one memoryview per segment."""
 
     tag: int
     segments: list[memoryview]
-    aligns: tuple[int, ...] = ()
 
 
 @dataclass
@@ -140,129 +119,249 @@ class FrameAborted:
     tag: int
 
 
-@dataclass
-class _Step:
-    kind: str  # "preamble", "segment", "crc", "epilogue"
-    index: int = 0
-
-
-@dataclass
-class ReadRequest:
-    """Read exactly nbytes into buffer (a memoryview of exactly that many bytes)."""
-
-    buffer: memoryview
-    nbytes: int
-
-
 SegmentSink = Callable[[Preamble, int, Sequence[memoryview]], "memoryview | None"]
+UNLIMITED = -1
+
+# reader phases
+_PREAMBLE, _SEGMENT, _CRC, _EPILOGUE = range(4)
 
 
-@dataclass
 class FrameReader:
-    """Incremental, zero-copy frame reader.
+    """Incremental frame reader with a prefetch buffer and direct receive.
 
-    Loop: `req = reader.next_read()`, read up to `req.nbytes` into `req.buffer`
-    (for example `sock.recv_into(req.buffer)`), then `reader.bytes_read(n)`,
-    which returns a Frame or FrameAborted once one is complete, else None.
+    Loop: `buf = reader.next_read()`, read at most len(buf) bytes into it (for
+    example `sock.recv_into(buf)`), `reader.bytes_read(n)`, then take complete
+    frames with `reader.next_frame()` until it returns None.
 
-    `sink(preamble, index, earlier_segments)` may return a buffer for segment
-    `index` (exactly its length) once the earlier segments (the header first)
-    are verified: that is how data lands directly in a caller's buffer.
-    Returning None means "the reader's own buffer".
+    Small items (preambles, checksums, segments under `direct` bytes) are read
+    in bulk into a prefetch buffer, so one read can carry many frames; their
+    segments are memoryviews into that buffer (a full buffer is replaced, never
+    overwritten, so views stay valid).  Runs of complete small frames are
+    parsed and verified by the compiled core.  A segment of `direct` bytes or
+    more is read straight into its own buffer: only what a bulk read had
+    already fetched of it (less than `prefetch` bytes) is copied.
+
+    `sink(preamble, index, earlier_segments)` is asked for the buffer of each
+    direct segment once the earlier segments (the header first) are verified:
+    that is how large data lands in a caller's buffer.  None means "allocate".
+
+    Budgets: `budget_frames` and `budget_bytes` (UNLIMITED by default) bound
+    the frames of two or more segments (messages) and the bytes after their
+    header that may still be parsed.  A frame that does not fit is held from
+    its preamble on: the reader asks for no more bytes until the owner raises
+    the budget and calls `resume()` (throttles push back on the transport
+    instead of growing memory; at most one prefetch buffer is read ahead).
+    `taken_frames`/`taken_bytes` count what was charged.
     """
 
-    max_segment: int = 64 << 20
-    sink: SegmentSink | None = None
-    _scratch: bytearray = field(default_factory=lambda: bytearray(64))
-    _step: _Step = field(default_factory=lambda: _Step("preamble"))
-    _have: int = 0
-    _pre: Preamble | None = None
-    _segments: list[memoryview] = field(default_factory=list)
-    _target: memoryview | None = None
+    def __init__(
+        self,
+        max_segment: int = 64 << 20,
+        sink: SegmentSink | None = None,
+        *,
+        prefetch: int = 16 << 10,
+        direct: int = 4 << 10,
+    ) -> None:
+        if direct > prefetch // 2:
+            raise LocalProtocolError("direct threshold must be at most half the prefetch size")
+        self.max_segment, self.sink = max_segment, sink
+        self.prefetch, self.direct = prefetch, direct
+        self.budget_frames = self.budget_bytes = UNLIMITED
+        self.taken_frames = self.taken_bytes = 0
+        self.copied = 0  # bytes of direct segments copied out of the prefetch buffer
+        self._buf = bytearray(prefetch)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # unparsed bytes are _buf[_start:_end]
+        self._ready: list[Frame] = []  # parsed by the core, not yet handed out
+        self._phase = _PREAMBLE
+        self._index = 0
+        self._pre: Preamble | None = None
+        self._segments: list[memoryview] = []
+        self._target: memoryview | None = None  # a direct segment being filled
+        self._have = 0
+        self._held = False  # the frame at hand is over budget: wait for resume()
 
-    def next_read(self) -> ReadRequest:
-        if self._target is None:
-            self._target = self._buffer_for_step()
-        rest = self._target[self._have :]
-        return ReadRequest(rest, len(rest))
+    # ------------------------------------------------------------------ API
+    @property
+    def paused(self) -> bool:
+        return self._held
 
-    def bytes_read(self, n: int) -> Frame | FrameAborted | None:
-        """Account for n bytes read into the last request's buffer."""
-        if self._target is None or n < 0 or self._have + n > len(self._target):
-            raise LocalProtocolError("bytes_read() does not match the last next_read()")
-        self._have += n
-        if self._have < len(self._target):
+    def next_read(self) -> memoryview:
+        """The buffer to read into next (empty while paused)."""
+        if self._held:
+            return self._view[:0]
+        if self._target is not None and self._start == self._end:
+            return self._target[self._have :]
+        if self._end == len(self._buf) or (self._start == self._end and self._end > len(self._buf) // 2):
+            self._renew()
+        return self._view[self._end :]
+
+    def bytes_read(self, n: int) -> None:
+        """Account for n bytes read into the last next_read() buffer."""
+        if n < 0:
+            raise LocalProtocolError("negative read")
+        if self._target is not None and self._start == self._end:
+            if self._have + n > len(self._target):
+                raise LocalProtocolError("bytes_read() does not match the last next_read()")
+            self._have += n
+        else:
+            if self._end + n > len(self._buf):
+                raise LocalProtocolError("bytes_read() does not match the last next_read()")
+            self._end += n
+
+    def take(self, n: int) -> memoryview | None:
+        """n raw bytes from the stream (before any frame: the banner), or None if not here yet."""
+        if self._end - self._start < n:
             return None
-        return self._advance()
+        v = self._view[self._start : self._start + n]
+        self._start += n
+        return v
+
+    def resume(self) -> None:
+        """The budget was raised: a held frame may go on."""
+        self._held = False
+
+    def next_frame(self) -> Frame | FrameAborted | None:
+        """The next frame completed by what was read so far, or None."""
+        if self._ready:
+            return self._ready.pop()
+        if self._phase == _PREAMBLE and self._end - self._start > PREAMBLE.size and not self._held:
+            self._scan()
+            if self._ready:
+                return self._ready.pop()
+        return self._slow()
 
     # ------------------------------------------------------------------ internals
-    def _scratch_view(self, n: int) -> memoryview:
-        if len(self._scratch) < n:
-            self._scratch = bytearray(n)
-        return memoryview(self._scratch)[:n]
+    def _scan(self) -> None:
+        """Let the core parse the run of complete, small, valid frames at hand."""
+        bf, bb = self.budget_frames, self.budget_bytes
+        frames, self._start, nf, nb = frame_scan(
+            self._view,
+            self._start,
+            self._end,
+            self.max_segment,
+            self.direct,
+            UNLIMITED if bf == UNLIMITED else bf - self.taken_frames,
+            UNLIMITED if bb == UNLIMITED else bb - self.taken_bytes,
+            Frame,
+        )
+        self.taken_frames += nf
+        self.taken_bytes += nb
+        frames.reverse()  # handed out with pop()
+        self._ready = frames
 
-    def _buffer_for_step(self) -> memoryview:
-        step = self._step
-        if step.kind == "preamble":
-            return self._scratch_view(PREAMBLE.size)
-        if step.kind in ("crc", "epilogue"):
-            return memoryview(bytearray(4))
-        assert self._pre is not None
-        n = self._pre.lengths[step.index]
-        if self.sink is not None:
-            buf = self.sink(self._pre, step.index, self._segments)
-            if buf is not None:
-                buf = memoryview(buf).cast("B")
-                if buf.readonly or len(buf) != n:
-                    raise LocalProtocolError(f"the sink must give a writable buffer of exactly {n} bytes")
-                return buf
-        return memoryview(bytearray(n))
+    def _renew(self) -> None:
+        """A fresh prefetch buffer; the unparsed tail (less than one small item) moves over.
+        The old buffer lives on as long as segments handed out still point into it."""
+        tail = self._end - self._start
+        size = max(self.prefetch, tail * 2)
+        buf = bytearray(size)
+        buf[:tail] = self._view[self._start : self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, tail
 
-    def _advance(self) -> Frame | FrameAborted | None:
-        buf, step = self._target, self._step
-        assert buf is not None
-        self._target, self._have = None, 0
-        if step.kind == "preamble":
-            self._pre = self._parse_preamble(buf)
-            self._segments = []
-            self._step = self._segment_or_epilogue(0)
-            if self._step.kind == "segment" and self._pre.lengths[0] == 0:
-                return self._advance_empty()
+    def _avail(self) -> int:
+        return self._end - self._start
+
+    def _consume(self, n: int) -> memoryview:
+        v = self._view[self._start : self._start + n]
+        self._start += n
+        return v
+
+    def _fits(self, pre: Preamble) -> bool:
+        """Charge a message frame to the budgets, or hold it."""
+        if len(pre.lengths) < 2:
+            return True
+        body = sum(pre.lengths[1:])
+        if (self.budget_frames != UNLIMITED and self.taken_frames + 1 > self.budget_frames) or (
+            self.budget_bytes != UNLIMITED and self.taken_bytes + body > self.budget_bytes
+        ):
+            self._held = True
+            return False
+        self.taken_frames += 1
+        self.taken_bytes += body
+        return True
+
+    def _slow(self) -> Frame | FrameAborted | None:
+        """One item at a time, with every check and its precise error."""
+        if self._held:
             return None
-        pre = self._pre
-        assert pre is not None
-        if step.kind == "segment":
-            self._segments.append(buf)
-            self._step = _Step("crc", step.index)
-            return None
-        if step.kind == "crc":
-            (want,) = CRC.unpack(buf)
-            seg = self._segments[step.index]
-            last = step.index == len(pre.lengths) - 1
-            if (pre.data_crc or not last) and crc32c(seg) != want:
-                raise BadChecksum(f"segment {step.index} of a {_tag_name(pre.tag)} frame fails its crc32c")
-            self._step = self._segment_or_epilogue(step.index + 1)
-            if self._step.kind == "segment" and pre.lengths[self._step.index] == 0:
-                return self._advance_empty()
-            return None
-        # epilogue
-        (late,) = EPILOGUE.unpack(buf)
-        self._step = _Step("preamble")
-        self._pre = None
-        segments, self._segments = self._segments, []
-        if late & LATE_ABORTED:
-            return FrameAborted(pre.tag)
-        if late & ~LATE_ABORTED:
-            raise FrameError(f"unknown epilogue flags {late:#x}")
-        return Frame(pre.tag, segments, pre.aligns)
+        while True:
+            phase = self._phase
+            if phase == _PREAMBLE:
+                if self._avail() < PREAMBLE.size:
+                    return None
+                pre = self._parse_preamble(self._view[self._start : self._start + PREAMBLE.size])
+                if not self._fits(pre):
+                    return None
+                self._start += PREAMBLE.size
+                self._pre, self._segments, self._index = pre, [], 0
+                self._phase = _SEGMENT
+                continue
+            cur = self._pre
+            assert cur is not None
+            pre = cur
+            if phase == _SEGMENT:
+                if self._index == len(pre.lengths):
+                    self._phase = _EPILOGUE
+                    continue
+                if self._target is None and not self._open_segment(pre):
+                    return None
+                if self._target is not None:
+                    if not self._fill_target():
+                        return None
+                    self._segments.append(self._target)
+                    self._target = None
+                self._phase = _CRC
+                continue
+            if phase == _CRC:
+                if self._avail() < CRC.size:
+                    return None
+                (want,) = CRC.unpack(self._consume(CRC.size))
+                i = self._index
+                if (pre.data_crc or i != len(pre.lengths) - 1) and crc32c(self._segments[i]) != want:
+                    raise BadChecksum(f"segment {i} of a {_tag_name(pre.tag)} frame fails its crc32c")
+                self._index += 1
+                self._phase = _SEGMENT
+                continue
+            # epilogue
+            if self._avail() < EPILOGUE.size:
+                return None
+            (late,) = EPILOGUE.unpack(self._consume(EPILOGUE.size))
+            segments, self._segments, self._pre = self._segments, [], None
+            self._phase = _PREAMBLE
+            if late & LATE_ABORTED:
+                return FrameAborted(pre.tag)
+            if late & ~LATE_ABORTED:
+                raise FrameError(f"unknown epilogue flags {late:#x}")
+            return Frame(pre.tag, segments)
 
-    def _advance_empty(self) -> Frame | FrameAborted | None:
-        self._target = memoryview(b"")
-        return self._advance()
+    def _open_segment(self, pre: Preamble) -> bool:
+        """Start segment _index: a small one is taken from the prefetch buffer once
+        it is all here (False: not yet); a large one gets its own buffer."""
+        i, n = self._index, pre.lengths[self._index]
+        if n < self.direct:
+            if self._avail() < n:
+                return False
+            self._segments.append(self._consume(n))
+            return True
+        target = self.sink(pre, i, self._segments) if self.sink is not None else None
+        view = memoryview(target if target is not None else bytearray(n)).cast("B")
+        if view.readonly or len(view) != n:
+            raise LocalProtocolError(f"the sink must give a writable buffer of exactly {n} bytes")
+        self._target, self._have = view, 0
+        return True
 
-    def _segment_or_epilogue(self, index: int) -> _Step:
-        assert self._pre is not None
-        return _Step("segment", index) if index < len(self._pre.lengths) else _Step("epilogue")
+    def _fill_target(self) -> bool:
+        """Copy what the prefetch buffer already holds of the direct segment; True when full."""
+        t = self._target
+        assert t is not None
+        k = min(self._avail(), len(t) - self._have)
+        if k:
+            t[self._have : self._have + k] = self._consume(k)
+            self._have += k
+            self.copied += k
+        return self._have == len(t)
 
     def _parse_preamble(self, buf: memoryview) -> Preamble:
         fields = PREAMBLE.unpack(buf)

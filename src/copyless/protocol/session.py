@@ -9,7 +9,8 @@ Two objects, after Ceph's AsyncMessenger/msgr2, in our own terms:
   Unix socket, one shared-memory channel): banner, hello, authentication,
   ident or reconnect, then MESSAGE/ACK/KEEPALIVE frames.
 
-Nothing here reads a clock or a socket.  Callers feed bytes (`receive_data`),
+Nothing here reads a clock or a socket.  Callers feed bytes (`next_read` /
+`bytes_read`, or `receive_data`),
 connection loss (`connection_lost`) and time (`tick(now)`), and take bytes
 (`data_to_send`), events (`next_events`) and the next deadline.  Anything that
 is not in the transition table is a RemoteProtocolError and closes the
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import AccessDenied, LocalProtocolError, RemoteProtocolError, Timeout
-from .frames import Buffer, Frame, FrameAborted, FrameReader, SegmentSink, Tag, encode_frame
+from .frames import Buffer, Frame, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
 BANNER_MAGIC = b"copyless"
@@ -221,8 +222,7 @@ class SessionConnection:
         self.state = State.BANNER
         self.peer_name = ""
         self.peer_features = 0
-        self._reader = FrameReader(max_segment=max_segment, sink=sink)
-        self._banner = bytearray()
+        self.reader = FrameReader(max_segment=max_segment, sink=sink)  # budgets: the owner's throttles
         self._out: list[Buffer] = []
         self._events: list[Event] = []
         self._nonce = b""
@@ -304,45 +304,56 @@ class SessionConnection:
                 self.session.requeue_unacked()
             self._close(None)
 
-    def next_read(self) -> tuple[memoryview, int]:
-        """Where the transport should read next: (buffer, nbytes).  Zero-copy reads."""
-        if self.state is State.BANNER:
-            need = BANNER.size - len(self._banner)
-            return memoryview(bytearray(need)), need
-        req = self._reader.next_read()
-        return req.buffer, req.nbytes
+    def next_read(self) -> memoryview:
+        """The buffer the transport should read into next (empty: read nothing now)."""
+        if self.state is State.CLOSED:
+            return memoryview(b"")
+        return self.reader.next_read()
 
-    def bytes_read(self, buf: memoryview, n: int) -> None:
-        """Account for n bytes read into the buffer from next_read()."""
+    def bytes_read(self, n: int) -> None:
+        """Account for n bytes read into the buffer from next_read(), and act on them."""
         if self.state is State.CLOSED:
             return
         self._last_rx = self._now
+        reader = self.reader
         try:
+            reader.bytes_read(n)
             if self.state is State.BANNER:
-                self._banner += buf[:n]
-                if len(self._banner) == BANNER.size:
-                    self._on_banner(bytes(self._banner))
-                return
-            ev = self._reader.bytes_read(n)
-            if isinstance(ev, Frame):
-                self._on_frame(ev)
-            elif isinstance(ev, FrameAborted):
-                pass  # the sender gave it up; nothing to do
+                raw = reader.take(BANNER.size)
+                if raw is None:
+                    return
+                self._on_banner(bytes(raw))
+            while (f := reader.next_frame()) is not None:
+                if isinstance(f, Frame):  # a FrameAborted is dropped: the sender gave it up
+                    self._on_frame(f)
+                if self._closed():
+                    break
         except (RemoteProtocolError, AuthenticationFailed) as e:
             # the peer broke the protocol or failed authentication: this connection ends
             if self.session is not None:
                 self.session.requeue_unacked()
             self._close(e)
 
-    def receive_data(self, data: bytes) -> None:
-        """Convenience for tests and simple transports: feed bytes (copied into place)."""
+    def resume_reading(self) -> None:
+        """The owner raised the reader's budgets: a held frame may go on."""
+        self.reader.resume()
+        self.bytes_read(0)
+
+    def receive_data(self, data: bytes) -> int:
+        """Convenience for tests and simple transports: feed bytes (copied into place).
+        Returns how many were taken (fewer while reading is paused)."""
         view = memoryview(data)
+        taken = 0
         while view and self.state is not State.CLOSED:
-            buf, want = self.next_read()
-            n = min(want, len(view))
+            buf = self.next_read()
+            n = min(len(buf), len(view))
+            if n == 0:
+                break
             buf[:n] = view[:n]
             view = view[n:]
-            self.bytes_read(buf, n)
+            taken += n
+            self.bytes_read(n)
+        return taken
 
     # ------------------------------------------------------------ handshake
     def _on_banner(self, raw: bytes) -> None:
@@ -553,6 +564,9 @@ class SessionConnection:
     def _on_keepalive_ack(self, f: Frame) -> None:
         (sent,) = U64.unpack(bytes(f.segments[0]))
         self._events.append(KeepaliveAck(sent, int(self._now * 1e9) - sent))
+
+    def _closed(self) -> bool:  # a method, so type checkers do not narrow self.state across calls
+        return self.state is State.CLOSED
 
     def _close(self, error: Exception | None) -> None:
         if self.state is State.CLOSED:
