@@ -120,3 +120,89 @@ def test_call_to_a_dead_server_fails_and_nothing_leaks(address):
     client.shutdown()
     time.sleep(0.1)
     assert threading.active_count() <= before
+
+
+SLOW, SILENT = 4, 5
+
+
+class Slow(Store):
+    """READ replies at once; SLOW replies from the dispatch thread; SILENT never replies."""
+
+    def dispatch(self, msg: Message) -> None:
+        if msg.type == SLOW:
+            time.sleep(0.01)
+            assert msg.connection is not None
+            msg.connection.send(msg.reply(READ_REPLY, front=bytes(msg.front)))
+        elif msg.type != SILENT:
+            super().dispatch(msg)
+
+
+@pytest.fixture
+def slow_server(address):
+    store = Slow()
+    m = Messenger("store.1", policies={"client": Policy.stateful_server()})
+    m.add_dispatcher(store)
+    bound = m.bind(address)
+    m.start()
+    yield m, store, bound
+    m.shutdown()
+
+
+def test_concurrent_callers_on_one_connection_each_get_their_reply(slow_server):
+    """One caller at a time reads the socket itself; it delivers the others' replies."""
+    _, _, addr = slow_server
+    errors: list[BaseException] = []
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+
+        def worker(k: int) -> None:
+            try:
+                for i in range(60):
+                    kind = SLOW if i % 10 == 0 else READ
+                    tag = f"{k}:{i}".encode()
+                    r = conn.call(Message(kind, front=tag if kind == SLOW else (3).to_bytes(8, "little")), timeout=5)
+                    assert bytes(r.front) == (tag if kind == SLOW else b"ok")
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert not conn._leased, "the last caller handed the socket back to the loop"
+
+
+def test_call_timeout_returns_the_socket_to_the_loop(slow_server):
+    _, store, addr = slow_server
+    store.expect = 1
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.call(Message(SILENT), timeout=0.2)
+        assert 0.2 <= time.monotonic() - t0 < 1.5
+        # the loop reads the connection again: unsolicited traffic and calls still work
+        conn.send(Message(WRITE, front=b"after"))
+        assert store.got.wait(5)
+        r = conn.call(Message(READ, front=(2).to_bytes(8, "little")), timeout=5)
+        assert bytes(r.data) == b"\x07\x07"
+
+
+def test_a_call_survives_a_transport_cut_while_its_caller_reads(slow_server):
+    """Lossless: the request is replayed on the new transport; the caller, whose leased
+    socket died, waits for the loop to deliver the reply."""
+    _, store, addr = slow_server
+    with Messenger("client.7", default_policy=Policy.lossless_client()) as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        for i in range(20):
+            st = conn._stream
+            assert st is not None
+            threading.Timer(0.003, lambda s=st: s.sock.shutdown(socket.SHUT_RDWR)).start()
+            r = conn.call(Message(SLOW, front=b"%d" % i), timeout=10)
+            assert bytes(r.front) == b"%d" % i
+            conn.wait_ready(5)

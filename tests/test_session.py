@@ -263,3 +263,33 @@ def test_keepalive_and_idle_timeout():
     (closed,) = [e for e in c.next_events() if isinstance(e, Closed)]
     assert isinstance(closed.error, TimeoutError)
     assert [bytes(m.front[0]) for m in cs.unsent] == [b"unacked"], "requeued for replay"
+
+
+def test_acks_ride_on_messages_or_wait_for_the_ack_delay():
+    from copyless.protocol.frames import Tag
+
+    def tags(conn: SessionConnection) -> list[int]:
+        return [b[0] for b in conn.data_to_send()]  # each small frame is one buffer; byte 0 is its tag
+
+    cs = Session()
+    c = SessionConnection(Role.CLIENT, "c", session=cs, now=10.0, ack_delay=0.005, ack_every=3)
+    s = SessionConnection(Role.SERVER, "s", registry=SessionRegistry(), now=10.0, ack_delay=0.005, ack_every=3)
+    link = Link(random.Random(2), c, s)
+    link.run()
+    c.send_message(OutMessage(1, [b"request"], []))
+    s.receive_data(drain(c))
+    s.ack_if_needed()
+    assert tags(s) == [] and s.next_deadline() == pytest.approx(10.005), "no ACK frame yet: it waits"
+    s.send_message(OutMessage(2, [b"reply"], []))
+    assert tags(s) == [Tag.MESSAGE] and s.next_deadline() is None, "the reply carried the ack"
+    c.send_message(OutMessage(1, [b"one-way"], []))
+    s.receive_data(drain(c))
+    s.tick(10.004)
+    assert tags(s) == []
+    s.tick(10.005)
+    assert tags(s) == [Tag.ACK], "the ack delay ran out"
+    for i in range(3):
+        c.send_message(OutMessage(1, [b"burst %d" % i], []))
+    s.receive_data(drain(c))
+    s.ack_if_needed()
+    assert tags(s) == [Tag.ACK], "ack_every messages are acknowledged at once"

@@ -1,16 +1,19 @@
-"""A small selector event loop on its own thread: the Messenger runs a fixed pool
+"""A small epoll event loop on its own thread: the Messenger runs a fixed pool
 of these (never a thread per connection), and each connection lives on one.
 
-Everything that touches a connection runs on its loop's thread; other threads
-hand work over with `call_soon_threadsafe`.
+Registration (`add_reader`, `set_writer`, `remove`, `detach`/`attach`) and
+timers (`call_at`) may be used from any thread: a caller waiting for a reply
+takes a connection's socket off its loop for that time and reads it itself
+(see Connection.call), which saves the hop from the loop thread to the caller.
+Other work is handed over with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import selectors
-import socket
+import os
+import select
 import threading
 import time
 import traceback
@@ -19,6 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 Callback = Callable[[], Any]
+
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+_ERR = select.EPOLLERR | select.EPOLLHUP
 
 
 class Timer:
@@ -34,16 +40,17 @@ class Timer:
 class IOLoop:
     def __init__(self, name: str) -> None:
         self.name = name
-        self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._lock = threading.Lock()
+        self._ep = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake, _IN)
+        self._lock = threading.Lock()  # handlers, registrations, calls and timers
+        self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
+        self._detached: set[int] = set()  # registered, but a caller is reading it for now
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._stopping = False
+        self._sleeping = False  # in epoll_wait: a new earlier timer must poke
         self.load = 0  # connections assigned here (the Messenger balances on it)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -64,83 +71,132 @@ class IOLoop:
     def in_loop(self) -> bool:
         return threading.current_thread() is self._thread
 
-    # ------------------------------------------------------------ loop thread only
     def add_reader(self, fileobj: Any, cb: Callback) -> None:
-        self._set(fileobj, selectors.EVENT_READ, cb, None)
+        fd = fileobj.fileno()
+        with self._lock:
+            writer = self._handlers.get(fd, (None, None))[1]
+            self._update(fd, cb, writer)
 
     def set_writer(self, fileobj: Any, cb: Callback | None) -> None:
-        key = self._sel.get_map().get(fileobj.fileno()) if fileobj.fileno() >= 0 else None
-        reader = key.data[0] if key else None
-        self._set(fileobj, selectors.EVENT_READ if reader else 0, reader, cb)
-
-    def _set(self, fileobj: Any, _: int, reader: Callback | None, writer: Callback | None) -> None:
-        events = (selectors.EVENT_READ if reader else 0) | (selectors.EVENT_WRITE if writer else 0)
         fd = fileobj.fileno()
-        registered = fd in self._sel.get_map()
-        if not events:
-            if registered:
-                self._sel.unregister(fd)
+        if fd < 0:
             return
-        if registered:
-            self._sel.modify(fd, events, (reader, writer))
-        else:
-            self._sel.register(fd, events, (reader, writer))
+        with self._lock:
+            reader = self._handlers.get(fd, (None, None))[0]
+            self._update(fd, reader, cb)
 
     def remove(self, fileobj: Any) -> None:
         fd = fileobj.fileno()
-        if fd >= 0 and fd in self._sel.get_map():
-            self._sel.unregister(fd)
+        with self._lock:
+            if fd >= 0:
+                self._update(fd, None, None)
+
+    def detach(self, fileobj: Any) -> None:
+        """Stop watching fd (its handlers are kept) until attach(): another thread reads it."""
+        fd = fileobj.fileno()
+        with self._lock:
+            if fd in self._handlers and fd not in self._detached:
+                self._detached.add(fd)
+                self._ep.unregister(fd)
+
+    def attach(self, fileobj: Any) -> None:
+        fd = fileobj.fileno()
+        with self._lock:
+            if fd in self._detached:
+                self._detached.discard(fd)
+                reader, writer = self._handlers[fd]
+                self._ep.register(fd, (_IN if reader else 0) | (_OUT if writer else 0))
 
     def call_at(self, when: float, fn: Callback) -> Timer:
         t = Timer(when, fn)
-        heapq.heappush(self._timers, (when, next(self._seq), t))
+        with self._lock:
+            first = not self._timers or when < self._timers[0][0]
+            heapq.heappush(self._timers, (when, next(self._seq), t))
+            poke = first and self._sleeping and not self.in_loop()
+        if poke:
+            self._poke()
         return t
 
     def call_later(self, delay: float, fn: Callback) -> Timer:
         return self.call_at(time.monotonic() + delay, fn)
 
     # ------------------------------------------------------------ internals
+    def _update(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
+        """With the lock held: set fd's handlers and its epoll interest."""
+        old = self._handlers.get(fd)
+        known = old is not None
+        if old == (reader, writer):
+            return
+        if reader is None and writer is None:
+            if known:
+                del self._handlers[fd]
+                if fd in self._detached:
+                    self._detached.discard(fd)
+                else:
+                    self._ep.unregister(fd)
+            return
+        self._handlers[fd] = (reader, writer)
+        if fd in self._detached:
+            return
+        mask = (_IN if reader else 0) | (_OUT if writer else 0)
+        if old is not None and bool(old[0]) == bool(reader) and bool(old[1]) == bool(writer):
+            return  # same interest: no epoll_ctl
+        if known:
+            self._ep.modify(fd, mask)
+        else:
+            self._ep.register(fd, mask)
+
     def _poke(self) -> None:
         try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
+            os.eventfd_write(self._wake, 1)
+        except OSError:
             pass
 
     def _run(self) -> None:
         try:
             while not self._stopping:
-                timeout = None
-                if self._timers:
-                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
-                for key, mask in self._sel.select(timeout):
-                    if key.data is None:
+                with self._lock:
+                    timeout = -1.0
+                    if self._calls:
+                        timeout = 0.0
+                    elif self._timers:
+                        timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                    self._sleeping = True
+                events = self._ep.poll(timeout)
+                self._sleeping = False
+                for fd, mask in events:
+                    if fd == self._wake:
                         try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except (BlockingIOError, OSError):
+                            os.eventfd_read(self._wake)
+                        except OSError:
                             pass
                         continue
-                    reader, writer = key.data
-                    if mask & selectors.EVENT_READ and reader:
+                    with self._lock:  # look it up now: an earlier callback may have changed it
+                        reader, writer = self._handlers.get(fd, (None, None))
+                        if fd in self._detached:
+                            continue
+                    if mask & (_IN | _ERR) and reader:
                         self._guard(reader)
-                    if mask & selectors.EVENT_WRITE and writer:
-                        # look again: the reader may have removed or changed it
-                        cur = self._sel.get_map().get(key.fd)
-                        if cur is not None and cur.data[1] is writer:
+                    if mask & (_OUT | _ERR) and writer:
+                        with self._lock:
+                            cur = self._handlers.get(fd, (None, None))[1]
+                        if cur is writer:
                             self._guard(writer)
                 with self._lock:
                     calls, self._calls = self._calls, deque()
                 for fn, args in calls:
                     self._guard(fn, *args)
                 now = time.monotonic()
-                while self._timers and self._timers[0][0] <= now:
-                    _, _, t = heapq.heappop(self._timers)
+                while True:
+                    with self._lock:
+                        if not self._timers or self._timers[0][0] > now:
+                            break
+                        _, _, t = heapq.heappop(self._timers)
                     if not t.cancelled:
                         self._guard(t.fn)
         finally:
-            self._sel.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self._ep.close()
+            os.close(self._wake)
 
     @staticmethod
     def _guard(fn: Callable[..., Any], *args: Any) -> None:

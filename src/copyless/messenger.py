@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import select
 import threading
 import time
 from collections.abc import Sequence
@@ -167,6 +168,7 @@ class Connection:
         # writes to the socket itself (run to completion: no hop to the loop thread).
         self._lock = threading.RLock()
         self._adopted_by: Connection | None = None  # server: the session's connection took our transport
+        self._leased = False  # a thread in call() is reading the socket instead of the loop
 
     # ------------------------------------------------------------ any thread
     def send(self, msg: Message) -> None:
@@ -202,9 +204,19 @@ class Connection:
             msg.tid = next(self.messenger._tids)
         pending = _Call(self, memoryview(into).cast("B") if into is not None else None)
         self.messenger._calls[msg.tid] = pending
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self.send(msg)
-            if not pending.done.wait(timeout):
+            leased = self._lease()
+            if leased is None:
+                self.send(msg)
+            else:
+                try:
+                    self.send(msg)
+                    self._read_until(leased, pending, deadline)
+                finally:
+                    self._unlease(leased)  # before waiting: the loop reads a new transport
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not pending.done.wait(left):
                 raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
         finally:
             self.messenger._calls.pop(msg.tid, None)
@@ -212,6 +224,50 @@ class Connection:
             raise pending.error
         assert pending.reply is not None
         return pending.reply
+
+    # A caller waiting for a reply reads the socket itself (a lease from the loop):
+    # waking the loop thread and then the caller costs two wake-ups and a GIL
+    # hand-over per call; polling the socket on the caller's thread costs one wake-up,
+    # as a plain blocking socket does.  One caller leases a connection at a time (the
+    # others wait for it to deliver their replies); what it reads is handled exactly
+    # as on the loop, under the connection's lock, in order.
+    def _lease(self) -> Stream | None:
+        if self.loop.in_loop():
+            return None
+        with self._lock:
+            st, m = self._stream, self._machine
+            if st is None or m is None or m.state is not State.READY or self._leased:
+                return None  # the loop reads and wakes us
+            self._leased = True
+            self.loop.detach(st)  # before the request goes: the loop never sees the reply
+            return st
+
+    def _unlease(self, st: Stream) -> None:
+        with self._lock:
+            self._leased = False
+            if self._stream is st:
+                self.loop.attach(st)
+
+    def _read_until(self, st: Stream, pending: _Call, deadline: float | None) -> None:
+        poller, interest = select.poll(), 0
+        while not pending.done.is_set():
+            want = select.POLLIN | (select.POLLOUT if self._sendq.pending else 0)
+            if want != interest:
+                (poller.modify if interest else poller.register)(st, want)
+                interest = want
+            if deadline is None:
+                wait = -1
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = int(left * 1000) + 1
+            if not poller.poll(wait):
+                continue
+            with self._lock:
+                if self._stream is not st:
+                    return  # the transport changed: the loop owns the new one
+                self.__on_readable_locked()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         if not self._ready.wait(timeout):
@@ -266,7 +322,8 @@ class Connection:
 
     def _on_readable(self) -> None:
         with self._lock:
-            self.__on_readable_locked()
+            if not self._leased:  # else a caller is reading it (it took it off the loop)
+                self.__on_readable_locked()
 
     def __on_readable_locked(self) -> None:
         m, st = self._machine, self._stream
@@ -288,7 +345,7 @@ class Connection:
             m.bytes_read(k)
             if k < len(buf) or m.state is State.CLOSED:
                 break  # a short read: the socket is drained (saves the EAGAIN round)
-        m.send_ack()
+        m.ack_if_needed()
         self._pump()
 
     def _on_writable(self) -> None:
@@ -329,11 +386,19 @@ class Connection:
             return
         self.loop.set_writer(st, None if done else self._on_writable)
         deadline = m.next_deadline()
-        if self._timer is not None and (deadline is None or self._timer.when != deadline):
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None and self._timer is None:  # re-armed only when the deadline moves
-            self._timer = self.loop.call_at(deadline, lambda: self._locked(self._pump))
+        t = self._timer
+        if deadline is not None and (t is None or deadline < t.when):
+            # Armed only when the deadline comes earlier: a timer that fires early
+            # just pumps and re-arms, which is cheaper than re-arming on every message.
+            if t is not None:
+                t.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if self._timer is not None and self._timer.when <= time.monotonic():
+                self._timer = None
+                self._pump()
 
     def _on_event(self, ev: object) -> None:
         if isinstance(ev, MessageReceived):
@@ -528,6 +593,10 @@ class Messenger:
                 existing._stream.close()
             existing._stream, existing._machine, existing._sendq = conn._stream, conn._machine, conn._sendq
             existing.peer_name = conn.peer_name
+            if existing._machine is not None:
+                # what the application sent on `existing` between the handshake and now
+                # went to the session's queue: it goes out with the rest
+                existing._machine.flush()
             existing._ready.set()
             if conn._timer is not None:
                 conn._timer.cancel()

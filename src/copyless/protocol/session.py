@@ -207,6 +207,8 @@ class SessionConnection:
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = None,
         keepalive_interval: float | None = None,
+        ack_delay: float = 0.005,
+        ack_every: int = 64,
     ) -> None:
         if role is Role.CLIENT and session is None:
             raise LocalProtocolError("a client connection needs its Session")
@@ -227,6 +229,11 @@ class SessionConnection:
         self._events: list[Event] = []
         self._nonce = b""
         self._unacked_in = 0  # messages received since we last told the peer
+        # Acks ride on our next message; an ACK frame goes only when ack_every messages
+        # are unacknowledged or ack_delay passed without one (a frame per message would
+        # wake the peer once more per request/reply).
+        self.ack_delay, self.ack_every = ack_delay, ack_every
+        self._ack_due: float | None = None
         # time: only what callers tell us (tick); never a clock
         self._now = self._started = self._last_rx = now
         self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
@@ -253,6 +260,11 @@ class SessionConnection:
         if self.state is State.READY:
             self._flush()
 
+    def flush(self) -> None:
+        """Write what was queued on the session while no connection carried it."""
+        if self.state is State.READY and self.session is not None and self.session.unsent:
+            self._flush()
+
     def tick(self, now: float) -> None:
         """Tell the machine the time; it closes on a deadline or sends a keepalive."""
         self._now = now
@@ -271,6 +283,8 @@ class SessionConnection:
             return
         if self._next_keepalive is not None and now >= self._next_keepalive:
             self.keepalive(now)
+        if self._ack_due is not None and now >= self._ack_due:
+            self.send_ack()
 
     def next_deadline(self) -> float | None:
         """When tick() must be called next (None: no timer running)."""
@@ -278,15 +292,23 @@ class SessionConnection:
             return None
         if self.state is not State.READY:
             return self._started + self.handshake_timeout
-        times = [t for t in (self._next_keepalive,) if t is not None]
+        times = [t for t in (self._next_keepalive, self._ack_due) if t is not None]
         if self.idle_timeout is not None:
             times.append(self._last_rx + self.idle_timeout)
         return min(times) if times else None
 
+    def ack_if_needed(self) -> None:
+        """After a batch of reads: acknowledge now if ack_every messages are waiting for it
+        (otherwise the ack rides on our next message, or goes when ack_delay runs out)."""
+        if self._unacked_in >= self.ack_every:
+            self.send_ack()
+
     def send_ack(self) -> None:
+        """Acknowledge everything received, now, with an ACK frame."""
         if self.state is State.READY and self.session is not None and self._unacked_in:
             self._out += encode_frame(Tag.ACK, [[U64.pack(self.session.in_seq)]])
-            self._unacked_in = 0
+        self._unacked_in = 0
+        self._ack_due = None
 
     def keepalive(self, now: float) -> None:
         if self.state is State.READY:
@@ -532,7 +554,7 @@ class SessionConnection:
             flags = MSG_FLAG_REPLY if m.is_reply else 0
             header = MSG_HEADER.pack(m.type, m.priority, flags, m.tid, m.seq, s.in_seq)
             self._out += encode_frame(Tag.MESSAGE, [[header], m.front, m.data], data_crc=self.data_crc)
-            self._unacked_in = 0  # the header carried our ack
+            self._unacked_in, self._ack_due = 0, None  # the header carried our ack
             if s.lossless:
                 s.sent.append(m)
 
@@ -549,6 +571,8 @@ class SessionConnection:
             raise RemoteProtocolError(f"message seq {seq} after {s.in_seq}: a gap in a lossless session")
         s.in_seq = seq
         self._unacked_in += 1
+        if self._ack_due is None:
+            self._ack_due = self._now + self.ack_delay
         self._events.append(
             MessageReceived(mtype, tid, seq, f.segments[1], f.segments[2], bool(flags & MSG_FLAG_REPLY), prio)
         )
