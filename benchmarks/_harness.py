@@ -1,13 +1,14 @@
-"""Process, timing and reporting helpers for bench_pubsub.py.
+"""Process, timing and reporting helpers for the benchmarks.
 
-Nothing here knows about any messaging library: it starts one child process
-(multiprocessing 'spawn'), talks to it over a small control pipe, kills it on a
-watchdog deadline, and formats results.
+Nothing here knows about any messaging library: it starts child processes
+(multiprocessing 'spawn'), talks to them over a small control pipe, kills them
+on a watchdog deadline, and formats results.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import importlib.metadata
 import multiprocessing as mp
@@ -16,6 +17,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 import traceback
 from multiprocessing import reduction
@@ -49,6 +51,27 @@ def _child_main(target, ctrl, parent_pid, args):
         os._exit(1)
 
 
+def _spawn(target, args):
+    """Start target(ctrl, *args) in a spawned child; (our end of its control pipe, process)."""
+    ctx = mp.get_context("spawn")
+    ctrl, child_end = ctx.Pipe()
+    p = ctx.Process(target=_child_main, daemon=True, args=(target, child_end, os.getpid(), args))
+    p.start()
+    _LIVE.add(p)
+    child_end.close()
+    return ctrl, p
+
+
+def _describe(proc, msg) -> str:
+    """The last line of a child's error, or how its process ended."""
+    if msg[0] == "error":
+        return msg[1].strip().splitlines()[-1]
+    code = proc.exitcode
+    if code is not None and code < 0:
+        return f"process killed by {signal.Signals(-code).name}"
+    return f"process exited (code {code})"
+
+
 def expect(conn, kind: str, timeout: float):
     """In a child: wait for control message `kind` from the orchestrator."""
     if not conn.poll(timeout):
@@ -72,18 +95,10 @@ class Pair:
         self.target, self.args = target, {"A": args_a, "B": args_b}
 
     def __enter__(self):
-        ctx = mp.get_context("spawn")
         self.ctrl, self.proc, self.pending, self.closed = {}, {}, {"A": [], "B": []}, set()
         try:
             for side in "AB":
-                self.ctrl[side], child_end = ctx.Pipe()
-                p = ctx.Process(
-                    target=_child_main, daemon=True, args=(self.target, child_end, os.getpid(), self.args[side])
-                )
-                p.start()
-                _LIVE.add(p)
-                child_end.close()
-                self.proc[side] = p
+                self.ctrl[side], self.proc[side] = _spawn(self.target, self.args[side])
         except BaseException:
             self._kill_all()
             raise
@@ -128,12 +143,7 @@ class Pair:
         return text
 
     def _line(self, side, msg):
-        if msg[0] == "error":
-            return msg[1].strip().splitlines()[-1]
-        code = self.proc[side].exitcode
-        if code is not None and code < 0:
-            return f"process killed by {signal.Signals(-code).name}"
-        return f"process exited (code {code})"
+        return _describe(self.proc[side], msg)
 
     def expect(self, side, kind, timeout):
         """Wait for control message `kind` from `side` (messages from the other side queue up)."""
@@ -174,6 +184,75 @@ class Pair:
         for c in self.ctrl.values():
             c.close()
         return False
+
+
+class Child:
+    """`with Child(fn, *args) as c:` runs fn(ctrl, *args) in one spawned child, the
+    peer of a client that runs in this process.  c.recv(timeout) returns the
+    child's next control message and raises ChildError if it failed or died;
+    the child is always killed when the block exits."""
+
+    def __init__(self, target, *args):
+        self.target, self.args = target, args
+
+    def __enter__(self):
+        self.ctrl, self.proc = _spawn(self.target, self.args)
+        return self
+
+    def recv(self, timeout: float):
+        if not self.ctrl.poll(timeout):
+            raise TimeoutError(f"hung: nothing from the peer within {timeout:.0f} s")
+        try:
+            msg = self.ctrl.recv()
+        except (EOFError, OSError):
+            self.proc.join(0.5)
+            msg = ("died", None)
+        if msg[0] in ("error", "died"):
+            raise ChildError(f"peer: {_describe(self.proc, msg)}")
+        return msg
+
+    def expect(self, kind: str, timeout: float):
+        msg = self.recv(timeout)
+        if msg[0] != kind:
+            raise RuntimeError(f"expected {kind!r} from the peer, got {msg[0]!r}")
+        return msg[1] if len(msg) > 1 else None
+
+    def kill(self):
+        _kill(self.proc)
+
+    def __exit__(self, exc_type, exc, tb):
+        self.kill()
+        self.ctrl.close()
+        return False
+
+
+class Hung(TimeoutError):
+    """A watchdog deadline passed."""
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float, on_expiry=None):
+    """Bound a block that runs in the main thread.  After `seconds`, SIGALRM raises
+    Hung in it (a blocking system call is interrupted: the handler raises, so
+    PEP 475 does not retry it); `on_expiry` (e.g. Child.kill) also runs from a
+    timer thread 2 s later, for a main thread stuck in native code."""
+
+    def fire(signum, frame):
+        raise Hung(f"hung: not done within {seconds:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    backup = threading.Timer(seconds + 2, on_expiry) if on_expiry else None
+    if backup:
+        backup.daemon = True
+        backup.start()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if backup:
+            backup.cancel()
 
 
 def _kill(proc):
@@ -292,11 +371,11 @@ def fmt(v, metric: str) -> str:
     return f"{v:.1f}" if v >= 100 else f"{v:.2f}"
 
 
-def render_table(rows: dict, columns: list, headers: dict) -> str:
+def render_table(rows: dict, columns: list, headers: dict, cell=fmt) -> str:
     names = list(rows)
     cells = [[headers.get(c, c) for c in columns]]
     for n in names:
-        cells.append([fmt(rows[n].get(c), c) for c in columns])
+        cells.append([cell(rows[n].get(c), c) for c in columns])
     first = max(len("backend"), *(len(n) for n in names)) if names else 7
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     out = ["backend".ljust(first) + "  " + "  ".join(h.rjust(w) for h, w in zip(cells[0], widths, strict=True))]
