@@ -26,13 +26,13 @@ import queue
 import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ._ioloop import IOLoop, Timer
 from .errors import ClosedError, ConfigurationError, PeerLost, Timeout
-from .protocol.frames import Preamble, Tag
+from .protocol.frames import UNLIMITED, FrameReader, Preamble, Tag
 from .protocol.session import (
     MSG_FLAG_REPLY,
     MSG_HEADER,
@@ -140,6 +140,58 @@ class Dispatcher:
         pass
 
 
+class Throttle:
+    """A limit shared by a Messenger's connections (messages, or bytes).
+
+    A connection reserves what is free before it reads, so the frame reader's
+    budget never lets it parse a message body the throttle has no room for;
+    the reader then holds the frame and the connection stops reading (the
+    sender's socket fills: push-back through the transport).  What the round
+    did not queue for dispatch goes back at once; queued messages hold their
+    share until dispatch() returns."""
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None and limit < 1:
+            raise ConfigurationError("a throttle limit is >= 1 (or None for no limit)")
+        self.limit = limit
+        self.used = 0
+        self._low = (limit or 0) * 3 // 4
+        self._lock = threading.Lock()
+        self._waiters: list[Callable[[], object]] = []
+
+    def reserve(self, need: int = 0) -> int:
+        """Take everything free (UNLIMITED without a limit).  When nothing is in use,
+        at least `need`: one message larger than the limit still gets through, alone."""
+        if self.limit is None:
+            return UNLIMITED
+        with self._lock:
+            n = max(0, self.limit - self.used)
+            if self.used == 0 and need > n:
+                n = need
+            self.used += n
+            return n
+
+    def put(self, n: int) -> None:
+        if self.limit is None or n <= 0:
+            return
+        with self._lock:
+            self.used -= n
+            if self.used > self._low or not self._waiters:
+                return
+            waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w()
+
+    def when_free(self, cb: Callable[[], object]) -> None:
+        """Call cb once this throttle is down to its low-water mark (3/4 of the limit:
+        a paused reader resumes with room for more than one message)."""
+        with self._lock:
+            if self.limit is not None and self.used > self._low:
+                self._waiters.append(cb)
+                return
+        cb()
+
+
 class _Call:
     __slots__ = ("conn", "into", "done", "reply", "error")
 
@@ -169,6 +221,9 @@ class Connection:
         self._lock = threading.RLock()
         self._adopted_by: Connection | None = None  # server: the session's connection took our transport
         self._leased = False  # a thread in call() is reading the socket instead of the loop
+        self._paused = False  # a throttle is full: the socket is off the loop until it frees
+        self._queued = [0, 0]  # messages and bytes this read round queued for dispatch
+        self._in_round = False
 
     # ------------------------------------------------------------ any thread
     def send(self, msg: Message) -> None:
@@ -236,7 +291,7 @@ class Connection:
             return None
         with self._lock:
             st, m = self._stream, self._machine
-            if st is None or m is None or m.state is not State.READY or self._leased:
+            if st is None or m is None or m.state is not State.READY or self._leased or self._paused:
                 return None  # the loop reads and wakes us
             self._leased = True
             self.loop.detach(st)  # before the request goes: the loop never sees the reply
@@ -245,7 +300,7 @@ class Connection:
     def _unlease(self, st: Stream) -> None:
         with self._lock:
             self._leased = False
-            if self._stream is st:
+            if self._stream is st and not self._paused:
                 self.loop.attach(st)
 
     def _read_until(self, st: Stream, pending: _Call, deadline: float | None) -> None:
@@ -268,6 +323,8 @@ class Connection:
                 if self._stream is not st:
                     return  # the transport changed: the loop owns the new one
                 self.__on_readable_locked()
+                if self._paused:
+                    return  # a throttle is full: the loop resumes reading when it frees
 
     def wait_ready(self, timeout: float | None = None) -> None:
         if not self._ready.wait(timeout):
@@ -329,24 +386,50 @@ class Connection:
         m, st = self._machine, self._stream
         if m is None or st is None:
             return
-        for _ in range(64):  # bounded: other connections on this loop get their turn
-            buf = m.next_read()
-            if not buf:
-                break  # held by a throttle, or closed
-            try:
-                k = st.recv_into(buf)
-            except BlockingIOError:
-                break
-            except OSError:
-                k = 0
-            if k == 0:
-                m.connection_lost()
-                break
-            m.bytes_read(k)
-            if k < len(buf) or m.state is State.CLOSED:
-                break  # a short read: the socket is drained (saves the EAGAIN round)
-        m.ack_if_needed()
-        self._pump()
+        grant = self.messenger._grant(m.reader)
+        before = m.reader.open_charge
+        self._queued = [0, 0]
+        self._in_round = True
+        try:
+            if m.reader.paused:
+                m.resume_reading()  # a held frame, if the grant has room for it now
+            for _ in range(64):  # bounded: other connections on this loop get their turn
+                buf = m.next_read()
+                if not buf:
+                    break  # held by a throttle, or closed
+                try:
+                    k = st.recv_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    k = 0
+                if k == 0:
+                    m.connection_lost()
+                    break
+                m.bytes_read(k)
+                if k < len(buf) or m.state is State.CLOSED:
+                    break  # a short read: the socket is drained (saves the EAGAIN round)
+            m.ack_if_needed()
+            self._pump()
+        finally:
+            self._in_round = False
+            # what the round did not queue goes back, except a frame still being read
+            now = m.reader.open_charge if m.state is not State.CLOSED else (0, 0)
+            self.messenger._settle(grant, self._queued[0] + now[0] - before[0], self._queued[1] + now[1] - before[1])
+        if self._machine is m and self._stream is st and m.reader.paused and not self._paused:
+            self._paused = True
+            if not self._leased:
+                self.loop.detach(st)
+            self.messenger._when_free(lambda: self.loop.call_soon_threadsafe(self._locked, self._resume, st))
+
+    def _resume(self, st: Stream) -> None:
+        """A throttle has room again (the first of them to free calls this)."""
+        if not self._paused or self._stream is not st:
+            return
+        self._paused = False
+        if not self._leased:
+            self.loop.attach(st)
+        self.__on_readable_locked()
 
     def _on_writable(self) -> None:
         with self._lock:
@@ -424,6 +507,11 @@ class Connection:
             self._teardown_locked(error)
 
     def _teardown_locked(self, error: BaseException | None) -> None:
+        if self._machine is not None and not self._in_round:
+            # a frame charged to the throttles and never finished (a timeout closed it)
+            n, b = self._machine.reader.open_charge
+            self._machine.reader.open_charge = (0, 0)
+            self.messenger._settle((n, b, b), 0, 0)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -471,6 +559,9 @@ class Messenger:
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = 30.0,
         keepalive_interval: float | None = 5.0,
+        throttle_messages: int | None = None,
+        throttle_bytes: int | None = None,
+        dispatch_throttle_bytes: int | None = 100 << 20,
     ) -> None:
         if io_loops < 1:
             raise ConfigurationError("io_loops must be >= 1")
@@ -487,7 +578,12 @@ class Messenger:
         self._by_session: dict[int, Connection] = {}
         self._calls: dict[int, _Call] = {}
         self._tids = itertools.count(1)
-        self._queue: queue.Queue[Message | None] = queue.Queue()
+        # queued dispatch: most urgent first (higher priority), then arrival order
+        self._queue: queue.PriorityQueue[tuple[float, int, Message | None]] = queue.PriorityQueue()
+        self._arrival = itertools.count()
+        # received messages, their bytes, and the bytes waiting for dispatch (Ceph's
+        # policy throttlers and dispatch throttler), taken before a body is read
+        self._throttles = (Throttle(throttle_messages), Throttle(throttle_bytes), Throttle(dispatch_throttle_bytes))
         self._dispatch_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._shut = False
@@ -534,7 +630,7 @@ class Messenger:
             loop.stop()
         for lst in self._listeners:
             lst.close()
-        self._queue.put(None)
+        self._queue.put((float("inf"), next(self._arrival), None))
         if self._dispatch_thread is not None:
             self._dispatch_thread.join(10)
 
@@ -635,10 +731,13 @@ class Messenger:
             if d.can_fast_dispatch(msg):
                 d.fast_dispatch(msg)
                 return
-        self._queue.put(msg)
+        conn._queued[0] += 1
+        conn._queued[1] += len(ev.front) + len(ev.data)
+        self._queue.put((-ev.priority, next(self._arrival), msg))
 
     def _dispatch_loop(self) -> None:
-        while (msg := self._queue.get()) is not None:
+        msgs, nbytes, queued = self._throttles
+        while (msg := self._queue.get()[2]) is not None:
             for d in self._dispatchers:
                 try:
                     d.dispatch(msg)
@@ -646,6 +745,39 @@ class Messenger:
                     import traceback
 
                     traceback.print_exc()
+            size = len(msg.front) + len(msg.data)
+            queued.put(size)
+            msgs.put(1)
+            nbytes.put(size)
+
+    # ------------------------------------------------------------ throttles
+    def _grant(self, reader: FrameReader) -> tuple[int, int, int]:
+        """Reserve what the throttles have free and make it the reader's budget."""
+        need = reader.held_bytes if reader.paused else 0
+        msgs, nbytes, queued = self._throttles
+        g = (msgs.reserve(1), nbytes.reserve(need), queued.reserve(need))
+        reader.budget_frames = UNLIMITED if g[0] == UNLIMITED else reader.taken_frames + g[0]
+        room = [x for x in g[1:] if x != UNLIMITED]
+        reader.budget_bytes = reader.taken_bytes + min(room) if room else UNLIMITED
+        return g
+
+    def _settle(self, grant: tuple[int, int, int], kept_msgs: int, kept_bytes: int) -> None:
+        """After a read round: everything granted but not kept goes back."""
+        for t, g, kept in zip(self._throttles, grant, (kept_msgs, kept_bytes, kept_bytes), strict=True):
+            if g != UNLIMITED:
+                t.put(g - kept)
+
+    def _when_free(self, cb: Callable[[], object]) -> None:
+        """cb() once, when the first full throttle frees (a paused reader resumes)."""
+        fired = threading.Lock()
+
+        def once() -> None:
+            if fired.acquire(blocking=False):
+                cb()
+
+        for t in self._throttles:
+            if t.limit is not None:
+                t.when_free(once)
 
     def _each(self, fn: Any) -> None:
         for d in self._dispatchers:

@@ -151,7 +151,8 @@ class FrameReader:
     its preamble on: the reader asks for no more bytes until the owner raises
     the budget and calls `resume()` (throttles push back on the transport
     instead of growing memory; at most one prefetch buffer is read ahead).
-    `taken_frames`/`taken_bytes` count what was charged.
+    `taken_frames`/`taken_bytes` count what was charged; `open_charge` is the
+    part of it that belongs to a frame still being read.
     """
 
     def __init__(
@@ -180,6 +181,8 @@ class FrameReader:
         self._target: memoryview | None = None  # a direct segment being filled
         self._have = 0
         self._held = False  # the frame at hand is over budget: wait for resume()
+        self.held_bytes = 0  # the body of the held frame
+        self.open_charge = (0, 0)  # (1, body) while a charged frame is still being read
 
     # ------------------------------------------------------------------ API
     @property
@@ -276,10 +279,11 @@ class FrameReader:
         if (self.budget_frames != UNLIMITED and self.taken_frames + 1 > self.budget_frames) or (
             self.budget_bytes != UNLIMITED and self.taken_bytes + body > self.budget_bytes
         ):
-            self._held = True
+            self._held, self.held_bytes = True, body
             return False
         self.taken_frames += 1
         self.taken_bytes += body
+        self.open_charge = (1, body)
         return True
 
     def _slow(self) -> Frame | FrameAborted | None:
@@ -330,6 +334,7 @@ class FrameReader:
             (late,) = EPILOGUE.unpack(self._consume(EPILOGUE.size))
             segments, self._segments, self._pre = self._segments, [], None
             self._phase = _PREAMBLE
+            self.open_charge = (0, 0)
             if late & LATE_ABORTED:
                 return FrameAborted(pre.tag)
             if late & ~LATE_ABORTED:

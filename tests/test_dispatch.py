@@ -1,0 +1,133 @@
+"""Queued dispatch: priorities, and throttles that push back through the transport
+instead of growing memory when the dispatcher is slow."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from copyless.messenger import Dispatcher, Message, Messenger, Policy
+
+WRITE = 3
+
+
+class Gate(Dispatcher):
+    """Queued dispatch that blocks until the gate opens; records what it saw."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.seen: list[tuple[int, bytes, int]] = []
+        self.done = threading.Event()
+        self.entered = threading.Event()
+        self.expect = 0
+
+    def dispatch(self, msg: Message) -> None:
+        self.entered.set()
+        self.open.wait(20)
+        self.seen.append((msg.priority, bytes(msg.front), len(msg.data)))
+        if len(self.seen) >= self.expect:
+            self.done.set()
+
+
+@pytest.fixture
+def gated(tmp_path):
+    made: list[Messenger] = []
+
+    def make(**kw):
+        gate = Gate()
+        m = Messenger("store.1", policies={"client": Policy.stateful_server()}, **kw)
+        m.add_dispatcher(gate)
+        addr = m.bind(f"unix://{tmp_path}/d{len(made)}.sock")
+        m.start()
+        made.append(m)
+        return m, gate, addr
+
+    yield make
+    for m in made:
+        m.shutdown()
+
+
+def wait_for(pred, timeout=5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return pred()
+
+
+def test_message_throttle_holds_the_rest_in_the_transport(gated):
+    server, gate, addr = gated(throttle_messages=10)
+    n = 3000
+    gate.expect = n
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        for i in range(n):
+            conn.send(Message(WRITE, front=b"%06d" % i, data=[bytes(200)]))
+        msgs = server._throttles[0]
+        assert wait_for(lambda: msgs.used == 10), "the throttle filled"
+        time.sleep(0.2)
+        assert msgs.used == 10 and server._queue.qsize() <= 10, "no more than the limit waits for dispatch"
+        assert conn._sendq.pending > 0, "the rest waits on the sender's side: push-back through the socket"
+        gate.open.set()
+        assert gate.done.wait(20)
+    assert [f for _, f, _ in gate.seen] == [b"%06d" % i for i in range(n)], "all of them, in order"
+    assert wait_for(lambda: msgs.used == 0), "everything went back"
+
+
+def test_byte_throttle_is_taken_before_the_body_is_read(gated):
+    server, gate, addr = gated(throttle_bytes=1 << 20, dispatch_throttle_bytes=None)
+    n, size = 12, 256 << 10
+    gate.expect = n
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        for i in range(n):
+            conn.send(Message(WRITE, front=b"%02d" % i, data=[bytes(size)]))
+        nbytes = server._throttles[1]
+        # three bodies fit in 1 MiB: one in dispatch (blocked), two queued, the fourth held
+        assert wait_for(lambda: server._queue.qsize() == 2)
+        time.sleep(0.2)
+        (srv_conn,) = [c for c in server._connections if c._machine is not None]
+        assert server._queue.qsize() == 2 and nbytes.used == 3 * (size + 2)
+        assert srv_conn._paused, "the connection stopped reading: the next body did not fit"
+        reader = srv_conn._machine.reader
+        assert reader.paused and reader.held_bytes == size + 2
+        gate.open.set()
+        assert gate.done.wait(20)
+    assert [f for _, f, _ in gate.seen] == [b"%02d" % i for i in range(n)]
+    assert all(n == size for _, _, n in gate.seen)
+    assert wait_for(lambda: nbytes.used == 0)
+
+
+def test_a_message_larger_than_the_byte_throttle_still_passes_alone(gated):
+    server, gate, addr = gated(throttle_bytes=64 << 10)
+    gate.open.set()
+    gate.expect = 3
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        for i, size in enumerate((10, 1 << 20, 10)):
+            conn.send(Message(WRITE, front=b"%d" % i, data=[bytes(size)]))
+        assert gate.done.wait(10)
+    assert [(f, n) for _, f, n in gate.seen] == [(b"0", 10), (b"1", 1 << 20), (b"2", 10)]
+
+
+def test_queued_dispatch_goes_by_priority_then_arrival(gated):
+    server, gate, addr = gated()
+    plan = [(0, b"first")] + [(p, b"%d-%d" % (p, i)) for i in range(5) for p in (1, 9, 5)]
+    gate.expect = len(plan)
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.send(Message(WRITE, front=plan[0][1]))
+        assert gate.entered.wait(5)  # "first" is in dispatch, blocked: the rest queue up behind it
+        for p, front in plan[1:]:
+            conn.send(Message(WRITE, front=front, priority=p))
+        assert wait_for(lambda: server._queue.qsize() == len(plan) - 1)
+        gate.open.set()
+        assert gate.done.wait(10)
+    got = [f for _, f, _ in gate.seen]
+    assert got[0] == b"first"
+    assert got[1:] == [b"%d-%d" % (p, i) for p in (9, 5, 1) for i in range(5)], "urgent first, FIFO within"
