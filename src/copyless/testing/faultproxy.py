@@ -237,9 +237,12 @@ class FaultProxy:
         self._call(heal)
 
     def statistics(self) -> FaultProxyStatistics:
-        """A snapshot of the counters, current as of the last control call or loop pass."""
-        with self._cond:
-            return self._stats
+        """A snapshot of the counters, taken on the proxy's thread (the final ones once closed)."""
+        try:
+            return self._call(self._snapshot)
+        except ClosedError:
+            with self._cond:
+                return self._stats
 
     def wait_for(
         self, predicate: Callable[[FaultProxyStatistics], bool], timeout: float | None = None
