@@ -321,3 +321,50 @@ def test_a_direct_connection_keeps_every_message_while_a_proxied_one_is_cut(serv
     assert store.bad == 0
     assert proxy.statistics().connections_cut >= 5
 
+
+def test_a_server_send_racing_the_reconnect_handshake_is_not_lost(addresses, monkeypatch) -> None:
+    """Regression: a server-side send from an application thread, made while the I/O loop runs
+    the session's reconnect handshake on the new transport, was silently lost.
+
+    The handshake ran under the new transport's Connection lock while the application sent under
+    the lock of the Connection that holds the session, so nothing ordered the two: a message
+    queued while _on_reconnect rebuilt the session's unsent queue went into the discarded deque.
+    Here the thread switch is forced at that point: the hook sends from another thread and waits
+    (briefly) for that send to finish.
+    """
+    from copyless.protocol import session as session_module
+
+    store, mine = Recorder(), Recorder()
+    real_deque = session_module.deque
+    hook: list[Connection] = []  # armed with the server-side connection to send on
+    done = threading.Event()
+
+    def racing_deque(*args: object) -> object:
+        d = real_deque(*args)  # type: ignore[call-overload]
+        if hook and threading.current_thread().name.startswith("copyless-io-store"):
+            conn = hook.pop()
+            threading.Thread(target=lambda: (conn.send(Message(PUSH, front=HEAD.pack(0, 1, 0))), done.set())).start()
+            done.wait(0.5)  # with the fix the send waits for the handshake to finish; without, it completes now
+        return d
+
+    with (
+        Messenger("store.1", policies={"client": Policy.stateful_server()}, **TIMERS) as srv,  # type: ignore[arg-type]
+        Messenger("client.7", default_policy=Policy.lossless_client(), **TIMERS) as client,  # type: ignore[arg-type]
+    ):
+        srv.add_dispatcher(store)
+        client.add_dispatcher(mine)
+        srv.start()
+        with FaultProxy(srv.bind(addresses[0]), addresses[1]) as proxy:
+            conn = client.connect(proxy.address)
+            conn.send(Message(WRITE, front=HEAD.pack(0, 0, zlib.crc32(b""))))
+            store.wait(0, 1)
+            (server_conn,) = store.accepted
+            server_conn.send(Message(PUSH, front=HEAD.pack(0, 0, 0)))
+            mine.wait(0, 1)
+            monkeypatch.setattr(session_module, "deque", racing_deque)
+            hook.append(server_conn)
+            proxy.cut()  # the client reconnects; the server resumes the session
+            assert done.wait(5), "the hook never ran: did _on_reconnect change?"
+            server_conn.send(Message(PUSH, front=HEAD.pack(0, 2, 0)))
+            got = mine.wait(0, 3, timeout=5)
+    assert got == [0, 1, 2]

@@ -423,6 +423,10 @@ class Messenger:
         self._queue: queue.Queue[Message | None] = queue.Queue()
         self._dispatch_thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # One lock for all the connections a server accepts.  A reconnect's handshake runs on
+        # the new transport's Connection but changes the session that another Connection holds
+        # and application threads send on; with a lock each, a message sent meanwhile was lost.
+        self._accepted_lock = threading.RLock()
         self._shut = False
 
     # ------------------------------------------------------------ setup
@@ -499,6 +503,7 @@ class Messenger:
     def _on_accept(self, lst: Listener, loop: IOLoop) -> None:
         while (stream := lst.accept()) is not None:
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
+            conn._lock = self._accepted_lock
             with conn._lock:
                 conn._attach(stream, self._machine(Role.SERVER, registry=self._registry))
             with self._lock:
