@@ -28,13 +28,16 @@ Buffer = bytes | bytearray | memoryview
 PREAMBLE = struct.Struct("<BBH" + "IH" * 4 + "I")  # tag, nseg, flags, 4 x (len, align), crc
 assert PREAMBLE.size == 32
 CRC = struct.Struct("<I")
-EPILOGUE = struct.Struct("<B3x")  # late flags
+EPILOGUE = struct.Struct("<I")  # u8 late status, 3 zero bytes
 MAX_SEGMENTS = 4
 
 # preamble flags
 FLAG_NO_DATA_CRC = 0x1  # the last segment's crc is not computed (sent as 0)
-# epilogue late flags
-LATE_ABORTED = 0x1
+# epilogue late status.  Nothing checksums the epilogue, so the two values differ in four
+# bits and anything else is an error: no single flipped bit can make a receiver discard a
+# good frame as aborted (msgr2.1 chose its late status values for the same reason).
+LATE_COMPLETE = 0x0E
+LATE_ABORTED = 0x01
 
 
 class Tag(enum.IntEnum):
@@ -112,7 +115,7 @@ def encode_frame(
     for i, seg in enumerate(segments):
         out.extend(b for b in seg if memoryview(b).nbytes)
         out.append(CRC.pack(0 if (i == last and not data_crc) else _crc(seg)))
-    out.append(EPILOGUE.pack(LATE_ABORTED if aborted else 0))
+    out.append(EPILOGUE.pack(LATE_ABORTED if aborted else LATE_COMPLETE))
     return out
 
 
@@ -250,10 +253,10 @@ class FrameReader:
         self._step = _Step("preamble")
         self._pre = None
         segments, self._segments = self._segments, []
-        if late & LATE_ABORTED:
+        if late == LATE_ABORTED:
             return FrameAborted(pre.tag)
-        if late & ~LATE_ABORTED:
-            raise FrameError(f"unknown epilogue flags {late:#x}")
+        if late != LATE_COMPLETE:
+            raise FrameError(f"bad epilogue {late:#010x}")
         return Frame(pre.tag, segments, pre.aligns)
 
     def _advance_empty(self) -> Frame | FrameAborted | None:
