@@ -98,7 +98,7 @@ def test_large_segment_is_read_directly_copying_at_most_the_prefetched_part():
 @given(segs=st.lists(segment, min_size=1, max_size=4), pos=st.integers(0, 10_000), bit=st.integers(0, 7))
 def test_every_single_bit_flip_is_caught(segs, pos, bit):
     wire = bytearray(wire_of(encode_frame(Tag.MESSAGE, segs)))
-    pos %= len(wire) - 4  # the epilogue's padding is not covered
+    pos %= len(wire)  # the epilogue too
     wire[pos] ^= 1 << bit
     reader = FrameReader()
     with pytest.raises(RemoteProtocolError):
@@ -196,6 +196,19 @@ def test_aborted_frame_is_discarded_and_the_stream_continues():
     events = feed(FrameReader(), wire)
     assert isinstance(events[0], FrameAborted) and events[0].tag == Tag.MESSAGE
     assert isinstance(events[1], Frame) and bytes(events[1].segments[0]) == struct.pack("<Q", 9)
+
+
+@pytest.mark.parametrize("aborted", [False, True])
+@pytest.mark.parametrize("bit", range(32))
+def test_no_bit_flip_in_the_epilogue_turns_complete_into_aborted_or_back(aborted, bit):
+    """Regression: the epilogue is not under any crc, and complete (0) and aborted (1) differed in
+    one bit, so one flipped bit made the receiver silently discard a good MESSAGE (found by the
+    FaultProxy's corrupt(): a lossless call then waited for a reply that only a later message
+    from the server would have shown missing)."""
+    wire = bytearray(wire_of(encode_frame(Tag.MESSAGE, [[b"header"], [b"data"]], aborted=aborted)))
+    wire[len(wire) - 4 + bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(FrameError):
+        feed(FrameReader(), bytes(wire))
 
 
 def test_data_crc_can_be_off():

@@ -25,6 +25,8 @@
 #define PREAMBLE_SIZE 32
 #define MAX_SEGMENTS 4
 #define FLAG_NO_DATA_CRC 0x1
+#define LATE_COMPLETE 0x0E /* epilogue status: four bits from aborted, as no crc covers it */
+#define LATE_ABORTED 0x01
 
 /* ------------------------------------------------------------------ crc32c */
 static uint32_t crc_table[8][256];
@@ -249,7 +251,7 @@ static PyObject *py_frame_encode(PyObject *self, PyObject *args) {
         put32(c, crcs[i]);
         if (acc_put(&acc, c, 4) < 0) goto fail;
     }
-    uint8_t epi[4] = {aborted ? 1 : 0, 0, 0, 0};
+    uint8_t epi[4] = {aborted ? LATE_ABORTED : LATE_COMPLETE, 0, 0, 0};
     if (acc_put(&acc, epi, 4) < 0 || acc_flush(&acc, out) < 0) goto fail;
     goto done;
 fail:
@@ -336,7 +338,7 @@ static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
             if (checked && crc32c_update(0, buf + off, len[i]) != get32(buf + off + len[i])) ok = 0;
             off += (Py_ssize_t)len[i] + 4;
         }
-        if (!ok || buf[off] != 0) break; /* bad crc, abort or unknown late flags: the slow path says which */
+        if (!ok || get32(buf + off) != LATE_COMPLETE) break; /* bad crc, abort, bad epilogue: the slow path says which */
         PyObject *segs = PyList_New(nseg);
         if (!segs) goto fail;
         for (unsigned i = 0; i < nseg; i++) {

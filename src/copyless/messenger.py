@@ -308,7 +308,10 @@ class Connection:
         while not pending.done.is_set():
             want = select.POLLIN | (select.POLLOUT if self._sendq.pending else 0)
             if want != interest:
-                (poller.modify if interest else poller.register)(st, want)
+                with self._lock:  # a teardown on the loop thread may have closed it
+                    if self._stream is not st:
+                        return
+                    (poller.modify if interest else poller.register)(st.fileno(), want)
                 interest = want
             if deadline is None:
                 wait = -1
@@ -586,6 +589,10 @@ class Messenger:
         self._throttles = (Throttle(throttle_messages), Throttle(throttle_bytes), Throttle(dispatch_throttle_bytes))
         self._dispatch_thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # One lock for all the connections a server accepts.  A reconnect's handshake runs on
+        # the new transport's Connection but changes the session that another Connection holds
+        # and application threads send on; with a lock each, a message sent meanwhile was lost.
+        self._accepted_lock = threading.RLock()
         self._shut = False
 
     # ------------------------------------------------------------ setup
@@ -662,6 +669,7 @@ class Messenger:
     def _on_accept(self, lst: Listener, loop: IOLoop) -> None:
         while (stream := lst.accept()) is not None:
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
+            conn._lock = self._accepted_lock
             with conn._lock:
                 conn._attach(stream, self._machine(Role.SERVER, registry=self._registry))
             with self._lock:

@@ -29,13 +29,16 @@ Buffer = bytes | bytearray | memoryview
 PREAMBLE = struct.Struct("<BBH" + "IH" * 4 + "I")  # tag, nseg, flags, 4 x (len, align), crc
 assert PREAMBLE.size == 32
 CRC = struct.Struct("<I")
-EPILOGUE = struct.Struct("<B3x")  # late flags
+EPILOGUE = struct.Struct("<I")  # u8 late status, 3 zero bytes
 MAX_SEGMENTS = 4
 
 # preamble flags
 FLAG_NO_DATA_CRC = 0x1  # the last segment's crc is not computed (sent as 0)
-# epilogue late flags
-LATE_ABORTED = 0x1
+# epilogue late status.  Nothing checksums the epilogue, so the two values differ in four
+# bits and anything else is an error: no single flipped bit can make a receiver discard a
+# good frame as aborted (msgr2.1 chose its late status values for the same reason).
+LATE_COMPLETE = 0x0E
+LATE_ABORTED = 0x01
 
 
 class Tag(enum.IntEnum):
@@ -335,10 +338,10 @@ class FrameReader:
             segments, self._segments, self._pre = self._segments, [], None
             self._phase = _PREAMBLE
             self.open_charge = (0, 0)
-            if late & LATE_ABORTED:
+            if late == LATE_ABORTED:
                 return FrameAborted(pre.tag)
-            if late & ~LATE_ABORTED:
-                raise FrameError(f"unknown epilogue flags {late:#x}")
+            if late != LATE_COMPLETE:
+                raise FrameError(f"bad epilogue {late:#010x}")
             return Frame(pre.tag, segments)
 
     def _open_segment(self, pre: Preamble) -> bool:
