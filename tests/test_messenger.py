@@ -39,6 +39,21 @@ class Store(Dispatcher):
         self.accepted.append(conn)
 
 
+SLOW, SILENT = 4, 5
+
+
+class Slow(Store):
+    """READ replies at once; SLOW replies from the dispatch thread; SILENT never replies."""
+
+    def dispatch(self, msg: Message) -> None:
+        if msg.type == SLOW:
+            time.sleep(0.01)
+            assert msg.connection is not None
+            msg.connection.send(msg.reply(READ_REPLY, front=bytes(msg.front)))
+        elif msg.type != SILENT:
+            super().dispatch(msg)
+
+
 @pytest.fixture(params=["tcp", "unix"])
 def address(request, tmp_path):
     return "tcp://127.0.0.1:0" if request.param == "tcp" else f"unix://{tmp_path}/m.sock"
@@ -46,7 +61,7 @@ def address(request, tmp_path):
 
 @pytest.fixture
 def server(address):
-    store = Store()
+    store = Slow()
     m = Messenger("store.1", policies={"client": Policy.stateful_server()})
     m.add_dispatcher(store)
     bound = m.bind(address)
@@ -122,35 +137,9 @@ def test_call_to_a_dead_server_fails_and_nothing_leaks(address):
     assert threading.active_count() <= before
 
 
-SLOW, SILENT = 4, 5
-
-
-class Slow(Store):
-    """READ replies at once; SLOW replies from the dispatch thread; SILENT never replies."""
-
-    def dispatch(self, msg: Message) -> None:
-        if msg.type == SLOW:
-            time.sleep(0.01)
-            assert msg.connection is not None
-            msg.connection.send(msg.reply(READ_REPLY, front=bytes(msg.front)))
-        elif msg.type != SILENT:
-            super().dispatch(msg)
-
-
-@pytest.fixture
-def slow_server(address):
-    store = Slow()
-    m = Messenger("store.1", policies={"client": Policy.stateful_server()})
-    m.add_dispatcher(store)
-    bound = m.bind(address)
-    m.start()
-    yield m, store, bound
-    m.shutdown()
-
-
-def test_concurrent_callers_on_one_connection_each_get_their_reply(slow_server):
+def test_concurrent_callers_on_one_connection_each_get_their_reply(server):
     """One caller at a time reads the socket itself; it delivers the others' replies."""
-    _, _, addr = slow_server
+    _, _, addr = server
     errors: list[BaseException] = []
     with Messenger("client.7") as client:
         conn = client.connect(addr)
@@ -175,8 +164,8 @@ def test_concurrent_callers_on_one_connection_each_get_their_reply(slow_server):
         assert not conn._leased, "the last caller handed the socket back to the loop"
 
 
-def test_call_timeout_returns_the_socket_to_the_loop(slow_server):
-    _, store, addr = slow_server
+def test_call_timeout_returns_the_socket_to_the_loop(server):
+    _, store, addr = server
     store.expect = 1
     with Messenger("client.7") as client:
         conn = client.connect(addr)
@@ -192,10 +181,10 @@ def test_call_timeout_returns_the_socket_to_the_loop(slow_server):
         assert bytes(r.data) == b"\x07\x07"
 
 
-def test_a_call_survives_a_transport_cut_while_its_caller_reads(slow_server):
+def test_a_call_survives_a_transport_cut_while_its_caller_reads(server):
     """Lossless: the request is replayed on the new transport; the caller, whose leased
     socket died, waits for the loop to deliver the reply."""
-    _, store, addr = slow_server
+    _, store, addr = server
     with Messenger("client.7", default_policy=Policy.lossless_client()) as client:
         conn = client.connect(addr)
         conn.wait_ready(5)
