@@ -195,3 +195,21 @@ def test_a_call_survives_a_transport_cut_while_its_caller_reads(server):
             r = conn.call(Message(SLOW, front=b"%d" % i), timeout=10)
             assert bytes(r.front) == b"%d" % i
             conn.wait_ready(5)
+
+
+def test_accepted_connections_spread_over_the_loop_pool(server):
+    """Never a thread per connection, and not all on one loop either: least-loaded first."""
+    m, store, addr = server
+    before = threading.active_count()
+    clients = [Messenger(f"client.{i}") for i in range(4)]
+    try:
+        conns = [c.connect(addr) for c in clients]
+        for c in conns:
+            c.wait_ready(5)
+            assert bytes(c.call(Message(READ, front=(1).to_bytes(8, "little")), timeout=5).data) == b"\x07"
+        loops = sorted(sum(1 for c in store.accepted if c.loop is lp) for lp in m._loops)
+        assert loops == [2, 2], "two loops, two connections each"
+        assert threading.active_count() - before == 4 * 3, "each client messenger: 2 loops + dispatch"
+    finally:
+        for c in clients:
+            c.shutdown()

@@ -9,14 +9,16 @@
 
 The protocol is the sans-I/O machine in protocol/session.py; this module only
 drives it over transports, on a fixed pool of I/O loops (never a thread per
-connection), and dispatches what arrives: `fast_dispatch` on the I/O loop for
+connection), and dispatches what arrives: `fast_dispatch` on the thread that
+reads the connection (its I/O loop, or a caller waiting in call()) for
 messages the dispatcher says may, `dispatch` from one dispatch thread for the
-rest (in arrival order per connection).
+rest (by priority, then in arrival order).
 
 Status (issue 3): tcp:// and unix:// transports; lossless and lossy clients
-with reconnect and replay; direct receive for replies; fast and queued
-dispatch.  A server's accepted connections run on one loop for now (see
-docs/design.md); throttles, lossless-peer races, ipc:// and TLS are to come.
+with reconnect and replay; direct receive for replies, read by the calling
+thread; fast and queued (prioritised) dispatch; throttles that push back
+through the transport.  Lossless-peer races, ipc:// and TLS are to come
+(docs/design.md).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class Message:
 
 
 class Dispatcher:
-    """Override what you need.  fast_dispatch runs on an I/O loop and must not block."""
+    """Override what you need.  fast_dispatch runs on the thread reading the connection
+    (an I/O loop, or a caller waiting for its reply) and must not block."""
 
     def can_fast_dispatch(self, msg: Message) -> bool:
         return False
@@ -376,6 +379,7 @@ class Connection:
 
     def _attach(self, stream: Stream, machine: SessionConnection) -> None:
         self._stream, self._machine = stream, machine
+        self._paused = False  # a new reader: fresh budgets
         self._sendq.clear()
         self.loop.add_reader(stream, self._on_readable)
         self._pump()
@@ -603,8 +607,8 @@ class Messenger:
         """Listen on an address (tcp://host:port, unix:///path); returns the bound address."""
         lst = listen(address)
         self._listeners.append(lst)
-        loop = self._loops[0]  # a server's connections live on this loop for now
-        loop.call_soon_threadsafe(loop.add_reader, lst, lambda: self._on_accept(lst, loop))
+        loop = self._loops[0]  # accepts here; each connection goes to the least-loaded loop
+        loop.call_soon_threadsafe(loop.add_reader, lst, lambda: self._on_accept(lst))
         return lst.address
 
     def start(self) -> None:
@@ -666,8 +670,10 @@ class Messenger:
     def _policy_for(self, peer_name: str) -> Policy:
         return self.policies.get(peer_name.split(".", 1)[0], self.default_policy)
 
-    def _on_accept(self, lst: Listener, loop: IOLoop) -> None:
+    def _on_accept(self, lst: Listener) -> None:
         while (stream := lst.accept()) is not None:
+            loop = min(self._loops, key=lambda lp: lp.load)
+            loop.load += 1
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
             conn._lock = self._accepted_lock
             with conn._lock:
@@ -705,8 +711,11 @@ class Messenger:
             if conn._timer is not None:
                 conn._timer.cancel()
             conn._stream, conn._machine, conn._adopted_by, conn._closed = None, None, existing, True
+            existing._paused = False  # a new transport, a new reader: fresh budgets
             if existing._stream is not None:
+                conn.loop.remove(existing._stream)  # it may move to the other connection's loop
                 existing.loop.add_reader(existing._stream, existing._on_readable)
+        conn.loop.load = max(0, conn.loop.load - 1)
         with self._lock:
             self._connections.discard(conn)
 
