@@ -258,3 +258,15 @@ def check(n, crc32c):
     assert crc32c(b"123456789") == 0xE3069283  # the standard check value
     assert crc32c(data) == _crc32c_reference(data)
     assert crc32c(data[n // 3 :], crc32c(data[: n // 3])) == crc32c(data), "chaining"
+
+
+@pytest.mark.parametrize("chunk", [1000, 7, 1 << 20])
+@pytest.mark.parametrize("where", [0, 1, 4095, 20_000, 99_999])
+def test_a_flip_in_a_direct_segment_is_caught_by_the_crc_taken_as_it_landed(where, chunk):
+    payload = bytes(range(256)) * 400  # 102 400 bytes: read straight into its own buffer
+    wire = bytearray(wire_of(encode_frame(Tag.MESSAGE, [[b"h" * 28], [b"f"], [payload]])))
+    start = 32 + 28 + 4 + 1 + 4
+    assert bytes(feed(FrameReader(), bytes(wire), [chunk])[0].segments[2]) == payload
+    wire[start + where] ^= 0x10
+    with pytest.raises(BadChecksum):
+        feed(FrameReader(), bytes(wire), [chunk])

@@ -182,6 +182,8 @@ class FrameReader:
         self._pre: Preamble | None = None
         self._segments: list[memoryview] = []
         self._target: memoryview | None = None  # a direct segment being filled
+        self._tcrc: int | None = None  # its running crc32c (None: not checked)
+        self._crcs: dict[int, int] = {}  # crc32c of direct segments, computed as they landed
         self._have = 0
         self._held = False  # the frame at hand is over budget: wait for resume()
         self.held_bytes = 0  # the body of the held frame
@@ -209,6 +211,8 @@ class FrameReader:
         if self._target is not None and self._start == self._end:
             if self._have + n > len(self._target):
                 raise LocalProtocolError("bytes_read() does not match the last next_read()")
+            if self._tcrc is not None:  # checksummed as it lands, while it is in cache
+                self._tcrc = crc32c(self._target[self._have : self._have + n], self._tcrc)
             self._have += n
         else:
             if self._end + n > len(self._buf):
@@ -302,7 +306,7 @@ class FrameReader:
                 if not self._fits(pre):
                     return None
                 self._start += PREAMBLE.size
-                self._pre, self._segments, self._index = pre, [], 0
+                self._pre, self._segments, self._index, self._crcs = pre, [], 0, {}
                 self._phase = _SEGMENT
                 continue
             cur = self._pre
@@ -318,7 +322,9 @@ class FrameReader:
                     if not self._fill_target():
                         return None
                     self._segments.append(self._target)
-                    self._target = None
+                    if self._tcrc is not None:
+                        self._crcs[self._index] = self._tcrc
+                    self._target, self._tcrc = None, None
                 self._phase = _CRC
                 continue
             if phase == _CRC:
@@ -326,7 +332,10 @@ class FrameReader:
                     return None
                 (want,) = CRC.unpack(self._consume(CRC.size))
                 i = self._index
-                if (pre.data_crc or i != len(pre.lengths) - 1) and crc32c(self._segments[i]) != want:
+                got = self._crcs.pop(i, None)
+                if (pre.data_crc or i != len(pre.lengths) - 1) and (
+                    got if got is not None else crc32c(self._segments[i])
+                ) != want:
                     raise BadChecksum(f"segment {i} of a {_tag_name(pre.tag)} frame fails its crc32c")
                 self._index += 1
                 self._phase = _SEGMENT
@@ -358,6 +367,7 @@ class FrameReader:
         if view.readonly or len(view) != n:
             raise LocalProtocolError(f"the sink must give a writable buffer of exactly {n} bytes")
         self._target, self._have = view, 0
+        self._tcrc = 0 if pre.data_crc or i != len(pre.lengths) - 1 else None
         return True
 
     def _fill_target(self) -> bool:
@@ -367,6 +377,8 @@ class FrameReader:
         k = min(self._avail(), len(t) - self._have)
         if k:
             t[self._have : self._have + k] = self._consume(k)
+            if self._tcrc is not None:
+                self._tcrc = crc32c(t[self._have : self._have + k], self._tcrc)
             self._have += k
             self.copied += k
         return self._have == len(t)
