@@ -213,3 +213,40 @@ def test_accepted_connections_spread_over_the_loop_pool(server):
     finally:
         for c in clients:
             c.shutdown()
+
+
+def test_a_dispatcher_chooses_where_unsolicited_data_lands(address):
+    """From the verified header and front, before the data is read: no intermediate copy."""
+    arena = bytearray(1 << 20)
+    asked: list[tuple[int, bytes, int]] = []
+    got: list[Message] = []
+    done = threading.Event()
+
+    class Placer(Dispatcher):
+        def data_buffer(self, conn, type, tid, front, nbytes):
+            asked.append((type, bytes(front), nbytes))
+            offset = int(bytes(front))
+            return memoryview(arena)[offset : offset + nbytes] if type == WRITE else None
+
+        def dispatch(self, msg: Message) -> None:
+            got.append(msg)
+            if len(got) == 3:
+                done.set()
+
+    srv = Messenger("store.1")
+    srv.add_dispatcher(Placer())
+    addr = srv.bind(address)
+    srv.start()
+    try:
+        with Messenger("client.7") as client:
+            conn = client.connect(addr)
+            conn.send(Message(WRITE, front=b"4096", data=[b"\x01" * 10_000]))
+            conn.send(Message(WRITE, front=b"0", data=[b"\x02" * 100]))  # small: not asked
+            conn.send(Message(READ, front=b"0", data=[b"\x03" * 10_000]))  # declined: a new buffer
+            assert done.wait(5)
+    finally:
+        srv.shutdown()
+    assert asked == [(WRITE, b"4096", 10_000), (READ, b"0", 10_000)]
+    assert got[0].data.obj is arena and bytes(arena[4096:14096]) == b"\x01" * 10_000, "landed in place"
+    assert got[1].data.obj is not arena and bytes(got[1].data) == b"\x02" * 100
+    assert got[2].data.obj is not arena and bytes(got[2].data) == b"\x03" * 10_000

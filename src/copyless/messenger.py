@@ -28,6 +28,7 @@ import queue
 import select
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,13 @@ class Dispatcher:
 
     def dispatch(self, msg: Message) -> None:
         pass
+
+    def data_buffer(self, conn: Connection, type: int, tid: int, front: memoryview, nbytes: int) -> Any:
+        """Where the data of an incoming message (not a reply to a call) should land:
+        return a writable buffer of at least nbytes, or None for a new one.  Asked on
+        the reading thread once its header and front are verified, for data large
+        enough to be read directly (4 KiB or more), before any of it is read."""
+        return None
 
     def handle_connect(self, conn: Connection) -> None:
         pass
@@ -375,7 +383,7 @@ class Connection:
             self._schedule_reconnect()
             return
         assert self.session is not None
-        self._attach(stream, self.messenger._machine(Role.CLIENT, session=self.session))
+        self._attach(stream, self.messenger._machine(self, Role.CLIENT, session=self.session))
 
     def _attach(self, stream: Stream, machine: SessionConnection) -> None:
         self._stream, self._machine = stream, machine
@@ -652,14 +660,18 @@ class Messenger:
         self.shutdown()
 
     # ------------------------------------------------------------ internals
-    def _machine(self, role: Role, **kw: Any) -> SessionConnection:
+    def _machine(self, conn: Connection, role: Role, **kw: Any) -> SessionConnection:
         hs, idle, ka = self._timeouts
+
+        def sink(pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
+            return self._sink(conn._adopted_by or conn, pre, index, earlier)
+
         return SessionConnection(
             role,
             self.name,
             secret=self._secret,
             data_crc=self._data_crc,
-            sink=self._sink,
+            sink=sink,
             now=time.monotonic(),
             handshake_timeout=hs,
             idle_timeout=idle,
@@ -677,7 +689,7 @@ class Messenger:
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
             conn._lock = self._accepted_lock
             with conn._lock:
-                conn._attach(stream, self._machine(Role.SERVER, registry=self._registry))
+                conn._attach(stream, self._machine(conn, Role.SERVER, registry=self._registry))
             with self._lock:
                 self._connections.add(conn)
 
@@ -719,16 +731,30 @@ class Messenger:
         with self._lock:
             self._connections.discard(conn)
 
-    def _sink(self, pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
-        """Direct receive: a large reply's data segment goes straight from the transport
-        into the buffer its call posted (small ones are copied in by _deliver)."""
-        if pre.tag != Tag.MESSAGE or index != 2 or not earlier or len(earlier[0]) != MSG_HEADER.size:
+    def _sink(
+        self, conn: Connection, pre: Preamble, index: int, earlier: Sequence[memoryview]
+    ) -> memoryview | None:
+        """Direct receive: a large data segment goes straight from the transport into the
+        buffer its call posted, or one a dispatcher chose from the verified header
+        (small ones are copied into a posted buffer by _deliver)."""
+        if pre.tag != Tag.MESSAGE or index != 2 or len(earlier) != 2 or len(earlier[0]) != MSG_HEADER.size:
             return None
-        _t, _p, flags, tid, _s, _a = MSG_HEADER.unpack(earlier[0])
+        mtype, _p, flags, tid, _s, _a = MSG_HEADER.unpack(earlier[0])
+        n = pre.lengths[2]
         pending = self._calls.get(tid) if flags & MSG_FLAG_REPLY else None
-        if pending is None or pending.into is None or len(pending.into) < pre.lengths[2]:
+        if pending is not None:
+            if pending.into is not None and len(pending.into) >= n:
+                return pending.into[:n]
             return None
-        return pending.into[: pre.lengths[2]]
+        for d in self._dispatchers:
+            buf = d.data_buffer(conn, mtype, tid, earlier[1], n)
+            if buf is not None:
+                view = memoryview(buf).cast("B")
+                if view.readonly or len(view) < n:  # the application's bug must not cost the message
+                    warnings.warn(f"{type(d).__name__}.data_buffer() gave an unusable buffer for {n} bytes")
+                    return None
+                return view[:n]
+        return None
 
     def _deliver(self, conn: Connection, ev: MessageReceived) -> None:
         msg = Message(ev.type, ev.front, (), ev.tid, ev.priority)
