@@ -751,7 +751,8 @@ class Messenger:
             if buf is not None:
                 view = memoryview(buf).cast("B")
                 if view.readonly or len(view) < n:  # the application's bug must not cost the message
-                    warnings.warn(f"{type(d).__name__}.data_buffer() gave an unusable buffer for {n} bytes")
+                    msg = f"{type(d).__name__}.data_buffer() gave an unusable buffer for {n} bytes"
+                    warnings.warn(msg, RuntimeWarning, stacklevel=1)
                     return None
                 return view[:n]
         return None
