@@ -1,4 +1,4 @@
-"""asyncio twins of Publisher and Subscriber, with the same names.
+"""asyncio twins of Publisher, Subscriber and Messenger, with the same names.
 
 A Subscriber waits on its eventfd through the event loop (no polling thread):
 it raises its waiter flag with the value that tells the publisher to write
@@ -14,11 +14,11 @@ import os
 import time
 from typing import Any
 
-from . import _pubsub
+from . import _pubsub, messenger
 from ._core import Loan, Message
 from .errors import PeerClosed, Timeout, WouldBlock
 
-__all__ = ["Publisher", "Subscriber", "Message", "Loan"]
+__all__ = ["Publisher", "Subscriber", "Message", "Loan", "Messenger", "Connection", "Dispatcher"]
 
 
 class Publisher(_pubsub.Publisher):
@@ -107,3 +107,107 @@ class Subscriber(_pubsub.Subscriber):
             return await self.recv()
         except PeerClosed:
             raise StopAsyncIteration from None
+
+
+# ---------------------------------------------------------------- Messenger
+class Dispatcher(messenger.Dispatcher):
+    """An asyncio dispatcher: `dispatch` is a coroutine, run on the event loop the
+    Messenger was made in, one message at a time in dispatch order (priority, then
+    arrival).  The Messenger's dispatch thread waits for each one, so throttles count
+    a message until its coroutine is done.  fast_dispatch and the handle_* events stay
+    plain functions (they run on the thread reading the connection)."""
+
+    async def dispatch(self, msg: messenger.Message) -> None:  # type: ignore[override]
+        pass
+
+
+class Connection:
+    """The asyncio face of a messenger.Connection (`conn.sync` is the object itself)."""
+
+    def __init__(self, conn: messenger.Connection) -> None:
+        self.sync = conn
+
+    def send(self, msg: messenger.Message) -> None:
+        """Never blocks: writes what the socket takes now and queues the rest."""
+        self.sync.send(msg)
+
+    async def call(self, msg: messenger.Message, into: Any = None, timeout: float | None = None) -> messenger.Message:
+        """Send a request and await its reply; the reply's data lands in `into`."""
+        conn, m = self.sync, self.sync.messenger
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        if msg.tid == 0:
+            msg.tid = next(m._tids)
+        pending = messenger._Call(conn, memoryview(into).cast("B") if into is not None else None)
+        pending.notify = lambda: loop.call_soon_threadsafe(_finish, done)
+        m._calls[msg.tid] = pending
+        try:
+            conn.send(msg)
+            try:
+                await asyncio.wait_for(asyncio.shield(done), timeout)
+            except TimeoutError:
+                raise Timeout(f"no reply to tid {msg.tid} within {timeout} s") from None
+        finally:
+            m._calls.pop(msg.tid, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        return pending.reply
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.sync.wait_ready, timeout)
+
+    def close(self) -> None:
+        self.sync.close()
+
+
+def _finish(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Messenger(messenger.Messenger):
+    """messenger.Messenger for asyncio: make it inside the running loop.
+
+        async with aio.Messenger("client.7") as m:
+            conn = m.connect("tcp://127.0.0.1:6800")
+            reply = await conn.call(Message(1, front=b"..."), into=buf, timeout=5)
+    """
+
+    def __init__(self, name: str, **kw: Any) -> None:
+        self._aloop = asyncio.get_running_loop()
+        super().__init__(name, **kw)
+
+    def add_dispatcher(self, d: messenger.Dispatcher) -> None:
+        super().add_dispatcher(_OnLoop(d, self._aloop) if isinstance(d, Dispatcher) else d)
+
+    def connect(self, address: str, policy: messenger.Policy | None = None) -> Connection:  # type: ignore[override]
+        return Connection(super().connect(address, policy))
+
+    async def aclose(self) -> None:
+        """Shut down without blocking the event loop (the dispatch thread may be
+        waiting for a coroutine on it)."""
+        await self._aloop.run_in_executor(None, self.shutdown)
+
+    async def __aenter__(self) -> Messenger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class _OnLoop(messenger.Dispatcher):
+    """Runs an aio.Dispatcher's coroutine on its event loop from the dispatch thread."""
+
+    _PLAIN = ("can_fast_dispatch", "fast_dispatch", "data_buffer") + tuple(
+        n for n in vars(messenger.Dispatcher) if n.startswith("handle_")
+    )
+
+    def __init__(self, d: Dispatcher, loop: asyncio.AbstractEventLoop) -> None:
+        self.d, self.loop = d, loop
+        for name in self._PLAIN:  # these run as they are, on the thread that calls them
+            setattr(self, name, getattr(d, name))
+
+    def dispatch(self, msg: messenger.Message) -> None:
+        if not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.d.dispatch(msg), self.loop).result()

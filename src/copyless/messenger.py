@@ -204,13 +204,22 @@ class Throttle:
 
 
 class _Call:
-    __slots__ = ("conn", "into", "done", "reply", "error")
+    """A call waiting for its reply; `notify` (if set) runs once it is finished."""
+
+    __slots__ = ("conn", "into", "done", "reply", "error", "notify")
 
     def __init__(self, conn: Connection, into: memoryview | None) -> None:
         self.conn, self.into = conn, into
         self.done = threading.Event()
         self.reply: Message | None = None
         self.error: BaseException | None = None
+        self.notify: Callable[[], object] | None = None
+
+    def finish(self, reply: Message | None = None, error: BaseException | None = None) -> None:
+        self.reply, self.error = reply, error
+        self.done.set()
+        if self.notify is not None:
+            self.notify()
 
 
 class Connection:
@@ -768,8 +777,7 @@ class Messenger:
                 if into is not None and ev.data.obj is not into.obj and n <= len(into):
                     into[:n] = ev.data  # a small reply came in the prefetch buffer: one copy
                     msg.data = into[:n]
-                pending.reply = msg
-                pending.done.set()
+                pending.finish(reply=msg)
                 return
         for d in self._dispatchers:
             if d.can_fast_dispatch(msg):
@@ -830,8 +838,7 @@ class Messenger:
     def _fail_calls(self, conn: Connection, error: BaseException) -> None:
         for pending in list(self._calls.values()):
             if pending.conn is conn and not pending.done.is_set():
-                pending.error = error
-                pending.done.set()
+                pending.finish(error=error)
 
     def _forget(self, conn: Connection) -> None:
         with self._lock:
