@@ -2,8 +2,8 @@
 
 A frame is a 32-byte preamble (tag, segment count, each segment's length and
 alignment, crc32c of the preamble), then each segment followed by its own
-crc32c, then a 4-byte epilogue whose flags can say the sender aborted the
-frame.  Because every segment carries its own checksum, a receiver can trust a
+crc32c, then a 4-byte epilogue whose status says the frame is complete or
+that the sender aborted it.  Because every segment carries its own checksum, a receiver can trust a
 message's header before it reads the data, and choose where the data goes
 (direct receive: straight from the socket into a buffer the application posted).
 
@@ -251,8 +251,8 @@ class FrameReader:
             self._end,
             self.max_segment,
             self.direct,
-            UNLIMITED if bf == UNLIMITED else bf - self.taken_frames,
-            UNLIMITED if bb == UNLIMITED else bb - self.taken_bytes,
+            UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
+            UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
             Frame,
         )
         self.taken_frames += nf
