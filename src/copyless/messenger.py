@@ -135,6 +135,10 @@ class Dispatcher:
         enough to be read directly (4 KiB or more), before any of it is read."""
         return None
 
+    def handle_fault(self, conn: Connection, error: BaseException) -> None:
+        """A transport of conn ended with this error (bad input from the peer, a failed
+        authentication, a timeout); the policy acts next (reconnect, standby or reset)."""
+
     def handle_connect(self, conn: Connection) -> None:
         pass
 
@@ -241,6 +245,7 @@ class Connection:
         self._lock = threading.RLock()
         self._adopted_by: Connection | None = None  # server: the session's connection took our transport
         self._leased = False  # a thread in call() is reading the socket instead of the loop
+        self.last_error: BaseException | None = None  # why the last transport ended, if it failed
         self._paused = False  # a throttle is full: the socket is off the loop until it frees
         self._queued = [0, 0]  # messages and bytes this read round queued for dispatch
         self._in_round = False
@@ -540,6 +545,12 @@ class Connection:
             self._timer.cancel()
             self._timer = None
         if self._stream is not None:
+            if self._machine is not None:  # best effort: the frame that tells the peer why (AUTH_BAD)
+                self._sendq.add(self._machine.data_to_send())
+                try:
+                    self._sendq.flush(self._stream)
+                except OSError:
+                    pass
             self.loop.remove(self._stream)
             self._stream.close()
             self._stream = None
@@ -548,13 +559,22 @@ class Connection:
         self._machine = None
         self._sendq.clear()
         self._ready.clear()
+        if error is not None:
+            self.last_error = error
+            self.messenger._each(lambda d: d.handle_fault(self, error))
+        if self.policy.server and self.session is None and not self._closed:
+            self._closed = True  # it never got as far as a session: nothing to keep
+            self.messenger._forget(self)
+            return
         if self.policy.server and not self.policy.lossy and not self._closed:
             return  # standby: a stateful server keeps the session until the client reconnects
         if self._closed or not self.policy.reconnect:
             if not self._closed:
                 self._closed = True
                 self.messenger._each(lambda d: d.handle_reset(self))
-            self.messenger._fail_calls(self, PeerLost(f"connection to {self.peer_name or self.address} lost"))
+            lost = PeerLost(f"connection to {self.peer_name or self.address} lost")
+            lost.__cause__ = error
+            self.messenger._fail_calls(self, lost)
             self.messenger._forget(self)
             return
         if self.policy.lossy and self.session is not None:

@@ -1,0 +1,148 @@
+"""Bad input to a live Messenger: whatever a peer sends, that connection ends with a
+specific error (and a handle_fault event) or a clean close, it leaves nothing
+behind, and the messenger's other connections carry on."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from copyless.errors import RemoteProtocolError
+from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+from copyless.protocol.frames import Tag, encode_frame
+from copyless.protocol.session import BANNER, BANNER_MAGIC, FEATURES_SUPPORTED, HELLO, PROTOCOL_VERSION
+
+READ, REPLY = 1, 2
+
+
+class Watch(Dispatcher):
+    def __init__(self) -> None:
+        self.faults: list[BaseException] = []
+
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return True
+
+    def fast_dispatch(self, msg: Message) -> None:
+        assert msg.connection is not None
+        msg.connection.send(msg.reply(REPLY, front=bytes(msg.front)))
+
+    def handle_fault(self, conn: Connection, error: BaseException) -> None:
+        self.faults.append(error)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    watch = Watch()
+    srv = Messenger("store.1", policies={"client": Policy.stateful_server()}, handshake_timeout=0.5)
+    srv.add_dispatcher(watch)
+    addr = srv.bind(f"unix://{tmp_path_factory.mktemp('bad')}/s.sock")
+    srv.start()
+    client = Messenger("client.7")
+    healthy = client.connect(addr)
+    healthy.wait_ready(5)
+    yield srv, watch, addr, healthy
+    client.shutdown()
+    srv.shutdown()
+
+
+@pytest.fixture
+def leakcheck():  # the module's messengers live across examples; their own test checks leaks
+    yield
+
+
+def wire(*frames) -> bytes:
+    return b"".join(bytes(b) for f in frames for b in f)
+
+
+BANNER_OK = BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED, 0)
+HELLO_OK = wire(encode_frame(Tag.HELLO, [[HELLO.pack(0) + b"client.evil"]]))
+
+garbage = st.binary(min_size=1, max_size=400)
+after_banner = st.builds(lambda g: BANNER_OK + g, garbage)
+after_hello = st.builds(lambda g: BANNER_OK + HELLO_OK + g, garbage)
+mutated_hello = st.builds(
+    lambda pos, bit: _flip(BANNER_OK + HELLO_OK, len(BANNER_OK) + pos % len(HELLO_OK), bit),
+    st.integers(0, 10_000),
+    st.integers(0, 7),
+)
+unexpected = st.sampled_from([t for t in Tag if t not in (Tag.HELLO,)]).map(
+    lambda t: BANNER_OK + wire(encode_frame(t, [[b"x" * 40]]))
+)
+
+
+def _flip(b: bytes, pos: int, bit: int) -> bytes:
+    out = bytearray(b)
+    out[pos] ^= 1 << bit
+    return bytes(out)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.one_of(garbage, after_banner, after_hello, mutated_hello, unexpected), close=st.booleans())
+def test_whatever_a_peer_sends_costs_only_its_connection(live, data, close):
+    srv, watch, addr, healthy = live
+    before = len(watch.faults)
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(addr[len("unix://") :])
+    try:
+        s.sendall(data)
+        if close:
+            s.shutdown(socket.SHUT_WR)
+        t0 = time.monotonic()
+        while True:  # the server answers (banner, hello) and then hangs up on us
+            try:
+                if not s.recv(65536):
+                    break
+            except (ConnectionResetError, TimeoutError):
+                break
+        assert time.monotonic() - t0 < 4, "closed within the handshake timeout"
+    finally:
+        s.close()
+    end = time.monotonic() + 2
+    while (len(srv._connections) > 1 or (not close and len(watch.faults) == before)) and time.monotonic() < end:
+        time.sleep(0.005)
+    new = watch.faults[before:]
+    assert all(isinstance(e, (RemoteProtocolError, TimeoutError)) for e in new), new
+    if not close:
+        assert new, "a connection that is not closed by its peer ends with a specific error"
+    assert len(srv._connections) == 1, "nothing kept for a connection that never had a session"
+    r = healthy.call(Message(READ, front=b"still here"), timeout=5)
+    assert bytes(r.front) == b"still here" and healthy.last_error is None
+
+
+def test_a_wrong_secret_is_a_specific_error_for_both_ends(tmp_path):
+    from copyless.protocol.session import AuthenticationFailed
+
+    faults: dict[str, list[BaseException]] = {"srv": [], "cli": []}
+
+    class Note(Dispatcher):
+        def __init__(self, who: str) -> None:
+            self.who = who
+
+        def handle_fault(self, conn: Connection, error: BaseException) -> None:
+            faults[self.who].append(error)
+
+    srv = Messenger("store.1", secret=b"right")
+    srv.add_dispatcher(Note("srv"))
+    addr = srv.bind(f"unix://{tmp_path}/s.sock")
+    srv.start()
+    cli = Messenger("client.7", secret=b"wrong", default_policy=Policy.lossy_client())
+    cli.add_dispatcher(Note("cli"))
+    try:
+        conn = cli.connect(addr)
+        end = time.monotonic() + 5
+        while not (faults["srv"] and faults["cli"]) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert isinstance(faults["srv"][0], AuthenticationFailed)
+        assert isinstance(faults["cli"][0], AuthenticationFailed)
+        assert isinstance(conn.last_error, AuthenticationFailed)
+        assert len(srv._connections) == 0
+    finally:
+        cli.shutdown()
+        srv.shutdown()
+    assert threading.active_count() >= 1
