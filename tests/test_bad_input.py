@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from copyless.errors import RemoteProtocolError
+from copyless.errors import PeerLost, RemoteProtocolError
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
 from copyless.protocol.frames import Tag, encode_frame
 from copyless.protocol.session import BANNER, BANNER_MAGIC, FEATURES_SUPPORTED, HELLO, PROTOCOL_VERSION
@@ -107,7 +107,9 @@ def test_whatever_a_peer_sends_costs_only_its_connection(live, data, close):
     while (len(srv._connections) > 1 or (not close and len(watch.faults) == before)) and time.monotonic() < end:
         time.sleep(0.005)
     new = watch.faults[before:]
-    assert all(isinstance(e, (RemoteProtocolError, TimeoutError)) for e in new), new
+    # garbage or a timeout; or, when we hung up mid-frame, "went away in the middle of a frame"
+    assert all(isinstance(e, (RemoteProtocolError, TimeoutError, PeerLost)) for e in new), new
+    assert close or not any(isinstance(e, PeerLost) for e in new)
     if not close:
         assert new, "a connection that is not closed by its peer ends with a specific error"
     assert len(srv._connections) == 1, "nothing kept for a connection that never had a session"

@@ -293,3 +293,22 @@ def test_acks_ride_on_messages_or_wait_for_the_ack_delay():
     s.receive_data(drain(c))
     s.ack_if_needed()
     assert tags(s) == [Tag.ACK], "ack_every messages are acknowledged at once"
+
+
+def test_a_transport_that_ends_mid_frame_is_a_specific_error():
+    from copyless.errors import PeerLost
+
+    rng = random.Random(5)
+    link, cs, _ = pair(rng)
+    link.run()
+    link.c.send_message(OutMessage(1, [b"whole"], []))
+    whole = drain(link.c)
+    link.s.receive_data(whole[: len(whole) // 2])  # the client died after half of it
+    link.s.connection_lost()
+    (closed,) = [e for e in link.s.next_events() if isinstance(e, Closed)]
+    assert isinstance(closed.error, PeerLost)
+    link2, _, _ = pair(rng)
+    link2.run()
+    link2.c.connection_lost()  # between frames: a clean end
+    (closed,) = [e for e in link2.c.next_events() if isinstance(e, Closed)]
+    assert closed.error is None

@@ -194,6 +194,11 @@ class FrameReader:
     def paused(self) -> bool:
         return self._held
 
+    @property
+    def partial(self) -> bool:
+        """Bytes of a frame (or of the banner) have been read but not the whole of it."""
+        return self._phase != _PREAMBLE or self._target is not None or self._end > self._start
+
     def next_read(self) -> memoryview:
         """The buffer to read into next (empty while paused)."""
         if self._held:

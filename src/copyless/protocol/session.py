@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import AccessDenied, LocalProtocolError, RemoteProtocolError, Timeout
+from ..errors import AccessDenied, LocalProtocolError, PeerLost, RemoteProtocolError, Timeout
 from .frames import Buffer, Frame, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
@@ -320,11 +320,14 @@ class SessionConnection:
         self._close(None)
 
     def connection_lost(self) -> None:
-        """The transport failed: unacked messages go back to the queue (lossless)."""
+        """The transport ended: unacked messages go back to the queue (lossless).  An end
+        in the middle of a frame is an error (PeerLost): the peer died or the link broke
+        mid-message, and what it was sending is gone."""
         if self.state is not State.CLOSED:
             if self.session is not None:
                 self.session.requeue_unacked()
-            self._close(None)
+            cut = self.reader.partial
+            self._close(PeerLost(f"{self.peer_name or 'the peer'} went away in the middle of a frame") if cut else None)
 
     def next_read(self) -> memoryview:
         """The buffer the transport should read into next (empty: read nothing now)."""
