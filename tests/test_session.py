@@ -312,3 +312,30 @@ def test_a_transport_that_ends_mid_frame_is_a_specific_error():
     link2.c.connection_lost()  # between frames: a clean end
     (closed,) = [e for e in link2.c.next_events() if isinstance(e, Closed)]
     assert closed.error is None
+
+
+def test_a_reconnect_older_than_one_already_seen_is_told_to_retry_global(monkeypatch):
+    from copyless.protocol import session as sm
+    from copyless.protocol.frames import Tag
+
+    key = (State.SESSION, Role.CLIENT, Tag.SESSION_RETRY_GLOBAL)
+    answered: list[int] = []
+    real = sm._HANDLERS[key]
+    monkeypatch.setitem(sm._HANDLERS, key, lambda conn, f: (answered.append(1), real(conn, f)))
+    rng = random.Random(11)
+    cs, reg = Session(), SessionRegistry()
+    link, _, _ = pair(rng, client_session=cs, registry=reg)
+    link.run()
+    link.c.send_message(OutMessage(1, [b"before"], []))
+    link.run()
+    (server_session,) = reg.by_client.values()
+    server_session.global_seq = 50  # the server has seen a newer attempt from this client
+    link.cut()
+    c = SessionConnection(Role.CLIENT, "client.1", session=cs)
+    link = Link(rng, c, SessionConnection(Role.SERVER, "store.1", registry=reg))
+    link.run()
+    assert answered and link.c.state is State.READY and link.s.state is State.READY
+    assert cs.global_seq > 50
+    link.c.send_message(OutMessage(1, [b"after"], []))
+    link.run()
+    assert received(link.s, []) == [b"after"], "the session resumed: nothing replayed twice, nothing lost"

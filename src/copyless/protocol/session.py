@@ -495,6 +495,11 @@ class SessionConnection:
             self._out += encode_frame(Tag.SESSION_RESET, [[U64.pack(0)]])
             self.state = State.SESSION
             return
+        if global_seq < s.global_seq:
+            # an attempt older than one we have already seen from this client (it was
+            # delayed, or raced a newer one): it must come again with a newer global_seq
+            self._out += encode_frame(Tag.SESSION_RETRY_GLOBAL, [[U64.pack(s.global_seq)]])
+            return
         if connect_seq <= s.connect_seq:  # a stale attempt: tell it where we are
             self._out += encode_frame(Tag.SESSION_RETRY, [[U64.pack(s.connect_seq)]])
             return
@@ -535,6 +540,13 @@ class SessionConnection:
         assert s is not None
         (server_connect_seq,) = U64.unpack(bytes(f.segments[0]))
         s.connect_seq = server_connect_seq  # _to_session bumps it past the server's
+        self._to_session()
+
+    def _on_session_retry_global(self, f: Frame) -> None:
+        s = self.session
+        assert s is not None
+        (server_global_seq,) = U64.unpack(bytes(f.segments[0]))
+        s.global_seq = max(s.global_seq, server_global_seq)  # _to_session bumps it past
         self._to_session()
 
     def _ready(self, new: bool) -> None:
@@ -626,6 +638,7 @@ _HANDLERS: dict[tuple[State, Role, int], Callable[[SessionConnection, Frame], No
     (State.SESSION, C, Tag.SESSION_RECONNECT_OK): SessionConnection._on_reconnect_ok,
     (State.SESSION, C, Tag.SESSION_RESET): SessionConnection._on_session_reset,
     (State.SESSION, C, Tag.SESSION_RETRY): SessionConnection._on_session_retry,
+    (State.SESSION, C, Tag.SESSION_RETRY_GLOBAL): SessionConnection._on_session_retry_global,
     (State.READY, C, Tag.MESSAGE): SessionConnection._on_message,
     (State.READY, S, Tag.MESSAGE): SessionConnection._on_message,
     (State.READY, C, Tag.ACK): SessionConnection._on_ack,
