@@ -3,7 +3,7 @@
 # what is missing, so it is cheap to call from every make target.
 set -euo pipefail
 need=()
-for pkg in gcc make iproute2 procps strace; do
+for pkg in gcc make iproute2 procps strace openssl; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -23,9 +23,11 @@ through the transport.  Lossless-peer races, ipc:// and TLS are to come
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import select
+import ssl
 import threading
 import time
 import warnings
@@ -345,7 +347,7 @@ class Connection:
                 if left <= 0:
                     return
                 wait = int(left * 1000) + 1
-            if not poller.poll(wait):
+            if not st.pending() and not poller.poll(wait):  # TLS may hold decrypted bytes already
                 continue
             with self._lock:
                 if self._stream is not st:
@@ -370,7 +372,8 @@ class Connection:
 
     def _start_connect(self) -> None:
         try:
-            stream = connect(self.address)
+            tls = self.messenger._tls_client if self.address.startswith("tcp://") else None
+            stream = connect(self.address, tls=tls)
         except OSError:
             self._schedule_reconnect()
             return
@@ -397,7 +400,26 @@ class Connection:
             self._schedule_reconnect()
             return
         assert self.session is not None
-        self._attach(stream, self.messenger._machine(self, Role.CLIENT, session=self.session))
+        machine = functools.partial(self.messenger._machine, self, Role.CLIENT, session=self.session)
+        self._after_tls(stream, lambda: self._attach(stream, machine()))
+
+    def _after_tls(self, stream: Stream, then: Callable[[], None]) -> None:
+        """Run `then` once the stream's TLS handshake is done (at once for a plain stream).
+        A failed handshake (bad certificate, not TLS) is a fault of this transport."""
+        try:
+            done = stream.handshake()
+        except OSError as e:  # ssl.SSLError included
+            self._teardown_locked(e)
+            return
+        self.loop.remove(stream)
+        if done:
+            then()
+            return
+        step = lambda: self._locked(self._after_tls, stream, then)  # noqa: E731
+        if getattr(stream, "want_write", False):
+            self.loop.set_writer(stream, step)
+        else:
+            self.loop.add_reader(stream, step)
 
     def _attach(self, stream: Stream, machine: SessionConnection) -> None:
         self._stream, self._machine = stream, machine
@@ -436,7 +458,7 @@ class Connection:
                     m.connection_lost()
                     break
                 m.bytes_read(k)
-                if k < len(buf) or m.state is State.CLOSED:
+                if (k < len(buf) and not st.pending()) or m.state is State.CLOSED:
                     break  # a short read: the socket is drained (saves the EAGAIN round)
             m.ack_if_needed()
             self._pump()
@@ -606,6 +628,8 @@ class Messenger:
         throttle_messages: int | None = None,
         throttle_bytes: int | None = None,
         dispatch_throttle_bytes: int | None = 100 << 20,
+        tls_server: ssl.SSLContext | None = None,
+        tls_client: ssl.SSLContext | None = None,
     ) -> None:
         if io_loops < 1:
             raise ConfigurationError("io_loops must be >= 1")
@@ -613,6 +637,7 @@ class Messenger:
         self.policies = dict(policies or {})
         self.default_policy = default_policy or Policy.lossless_client()
         self._secret, self._data_crc = secret, data_crc
+        self._tls_server, self._tls_client = tls_server, tls_client  # for tcp:// (ssl module)
         self._timeouts = (handshake_timeout, idle_timeout, keepalive_interval)
         self._loops = [IOLoop(f"copyless-io-{name}-{i}") for i in range(io_loops)]
         self._dispatchers: list[Dispatcher] = []
@@ -642,7 +667,7 @@ class Messenger:
 
     def bind(self, address: str) -> str:
         """Listen on an address (tcp://host:port, unix:///path); returns the bound address."""
-        lst = listen(address)
+        lst = listen(address, tls=self._tls_server if address.startswith("tcp://") else None)
         self._listeners.append(lst)
         loop = self._loops[0]  # accepts here; each connection goes to the least-loaded loop
         loop.call_soon_threadsafe(loop.add_reader, lst, lambda: self._on_accept(lst))
@@ -718,9 +743,13 @@ class Messenger:
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
             conn._lock = self._accepted_lock
             with conn._lock:
-                conn._attach(stream, self._machine(conn, Role.SERVER, registry=self._registry))
+                conn._stream = stream
+                conn._after_tls(stream, functools.partial(self._attach_server, conn, stream))
             with self._lock:
                 self._connections.add(conn)
+
+    def _attach_server(self, conn: Connection, stream: Stream) -> None:
+        conn._attach(stream, self._machine(conn, Role.SERVER, registry=self._registry))
 
     def _adopt(self, conn: Connection) -> None:
         """A server transport finished its handshake: bind it to the connection of its

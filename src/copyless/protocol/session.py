@@ -321,13 +321,18 @@ class SessionConnection:
 
     def connection_lost(self) -> None:
         """The transport ended: unacked messages go back to the queue (lossless).  An end
-        in the middle of a frame is an error (PeerLost): the peer died or the link broke
-        mid-message, and what it was sending is gone."""
+        during the handshake or in the middle of a frame is an error (PeerLost): the peer
+        refused us, died, or the link broke mid-message."""
         if self.state is not State.CLOSED:
             if self.session is not None:
                 self.session.requeue_unacked()
-            cut = self.reader.partial
-            self._close(PeerLost(f"{self.peer_name or 'the peer'} went away in the middle of a frame") if cut else None)
+            who = self.peer_name or "the peer"
+            if self.state is not State.READY:
+                self._close(PeerLost(f"{who} hung up during the handshake (not our protocol, or refused us)"))
+            elif self.reader.partial:
+                self._close(PeerLost(f"{who} went away in the middle of a frame"))
+            else:
+                self._close(None)
 
     def next_read(self) -> memoryview:
         """The buffer the transport should read into next (empty: read nothing now)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import ssl
 from collections import deque
 from collections.abc import Iterable
 
@@ -23,7 +24,7 @@ from ..errors import ConfigurationError
 
 Buffer = bytes | bytearray | memoryview
 
-__all__ = ["Stream", "Listener", "SendQueue", "connect", "listen", "parse_address"]
+__all__ = ["Stream", "TLSStream", "Listener", "SendQueue", "connect", "listen", "parse_address"]
 
 IOV_MAX = 1024
 
@@ -80,6 +81,14 @@ class Stream:
         """Bytes read into buf; 0 means the peer closed.  Raises BlockingIOError when nothing is there."""
         return self.sock.recv_into(buf)
 
+    def pending(self) -> int:
+        """Bytes already received and decrypted but not read (TLS); 0 for a plain socket."""
+        return 0
+
+    def handshake(self) -> bool:
+        """Drive a TLS handshake one step: True once done (plain streams: at once)."""
+        return True
+
     def connected(self) -> bool:
         """For a connect in progress: True once established; raises if it failed."""
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -95,8 +104,58 @@ class Stream:
         self.sock.close()
 
 
+class TLSStream(Stream):
+    """TCP with TLS from the standard ssl module, non-blocking.  Call handshake() when
+    the socket is ready (readable, or writable if want_write) until it returns True.
+    SSLSocket has no sendmsg: small pieces are joined into one write (a copy of at
+    most 64 KiB), a large buffer is written as it is."""
+
+    sock: ssl.SSLSocket
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str) -> None:
+        super().__init__(sock, peer)
+        self.want_write = False
+
+    def handshake(self) -> bool:
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.want_write = False
+            return False
+        except ssl.SSLWantWriteError:
+            self.want_write = True
+            return False
+        return True
+
+    def send_buffers(self, buffers: list[memoryview]) -> int:
+        data: Buffer = buffers[0]
+        if buffers[0].nbytes < TLS_JOIN and len(buffers) > 1:
+            joined = bytearray()
+            for b in buffers:
+                if joined and len(joined) + b.nbytes > TLS_JOIN:
+                    break
+                joined += b
+            data = joined
+        try:
+            return self.sock.send(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+
+    def recv_into(self, buf: memoryview) -> int:
+        try:
+            return self.sock.recv_into(buf)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError from None
+
+    def pending(self) -> int:
+        return self.sock.pending()
+
+
+TLS_JOIN = 64 << 10
+
+
 class Listener:
-    def __init__(self, address: str, backlog: int = 128) -> None:
+    def __init__(self, address: str, backlog: int = 128, tls: ssl.SSLContext | None = None) -> None:
         family, sockaddr = parse_address(address)
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
@@ -109,7 +168,11 @@ class Listener:
         except BaseException:
             sock.close()
             raise
+        if tls is not None and family == socket.AF_UNIX:
+            sock.close()
+            raise ConfigurationError("TLS is for tcp:// (a unix socket is already private to this host)")
         self.sock = sock
+        self.tls = tls
         self.address = _format(family, sock.getsockname())
         self._path = sockaddr if isinstance(sockaddr, str) and family == socket.AF_UNIX else None
 
@@ -123,7 +186,11 @@ class Listener:
             return None
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return Stream(conn, _format(conn.family, addr) if addr else "unix://(client)")
+        peer = _format(conn.family, addr) if addr else "unix://(client)"
+        if self.tls is not None:
+            conn.setblocking(False)
+            return TLSStream(self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), peer)
+        return Stream(conn, peer)
 
     def close(self) -> None:
         self.sock.close()
@@ -146,13 +213,16 @@ def _replace_stale_unix(path: str) -> None:
         probe.close()
 
 
-def listen(address: str) -> Listener:
-    return Listener(address)
+def listen(address: str, tls: ssl.SSLContext | None = None) -> Listener:
+    return Listener(address, tls=tls)
 
 
-def connect(address: str) -> Stream:
-    """Start a non-blocking connect; poll for writability, then check Stream.connected()."""
+def connect(address: str, tls: ssl.SSLContext | None = None) -> Stream:
+    """Start a non-blocking connect; poll for writability, then check Stream.connected()
+    (and, with tls, drive Stream.handshake())."""
     family, sockaddr = parse_address(address)
+    if tls is not None and family == socket.AF_UNIX:
+        raise ConfigurationError("TLS is for tcp:// (a unix socket is already private to this host)")
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         err = sock.connect_ex(sockaddr)
@@ -161,6 +231,9 @@ def connect(address: str) -> Stream:
     except BaseException:
         sock.close()
         raise
+    if tls is not None:
+        host = sockaddr[0] if isinstance(sockaddr, tuple) else None
+        return TLSStream(tls.wrap_socket(sock, do_handshake_on_connect=False, server_hostname=host), address)
     return Stream(sock, address)
 
 
