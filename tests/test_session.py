@@ -339,3 +339,90 @@ def test_a_reconnect_older_than_one_already_seen_is_told_to_retry_global(monkeyp
     link.c.send_message(OutMessage(1, [b"after"], []))
     link.run()
     assert received(link.s, []) == [b"after"], "the session resumed: nothing replayed twice, nothing lost"
+
+
+class FaultyLink(Link):
+    """A link whose chunks may be duplicated, dropped or held back while the clock runs
+    (a byte stream cannot lose or repeat bytes and stay in sync, so each of these is a
+    corruption the receiver must catch), with a fake clock driving the timers."""
+
+    def __init__(self, rng, client, server, now: float) -> None:
+        super().__init__(rng, client, server)
+        self.now = now
+        self.held: list[tuple[float, bytearray, SessionConnection]] = []
+
+    def step(self) -> None:
+        self.now += 0.01
+        for m in (self.c, self.s):
+            m.tick(self.now)
+        self.c2s += drain(self.c)
+        self.s2c += drain(self.s)
+        for pipe, dst in ((self.c2s, self.s), (self.s2c, self.c)):
+            if not pipe:
+                continue
+            n = self.rng.randint(1, len(pipe))
+            chunk = bytes(pipe[:n])
+            del pipe[:n]
+            r = self.rng.random()
+            if r < 0.02:
+                continue  # dropped
+            if r < 0.04:
+                dst.receive_data(chunk)  # duplicated
+            elif r < 0.06:
+                self.held.append((self.now + self.rng.uniform(0.05, 0.5), bytearray(chunk), dst))
+                continue  # delayed: everything after it waits too (a stream keeps order)
+            if any(d is dst for _, _, d in self.held):
+                self.held.append((self.now, bytearray(chunk), dst))
+                continue
+            dst.receive_data(chunk)
+        ready = [h for h in self.held if h[0] <= self.now]
+        for h in ready:
+            if h is next(x for x in self.held if x[2] is h[2]):  # only the oldest per direction
+                self.held.remove(h)
+                h[2].receive_data(bytes(h[1]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32))
+def test_exactly_once_in_order_across_drops_duplicates_and_delays(seed):
+    rng = random.Random(seed)
+    cs, reg = Session(), SessionRegistry()
+    timers = {"handshake_timeout": 1.0, "idle_timeout": 2.0, "keepalive_interval": 0.3}
+    now = 0.0
+
+    def fresh() -> FaultyLink:
+        return FaultyLink(
+            rng,
+            SessionConnection(Role.CLIENT, "client.1", session=cs, now=now, **timers),
+            SessionConnection(Role.SERVER, "store.1", registry=reg, now=now, **timers),
+            now,
+        )
+
+    link = fresh()
+    n = 40
+    to_server = [b"c%d" % i for i in range(n)]
+    to_client = [b"s%d" % i for i in range(n)]
+    got_s: list[bytes] = []
+    got_c: list[bytes] = []
+    sent_c = sent_s = 0
+    for _ in range(3000):
+        if sent_c < n and rng.random() < 0.3:
+            link.c.send_message(OutMessage(1, [to_server[sent_c]], []))
+            sent_c += 1
+        if sent_s < n and link.s.session is not None and link.s.state is State.READY and rng.random() < 0.3:
+            link.s.send_message(OutMessage(1, [to_client[sent_s]], []))
+            sent_s += 1
+        link.step()
+        received(link.s, got_s)
+        received(link.c, got_c)
+        if link.c.state is State.CLOSED or link.s.state is State.CLOSED:
+            link.c.connection_lost()  # the fault closed one end: the transport goes, both see it
+            link.s.connection_lost()
+            received(link.s, got_s)
+            received(link.c, got_c)
+            now = link.now
+            link = fresh()
+        if sent_c == sent_s == n and got_s == to_server and got_c == to_client:
+            break
+    assert got_s == to_server[:sent_c] and got_c == to_client[:sent_s], "exactly once, in order"
+    assert sent_c == sent_s == n and len(got_s) == len(got_c) == n, "and all of it, in the end"
