@@ -9,6 +9,7 @@ falls is drawn from a seeded generator, not from a race against the clock.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 import threading
@@ -97,6 +98,22 @@ def addresses(request, tmp_path) -> tuple[str, str]:
 TIMERS = {"handshake_timeout": 2.0, "idle_timeout": 5.0, "keepalive_interval": 0.5}
 
 
+@contextlib.contextmanager
+def proxied(addresses, store: Recorder, mine: Recorder | None = None, timers=TIMERS):
+    """A stateful server with `store`, a lossless client (with `mine`), the FaultProxy
+    between them, and the client's connection through it."""
+    with (
+        Messenger("store.1", policies={"client": Policy.stateful_server()}, **timers) as srv,
+        Messenger("client.7", default_policy=Policy.lossless_client(), **timers) as client,
+    ):
+        srv.add_dispatcher(store)
+        if mine is not None:
+            client.add_dispatcher(mine)
+        srv.start()
+        with FaultProxy(srv.bind(addresses[0]), addresses[1]) as proxy:
+            yield proxy, client.connect(proxy.address)
+
+
 @pytest.fixture
 def server(addresses) -> Iterator[tuple[Messenger, Recorder, str]]:
     store = Recorder(fast=True)
@@ -148,27 +165,19 @@ def test_lossless_client_exactly_once_in_order_across_random_cuts(server, proxy:
 def test_both_directions_across_random_cuts(addresses) -> None:
     store = Recorder(push=True)  # queued dispatch; pushes back from the dispatch thread
     mine = Recorder()
-    with (
-        Messenger("store.1", policies={"client": Policy.stateful_server()}, **TIMERS) as srv,  # type: ignore[arg-type]
-        Messenger("client.7", default_policy=Policy.lossless_client(), **TIMERS) as client,  # type: ignore[arg-type]
-    ):
-        srv.add_dispatcher(store)
-        client.add_dispatcher(mine)
-        srv.start()
-        with FaultProxy(srv.bind(addresses[0]), addresses[1]) as proxy:
-            conn = client.connect(proxy.address)
-            conn.wait_ready(5)
-            proxy.cut_randomly(3_000, 40_000, seed=3)
-            n = 1500
-            rng = random.Random(4)
-            for i in range(n):
-                conn.send(message(WRITE, 0, i, rng, max_size=2000)[0])
-                if i % 100 == 99:  # let the pushes catch up now and then, so cuts fall both ways
-                    mine.wait(0, i - 50)
-            proxy.heal()
-            got_server = store.wait(0, n)
-            got_client = mine.wait(0, n)
-            cuts = proxy.statistics().connections_cut
+    with proxied(addresses, store, mine) as (proxy, conn):
+        conn.wait_ready(5)
+        proxy.cut_randomly(3_000, 40_000, seed=3)
+        n = 1500
+        rng = random.Random(4)
+        for i in range(n):
+            conn.send(message(WRITE, 0, i, rng, max_size=2000)[0])
+            if i % 100 == 99:  # let the pushes catch up now and then, so cuts fall both ways
+                mine.wait(0, i - 50)
+        proxy.heal()
+        got_server = store.wait(0, n)
+        got_client = mine.wait(0, n)
+        cuts = proxy.statistics().connections_cut
     assert got_server == list(range(n)), "client -> server: exactly once, in order"
     assert got_client == list(range(n)), "server -> client (pushed from the dispatch thread): exactly once, in order"
     assert store.bad == mine.bad == 0
@@ -237,26 +246,19 @@ def test_partition_shorter_than_the_idle_timeout_loses_nothing(server, proxy: Fa
 def test_partition_longer_than_the_idle_timeout_reconnects_and_loses_nothing(addresses) -> None:
     timers = {"handshake_timeout": 0.5, "idle_timeout": 0.4, "keepalive_interval": 0.1}
     store = Recorder(fast=True)
-    with (
-        Messenger("store.1", policies={"client": Policy.stateful_server()}, **timers) as srv,  # type: ignore[arg-type]
-        Messenger("client.7", default_policy=Policy.lossless_client(), **timers) as client,  # type: ignore[arg-type]
-    ):
-        srv.add_dispatcher(store)
-        srv.start()
-        with FaultProxy(srv.bind(addresses[0]), addresses[1]) as proxy:
-            conn = client.connect(proxy.address)
-            conn.wait_ready(5)
-            n = 300
-            rng = random.Random(11)
-            for i in range(n):
-                conn.send(message(WRITE, 0, i, rng)[0])
-                if i == n // 3:
-                    proxy.pause()
-            time.sleep(1.5)  # well past the idle timeout: both ends give the transport up
-            assert len(store.got[0]) < n
-            proxy.resume()
-            got = store.wait(0, n)
-            accepted = proxy.statistics().connections_accepted
+    with proxied(addresses, store, timers=timers) as (proxy, conn):
+        conn.wait_ready(5)
+        n = 300
+        rng = random.Random(11)
+        for i in range(n):
+            conn.send(message(WRITE, 0, i, rng)[0])
+            if i == n // 3:
+                proxy.pause()
+        time.sleep(1.5)  # well past the idle timeout: both ends give the transport up
+        assert len(store.got[0]) < n
+        proxy.resume()
+        got = store.wait(0, n)
+        accepted = proxy.statistics().connections_accepted
     assert got == list(range(n))
     assert accepted >= 2, "the transport timed out and a new one carried the session"
     assert len(store.accepted) == 1
@@ -347,24 +349,16 @@ def test_a_server_send_racing_the_reconnect_handshake_is_not_lost(addresses, mon
             done.wait(0.5)  # with the fix the send waits for the handshake to finish; without, it completes now
         return d
 
-    with (
-        Messenger("store.1", policies={"client": Policy.stateful_server()}, **TIMERS) as srv,  # type: ignore[arg-type]
-        Messenger("client.7", default_policy=Policy.lossless_client(), **TIMERS) as client,  # type: ignore[arg-type]
-    ):
-        srv.add_dispatcher(store)
-        client.add_dispatcher(mine)
-        srv.start()
-        with FaultProxy(srv.bind(addresses[0]), addresses[1]) as proxy:
-            conn = client.connect(proxy.address)
-            conn.send(Message(WRITE, front=HEAD.pack(0, 0, zlib.crc32(b""))))
-            store.wait(0, 1)
-            (server_conn,) = store.accepted
-            server_conn.send(Message(PUSH, front=HEAD.pack(0, 0, 0)))
-            mine.wait(0, 1)
-            monkeypatch.setattr(session_module, "deque", racing_deque)
-            hook.append(server_conn)
-            proxy.cut()  # the client reconnects; the server resumes the session
-            assert done.wait(5), "the hook never ran: did _on_reconnect change?"
-            server_conn.send(Message(PUSH, front=HEAD.pack(0, 2, 0)))
-            got = mine.wait(0, 3, timeout=5)
+    with proxied(addresses, store, mine) as (proxy, conn):
+        conn.send(Message(WRITE, front=HEAD.pack(0, 0, zlib.crc32(b""))))
+        store.wait(0, 1)
+        (server_conn,) = store.accepted
+        server_conn.send(Message(PUSH, front=HEAD.pack(0, 0, 0)))
+        mine.wait(0, 1)
+        monkeypatch.setattr(session_module, "deque", racing_deque)
+        hook.append(server_conn)
+        proxy.cut()  # the client reconnects; the server resumes the session
+        assert done.wait(5), "the hook never ran: did _on_reconnect change?"
+        server_conn.send(Message(PUSH, front=HEAD.pack(0, 2, 0)))
+        got = mine.wait(0, 3, timeout=5)
     assert got == [0, 1, 2]

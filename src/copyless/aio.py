@@ -133,14 +133,11 @@ class Connection:
 
     async def call(self, msg: messenger.Message, into: Any = None, timeout: float | None = None) -> messenger.Message:
         """Send a request and await its reply; the reply's data lands in `into`."""
-        conn, m = self.sync, self.sync.messenger
+        conn = self.sync
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        if msg.tid == 0:
-            msg.tid = next(m._tids)
-        pending = messenger._Call(conn, memoryview(into).cast("B") if into is not None else None)
+        pending = conn._post_call(msg, into)
         pending.notify = lambda: loop.call_soon_threadsafe(_finish, done)
-        m._calls[msg.tid] = pending
         try:
             conn.send(msg)
             try:
@@ -148,11 +145,8 @@ class Connection:
             except TimeoutError:
                 raise Timeout(f"no reply to tid {msg.tid} within {timeout} s") from None
         finally:
-            m._calls.pop(msg.tid, None)
-        if pending.error is not None:
-            raise pending.error
-        assert pending.reply is not None
-        return pending.reply
+            conn.messenger._calls.pop(msg.tid, None)
+        return pending.result()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.sync.wait_ready, timeout)

@@ -227,6 +227,13 @@ class _Call:
         if self.notify is not None:
             self.notify()
 
+    def result(self) -> Message:
+        """The reply of a finished call, or its error raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
 
 class Connection:
     """A session with one peer; survives transport faults according to its policy."""
@@ -282,30 +289,31 @@ class Connection:
 
     def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply; the reply's data is read straight into `into`."""
-        if msg.tid == 0:
-            msg.tid = next(self.messenger._tids)
-        pending = _Call(self, memoryview(into).cast("B") if into is not None else None)
-        self.messenger._calls[msg.tid] = pending
+        pending = self._post_call(msg, into)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             leased = self._lease()
-            if leased is None:
+            try:
                 self.send(msg)
-            else:
-                try:
-                    self.send(msg)
+                if leased is not None:
                     self._read_until(leased, pending, deadline)
-                finally:
+            finally:
+                if leased is not None:
                     self._unlease(leased)  # before waiting: the loop reads a new transport
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not pending.done.wait(left):
                 raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
         finally:
             self.messenger._calls.pop(msg.tid, None)
-        if pending.error is not None:
-            raise pending.error
-        assert pending.reply is not None
-        return pending.reply
+        return pending.result()
+
+    def _post_call(self, msg: Message, into: Any) -> _Call:
+        """Give msg a transaction id and post the call (and its buffer) for the reply."""
+        if msg.tid == 0:
+            msg.tid = next(self.messenger._tids)
+        pending = _Call(self, memoryview(into).cast("B") if into is not None else None)
+        self.messenger._calls[msg.tid] = pending
+        return pending
 
     # A caller waiting for a reply reads the socket itself (a lease from the loop):
     # waking the loop thread and then the caller costs two wake-ups and a GIL

@@ -226,11 +226,7 @@ class FrameReader:
 
     def take(self, n: int) -> memoryview | None:
         """n raw bytes from the stream (before any frame: the banner), or None if not here yet."""
-        if self._end - self._start < n:
-            return None
-        v = self._view[self._start : self._start + n]
-        self._start += n
-        return v
+        return self._consume(n) if self._avail() >= n else None
 
     def resume(self) -> None:
         """The budget was raised: a held frame may go on."""
