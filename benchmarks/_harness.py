@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import ctypes
 import importlib.metadata
+import json
 import multiprocessing as mp
 import multiprocessing.connection
 import os
@@ -21,6 +22,7 @@ import threading
 import time
 import traceback
 from multiprocessing import reduction
+from pathlib import Path
 
 _LIVE: set = set()  # child processes not yet reaped
 
@@ -383,3 +385,13 @@ def render_table(rows: dict, columns: list, headers: dict, cell=fmt) -> str:
     for n, r in zip(names, cells[1:], strict=True):
         out.append(n.ljust(first) + "  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
     return "\n".join(out)
+
+
+def emit_json(doc: dict, path: str | None) -> None:
+    """Write the results document to path, or print it when no path is given."""
+    text = json.dumps(doc, indent=2, default=str)
+    if path:
+        Path(path).write_text(text + "\n")
+        print(f"JSON written to {path}")
+    else:
+        print(text)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import operator
 import os
 import shutil
@@ -49,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     Child,
+    emit_json,
     fmt,
     install_signal_cleanup,
     machine_info,
@@ -645,12 +645,7 @@ def main(argv=None):
         "ratios": {"convention": ratio.__doc__, **rel},
         "targets": targets,
     }
-    text = json.dumps(doc, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-        print(f"JSON written to {args.json}")
-    else:
-        print(text)
+    emit_json(doc, args.json)
     return 0
 
 

@@ -29,7 +29,6 @@ import argparse
 import atexit
 import ctypes
 import itertools
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -48,6 +47,7 @@ from _harness import (  # noqa: E402
     Pair,
     PassFd,
     close_spec,
+    emit_json,
     expect,
     install_signal_cleanup,
     machine_info,
@@ -922,12 +922,7 @@ def main(argv=None):
         "raw": raw,
         "ratios": ratios(results),
     }
-    text = json.dumps(doc, indent=2, default=str)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-        print(f"JSON written to {args.json}")
-    else:
-        print(text)
+    emit_json(doc, args.json)
 
 
 if __name__ == "__main__":
