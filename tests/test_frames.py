@@ -270,3 +270,18 @@ def test_a_flip_in_a_direct_segment_is_caught_by_the_crc_taken_as_it_landed(wher
     wire[start + where] ^= 0x10
     with pytest.raises(BadChecksum):
         feed(FrameReader(), bytes(wire), [chunk])
+
+
+@pytest.mark.parametrize("front", [b"s35", bytes(range(256)) * 40])  # small (core) and direct (Python) fronts
+def test_two_frames_of_the_same_shape_cannot_be_spliced_into_one_that_checks(front):
+    """A stream that loses bytes may join the first part of one frame to the rest of
+    the next.  Each segment's crc runs on from the one before, so the spliced frame
+    fails: the header of one message never travels with the body of another."""
+    a = wire_of(encode_frame(Tag.MESSAGE, [[b"header-34"], [front[:-2] + b"34"], []]))
+    b = wire_of(encode_frame(Tag.MESSAGE, [[b"header-35"], [front], []]))
+    cut = 32 + len(b"header-34") + 4  # a's preamble and header (with its crc), then b from its front on
+    assert len(a) == len(b)
+    assert [bytes(s) for s in feed(FrameReader(), a + b)[1].segments] == [b"header-35", front, b""]
+    for chunks in (None, [7]):
+        with pytest.raises(BadChecksum, match="segment 1"):
+            feed(FrameReader(), a[:cut] + b[cut:], chunks)

@@ -234,11 +234,13 @@ static PyObject *py_frame_encode(PyObject *self, PyObject *args) {
         put32(pre + 4 + 6 * i, (uint32_t)lengths[i]);
         put16(pre + 8 + 6 * i, 1);
     }
-    put32(pre + 28, crc32c_update(0, pre, 28));
+    uint32_t chain = crc32c_update(0, pre, 28); /* each segment's crc runs on from the one before */
+    put32(pre + 28, chain);
     out = PyList_New(0);
     if (!out || acc_put(&acc, pre, PREAMBLE_SIZE) < 0) goto fail;
     for (Py_ssize_t i = 0; i < nseg; i++) {
         int checked = data_crc || i != nseg - 1;
+        if (checked) crcs[i] = chain;
         for (Py_ssize_t j = 0; j < nviews[i]; j++) {
             Py_buffer *v = &views[i][j];
             if (checked) crcs[i] = crc32c_update(crcs[i], v->buf, (size_t)v->len);
@@ -247,6 +249,7 @@ static PyObject *py_frame_encode(PyObject *self, PyObject *args) {
             } else if (v->len && acc_put(&acc, v->buf, (size_t)v->len) < 0)
                 goto fail;
         }
+        if (checked) chain = crcs[i];
         uint8_t c[4];
         put32(c, crcs[i]);
         if (acc_put(&acc, c, 4) < 0) goto fail;
@@ -332,10 +335,14 @@ static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
         if (nseg > 1 && budget_bytes >= 0 && used_bytes + body > budget_bytes) break;
         /* verify every checksum and the epilogue before anything is handed out */
         Py_ssize_t off = pos + PREAMBLE_SIZE, offs[MAX_SEGMENTS];
+        uint32_t chain = get32(p + 28);
         for (unsigned i = 0; i < nseg && ok; i++) {
             offs[i] = off;
             int checked = !(flags & FLAG_NO_DATA_CRC) || i != nseg - 1;
-            if (checked && crc32c_update(0, buf + off, len[i]) != get32(buf + off + len[i])) ok = 0;
+            if (checked) {
+                chain = crc32c_update(chain, buf + off, len[i]);
+                if (chain != get32(buf + off + len[i])) ok = 0;
+            }
             off += (Py_ssize_t)len[i] + 4;
         }
         if (!ok || get32(buf + off) != LATE_COMPLETE) break; /* bad crc, abort, bad epilogue: the slow path says which */

@@ -1,8 +1,9 @@
 """Frames of the copyless session protocol, sans-I/O (wire format: docs/protocol.md).
 
 A frame is a 32-byte preamble (tag, segment count, each segment's length and
-alignment, crc32c of the preamble), then each segment followed by its own
-crc32c, then a 4-byte epilogue whose status says the frame is complete or
+alignment, crc32c of the preamble), then each segment followed by the running
+crc32c of the frame up to its end (so segments of two frames cannot be spliced
+into one that checks), then a 4-byte epilogue whose status says the frame is complete or
 that the sender aborted it.  Because every segment carries its own checksum, a receiver can trust a
 message's header before it reads the data, and choose where the data goes
 (direct receive: straight from the socket into a buffer the application posted).
@@ -106,6 +107,7 @@ class Preamble:
     lengths: tuple[int, ...]
     aligns: tuple[int, ...]
     data_crc: bool
+    crc: int  # its own crc32c: the first segment's crc runs on from it
 
 
 class Frame(NamedTuple):
@@ -184,6 +186,7 @@ class FrameReader:
         self._target: memoryview | None = None  # a direct segment being filled
         self._tcrc: int | None = None  # its running crc32c (None: not checked)
         self._crcs: dict[int, int] = {}  # crc32c of direct segments, computed as they landed
+        self._chain = 0  # the running crc32c of the frame so far (preamble, then each segment)
         self._have = 0
         self._held = False  # the frame at hand is over budget: wait for resume()
         self.held_bytes = 0  # the body of the held frame
@@ -308,6 +311,7 @@ class FrameReader:
                     return None
                 self._start += PREAMBLE.size
                 self._pre, self._segments, self._index, self._crcs = pre, [], 0, {}
+                self._chain = pre.crc
                 self._phase = _SEGMENT
                 continue
             cur = self._pre
@@ -335,9 +339,10 @@ class FrameReader:
                 i = self._index
                 got = self._crcs.pop(i, None)
                 if (pre.data_crc or i != len(pre.lengths) - 1) and (
-                    got if got is not None else crc32c(self._segments[i])
+                    got if got is not None else crc32c(self._segments[i], self._chain)
                 ) != want:
                     raise BadChecksum(f"segment {i} of a {_tag_name(pre.tag)} frame fails its crc32c")
+                self._chain = want
                 self._index += 1
                 self._phase = _SEGMENT
                 continue
@@ -368,7 +373,7 @@ class FrameReader:
         if view.readonly or len(view) != n:
             raise LocalProtocolError(f"the sink must give a writable buffer of exactly {n} bytes")
         self._target, self._have = view, 0
-        self._tcrc = 0 if pre.data_crc or i != len(pre.lengths) - 1 else None
+        self._tcrc = self._chain if pre.data_crc or i != len(pre.lengths) - 1 else None
         return True
 
     def _fill_target(self) -> bool:
@@ -400,7 +405,7 @@ class FrameReader:
         for i, n in enumerate(lengths):
             if n > self.max_segment:
                 raise FrameTooLarge(f"segment {i} of a {_tag_name(tag)} frame is {n} bytes, over {self.max_segment}")
-        return Preamble(tag, lengths, aligns, not flags & FLAG_NO_DATA_CRC)
+        return Preamble(tag, lengths, aligns, not flags & FLAG_NO_DATA_CRC, fields[-1])
 
 
 def _tag_name(tag: int) -> str:

@@ -33,7 +33,7 @@ from .frames import Buffer, Frame, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
 BANNER_MAGIC = b"copyless"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: segment crcs are chained
 
 # feature bits
 FEATURE_DATA_CRC_OFF = 1 << 0  # this side may send frames without a data crc
