@@ -175,8 +175,10 @@ class Messenger(messenger.Messenger):
     def add_dispatcher(self, d: messenger.Dispatcher) -> None:
         super().add_dispatcher(_OnLoop(d, self._aloop) if isinstance(d, Dispatcher) else d)
 
-    def connect(self, address: str, policy: messenger.Policy | None = None) -> Connection:  # type: ignore[override]
-        return Connection(super().connect(address, policy))
+    def connect(  # type: ignore[override]
+        self, address: str, policy: messenger.Policy | None = None, *, name: str | None = None
+    ) -> Connection:
+        return Connection(super().connect(address, policy, name=name))
 
     async def aclose(self) -> None:
         """Shut down without blocking the event loop (the dispatch thread may be

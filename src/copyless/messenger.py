@@ -51,19 +51,29 @@ from .protocol.session import (
     SessionRegistry,
     SessionReset,
     State,
+    Waiting,
 )
 from .transports import Buffer, Listener, SendQueue, Stream, connect, listen
 
 __all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
 
+PEER_WAIT = 0.5  # a peer told to wait for the other side's connection tries again after this
+
 
 @dataclass(frozen=True)
 class Policy:
-    """How a connection behaves on faults (Ceph's policies)."""
+    """How a connection behaves on faults (Ceph's policies).
+
+    peer: either side may connect, and a Messenger keeps one session (and one
+    Connection) per peer name; simultaneous connects are resolved.  resetcheck: when
+    the peer restarts, drop what was queued for it (True) or send it to the new
+    incarnation (False); either way the restart is reported (handle_remote_reset)."""
 
     lossy: bool
     server: bool
     reconnect: bool
+    peer: bool = False
+    resetcheck: bool = True
 
     @classmethod
     def lossy_client(cls) -> Policy:
@@ -83,7 +93,11 @@ class Policy:
 
     @classmethod
     def lossless_peer(cls) -> Policy:
-        return cls(lossy=False, server=False, reconnect=True)
+        return cls(lossy=False, server=False, reconnect=True, peer=True, resetcheck=False)
+
+    @classmethod
+    def lossless_peer_reuse(cls) -> Policy:
+        return cls(lossy=False, server=False, reconnect=True, peer=True, resetcheck=True)
 
 
 class Message:
@@ -256,6 +270,9 @@ class Connection:
         self._leased = False  # a thread in call() is reading the socket instead of the loop
         self.last_error: BaseException | None = None  # why the last transport ended, if it failed
         self._paused = False  # a throttle is full: the socket is off the loop until it frees
+        self._waiting = False  # our attempt lost a race: the peer connects to us
+        self._retry: Timer | None = None  # the next connection attempt
+        self.expect = ""  # a peer's name, known before we reach it
         self._queued = [0, 0]  # messages and bytes this read round queued for dispatch
         self._in_round = False
 
@@ -379,6 +396,9 @@ class Connection:
             fn(*args)
 
     def _start_connect(self) -> None:
+        self._retry = None
+        if self._closed or self._stream is not None:
+            return  # closed, or an attempt (or the peer's connection that won) is already here
         try:
             tls = self.messenger._tls_client if self.address.startswith("tcp://") else None
             stream = connect(self.address, tls=tls)
@@ -386,15 +406,14 @@ class Connection:
             self._schedule_reconnect()
             return
         self._stream = stream
-        self.loop.set_writer(stream, self._on_connected)
+        self.loop.set_writer(stream, lambda: self._on_connected(stream))
 
-    def _on_connected(self) -> None:
+    def _on_connected(self, stream: Stream) -> None:
         with self._lock:
-            self.__on_connected_locked()
+            if self._stream is stream:  # else the peer's connection won meanwhile and took its place
+                self.__on_connected_locked(stream)
 
-    def __on_connected_locked(self) -> None:
-        stream = self._stream
-        assert stream is not None
+    def __on_connected_locked(self, stream: Stream) -> None:
         self.loop.set_writer(stream, None)
         try:
             ok = stream.connected()
@@ -408,7 +427,9 @@ class Connection:
             self._schedule_reconnect()
             return
         assert self.session is not None
-        machine = functools.partial(self.messenger._machine, self, Role.CLIENT, session=self.session)
+        machine = functools.partial(
+            self.messenger._machine, self, Role.CLIENT, session=self.session, expect=self.expect or None
+        )
         self._after_tls(stream, lambda: self._attach(stream, machine()))
 
     def _after_tls(self, stream: Stream, then: Callable[[], None]) -> None:
@@ -557,6 +578,8 @@ class Connection:
                 self.messenger._each(lambda d: d.handle_connect(self))
         elif isinstance(ev, SessionReset):
             self.messenger._each(lambda d: d.handle_remote_reset(self))
+        elif isinstance(ev, Waiting):
+            self._waiting = True
         elif isinstance(ev, Closed):
             self._teardown(ev.error)
 
@@ -598,6 +621,11 @@ class Connection:
             return
         if self.policy.server and not self.policy.lossy and not self._closed:
             return  # standby: a stateful server keeps the session until the client reconnects
+        if self.policy.peer and not self._closed:
+            waited, self._waiting = self._waiting, False
+            if self.address:  # we know where it listens: we reconnect too (a race is resolved)
+                self._schedule_reconnect(PEER_WAIT if waited else None)
+            return  # else standby: the peer reconnects to us
         if self._closed or not self.policy.reconnect:
             if not self._closed:
                 self._closed = True
@@ -611,11 +639,14 @@ class Connection:
             self.session.reset()
         self._schedule_reconnect()
 
-    def _schedule_reconnect(self) -> None:
+    def _schedule_reconnect(self, delay: float | None = None) -> None:
         if self._closed:
             return
-        delay, self._backoff = self._backoff, min(self._backoff * 2, 2.0)
-        self.loop.call_later(delay, self._start_connect)
+        if delay is None:
+            delay, self._backoff = self._backoff, min(self._backoff * 2, 2.0)
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = self.loop.call_later(delay, lambda: self._locked(self._start_connect))
 
 
 class Messenger:
@@ -649,7 +680,7 @@ class Messenger:
         self._timeouts = (handshake_timeout, idle_timeout, keepalive_interval)
         self._loops = [IOLoop(f"copyless-io-{name}-{i}") for i in range(io_loops)]
         self._dispatchers: list[Dispatcher] = []
-        self._registry = SessionRegistry()
+        self._registry = SessionRegistry(name, self._make_peer)
         self._listeners: list[Listener] = []
         self._connections: set[Connection] = set()
         self._by_session: dict[int, Connection] = {}
@@ -687,14 +718,45 @@ class Messenger:
             self._dispatch_thread.daemon = True
             self._dispatch_thread.start()
 
-    def connect(self, address: str, policy: Policy | None = None) -> Connection:
+    def connect(self, address: str, policy: Policy | None = None, *, name: str | None = None) -> Connection:
+        """A connection to the Messenger at `address`.  `name` is the peer's ("type.id"):
+        its type picks the policy (unless `policy` is given), the handshake checks it,
+        and for a peer policy it is required: there is one Connection per peer name, so
+        connecting to a peer that already has one (it connected to us) returns that."""
         self.start()
+        if policy is None:
+            policy = self._policy_for(name) if name else self.default_policy
+        if not policy.peer:
+            return self._new_connection(address, policy, name)
+        if not name:
+            raise ConfigurationError("a peer policy needs the peer's name: connect(address, name=...)")
+        with self._accepted_lock:  # the connections we accept reach peer sessions under it too
+            session = self._registry.by_peer.get(name)
+            existing = self._by_session.get(id(session)) if session is not None else None
+            if existing is not None and not existing._closed:
+                if not existing.address:  # it connected to us; now we know where it listens
+                    existing.address, existing.expect = address, name
+                    if existing._machine is None and existing._stream is None:
+                        existing._schedule_reconnect(0.0)
+                return existing
+            if session is None or existing is not None:  # (else a connection we accepted is using it)
+                session = self._registry.by_peer[name] = Session(peer=True, resetcheck=policy.resetcheck)
+            return self._new_connection(address, policy, name, session)
+
+    def _new_connection(
+        self, address: str, policy: Policy, name: str | None, session: Session | None = None
+    ) -> Connection:
         loop = min(self._loops, key=lambda lp: lp.load)
         loop.load += 1
-        conn = Connection(self, loop, policy or self.default_policy, address)
+        conn = Connection(self, loop, policy, address)
+        conn.expect = name or ""
+        if session is not None:
+            conn.session = session
+            conn._lock = self._accepted_lock
+            self._by_session[id(session)] = conn
         with self._lock:
             self._connections.add(conn)
-        loop.call_soon_threadsafe(conn._start_connect)
+        loop.call_soon_threadsafe(conn._locked, conn._start_connect)
         return conn
 
     def shutdown(self) -> None:
@@ -744,6 +806,11 @@ class Messenger:
     def _policy_for(self, peer_name: str) -> Policy:
         return self.policies.get(peer_name.split(".", 1)[0], self.default_policy)
 
+    def _make_peer(self, name: str) -> Session | None:
+        """The registry met a name it has no session for: a new one if it is a peer's."""
+        policy = self._policy_for(name)
+        return Session(resetcheck=policy.resetcheck) if policy.peer else None
+
     def _on_accept(self, lst: Listener) -> None:
         while (stream := lst.accept()) is not None:
             loop = min(self._loops, key=lambda lp: lp.load)
@@ -768,14 +835,20 @@ class Messenger:
         existing = self._by_session.get(key)
         policy = self._policy_for(conn.peer_name)
         if existing is None or existing is conn or existing._closed:
-            conn.policy = Policy(lossy=policy.lossy, server=True, reconnect=False)
+            # the first connection of this session: it becomes the session's Connection
+            if policy.peer:
+                conn.policy, conn.address = policy, ""  # where it listens is unknown until we connect()
+            else:
+                conn.policy = Policy(lossy=policy.lossy, server=True, reconnect=False)
             self._by_session[key] = conn
             self._each(lambda d: d.handle_accept(conn))
             return
         with existing._lock:  # application threads may be sending on it
-            if existing._timer is not None:
-                existing._timer.cancel()
-                existing._timer = None
+            for t in (existing._timer, existing._retry):
+                if t is not None:
+                    t.cancel()
+            existing._timer = existing._retry = None
+            existing._waiting = False
             if existing._stream is not None:
                 existing.loop.remove(existing._stream)
                 existing._stream.close()
@@ -902,4 +975,6 @@ class Messenger:
             self._connections.discard(conn)
         if self._by_session.get(id(conn.session)) is conn:
             del self._by_session[id(conn.session)]
+            if self._registry.by_peer.get(conn.peer_name or conn.expect) is conn.session:
+                del self._registry.by_peer[conn.peer_name or conn.expect]
         conn.loop.load = max(0, conn.loop.load - 1)

@@ -99,6 +99,12 @@ class SessionReset:
 
 
 @dataclass
+class Waiting:
+    """Our connection attempt lost a race with the peer's: the peer told us to wait for its
+    connection (this one closes next, with no error)."""
+
+
+@dataclass
 class KeepaliveAck:
     sent_ns: int
     rtt_ns: int
@@ -111,7 +117,7 @@ class Closed:
     error: Exception | None
 
 
-Event = Established | MessageReceived | SessionReset | KeepaliveAck | Closed
+Event = Established | MessageReceived | SessionReset | Waiting | KeepaliveAck | Closed
 
 
 @dataclass
@@ -128,9 +134,19 @@ class OutMessage:
 # ---------------------------------------------------------------- session state
 @dataclass
 class Session:
-    """What survives a connection fault.  lossless=False (lossy): nothing is replayed."""
+    """What survives a connection fault.  lossless=False (lossy): nothing is replayed.
+
+    A peer session (peer=True) is one per peer name, and either side may connect: its
+    cookies are "ours" and "theirs" whichever side dialled.  `attempt` is our own
+    connection attempt in flight and `carrier` the connection that carries the session
+    now; an incoming connection for the session is weighed against both.  resetcheck
+    decides what a peer restart does to what was queued for it: dropped (True, as a
+    client's session is), or kept and sent to the new incarnation, renumbered (False).
+    """
 
     lossless: bool = True
+    peer: bool = False
+    resetcheck: bool = True
     cookie: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little") or 1)
     peer_cookie: int = 0
     global_seq: int = 0
@@ -139,6 +155,8 @@ class Session:
     in_seq: int = 0  # last seq received (and delivered)
     unsent: deque[OutMessage] = field(default_factory=deque)
     sent: deque[OutMessage] = field(default_factory=deque)  # written, not yet acked (lossless only)
+    attempt: SessionConnection | None = field(default=None, repr=False, compare=False)
+    carrier: SessionConnection | None = field(default=None, repr=False, compare=False)
 
     def queue(self, msg: OutMessage) -> None:
         self.unsent.append(msg)
@@ -153,11 +171,19 @@ class Session:
             self.unsent.extendleft(reversed(self.sent))
         self.sent.clear()
 
-    def reset(self) -> int:
-        """The peer lost the session: start a new one, dropping what was queued."""
-        dropped = len(self.unsent) + len(self.sent)
-        self.unsent.clear()
-        self.sent.clear()
+    def reset(self, keep: bool = False) -> int:
+        """The peer lost the session: start a new one.  What was queued for the old peer
+        is dropped (the count is returned), or with keep=True sent to the new one,
+        renumbered from 1 in the same order."""
+        if keep:
+            self.requeue_unacked()
+            for m in self.unsent:
+                m.seq = 0
+            dropped = 0
+        else:
+            dropped = len(self.unsent) + len(self.sent)
+            self.unsent.clear()
+            self.sent.clear()
         self.out_seq = self.in_seq = 0
         self.peer_cookie = 0
         self.connect_seq = 0
@@ -166,10 +192,26 @@ class Session:
 
 
 class SessionRegistry:
-    """The server's sessions, by client cookie (one per Messenger)."""
+    """A Messenger's sessions: clients' by their cookie, peers' by name.
 
-    def __init__(self) -> None:
+    `name` is ours (it breaks ties between simultaneous connects); `make_peer(name)`
+    returns a new Session if that name is a peer of ours, None if it is a client."""
+
+    def __init__(self, name: str = "", make_peer: Callable[[str], Session | None] | None = None) -> None:
+        self.name = name
         self.by_client: dict[int, Session] = {}
+        self.by_peer: dict[str, Session] = {}
+        self._make_peer = make_peer or (lambda _name: None)
+
+    def peer(self, name: str) -> Session | None:
+        """The session with peer `name` (made if the name is a peer's), or None (a client)."""
+        s = self.by_peer.get(name)
+        if s is None:
+            s = self._make_peer(name)
+            if s is not None:
+                s.peer = True
+                self.by_peer[name] = s
+        return s
 
     def lookup(self, client_cookie: int) -> Session | None:
         return self.by_client.get(client_cookie)
@@ -197,6 +239,7 @@ class SessionConnection:
         *,
         session: Session | None = None,
         registry: SessionRegistry | None = None,
+        expect: str | None = None,
         lossless: bool = True,
         secret: bytes | None = None,
         features_required: int = 0,
@@ -217,6 +260,11 @@ class SessionConnection:
         self.role, self.name = role, name
         self.session = session
         self.registry = registry
+        self.expect = expect  # client: the name the peer must have
+        self._cs = 0  # client: the connect_seq this attempt asks for
+        self._waited = False  # server: we told the peer to wait, so it hangs up on us
+        if session is not None and role is Role.CLIENT:
+            session.attempt = self
         self.lossless = lossless
         self.secret = secret
         self.required = features_required | (0 if data_crc else FEATURE_DATA_CRC_OFF)
@@ -327,7 +375,11 @@ class SessionConnection:
             if self.session is not None:
                 self.session.requeue_unacked()
             who = self.peer_name or "the peer"
-            if self.state is not State.READY:
+            if self._waited or self._race_over():
+                self._close(None)  # it went, as we asked; or it lost a race and gave up
+            elif self.role is Role.SERVER and not self.peer_name and not self.reader.partial:
+                self._close(None)  # it never said who it is: nobody to report a fault to
+            elif self.state is not State.READY:
                 self._close(PeerLost(f"{who} hung up during the handshake (not our protocol, or refused us)"))
             elif self.reader.partial:
                 self._close(PeerLost(f"{who} went away in the middle of a frame"))
@@ -412,6 +464,8 @@ class SessionConnection:
         if role == self.role.value:
             raise RemoteProtocolError("both ends claim the same role")
         self.peer_name = body[HELLO.size :].decode(errors="replace")
+        if self.expect is not None and self.peer_name != self.expect:
+            raise RemoteProtocolError(f"reached {self.peer_name!r}, not {self.expect!r}")
         if self.secret is None:
             self._to_session()
         else:
@@ -466,10 +520,10 @@ class SessionConnection:
             self._out += encode_frame(Tag.CLIENT_IDENT, [[IDENT.pack(s.cookie, s.global_seq, 0) + self.name.encode()]])
         else:
             s.global_seq += 1
-            s.connect_seq += 1
+            self._cs = s.connect_seq + 1  # the session's own moves when this attempt succeeds
             self._out += encode_frame(
                 Tag.SESSION_RECONNECT,
-                [[RECONNECT.pack(s.cookie, s.peer_cookie, s.global_seq, s.connect_seq, s.in_seq)]],
+                [[RECONNECT.pack(s.cookie, s.peer_cookie, s.global_seq, self._cs, s.in_seq)]],
             )
 
     # server side of the session exchange
@@ -477,36 +531,85 @@ class SessionConnection:
         assert self.registry is not None
         body = bytes(f.segments[0])
         cookie, global_seq, _features = IDENT.unpack_from(body)
-        s = self.registry.lookup(cookie)
-        if s is None:
-            s = self.registry.create(cookie, self.lossless)
+        reset: SessionReset | None = None
+        s = self.registry.peer(self.peer_name)
+        if s is not None:
+            if s.peer_cookie and s.peer_cookie != cookie:
+                # the peer restarted (a new cookie): report it, and drop or keep its queue
+                reset = SessionReset(s.reset(keep=not s.resetcheck))
+            elif global_seq < s.global_seq:
+                self._answer(Tag.SESSION_RETRY_GLOBAL, s.global_seq)
+                return
+            elif self._race_won(s, cookie) or (s.peer_cookie == cookie and self._carried_elsewhere(s)):
+                # our own attempt wins the race; or this is an attempt the peer gave up,
+                # or one that overtook the end of the connection we still hold: it waits
+                self._answer(Tag.WAIT, s.global_seq)
+                return
         else:
-            # A cookie we know in an ident (not a reconnect): the client never saw our
+            s = self.registry.lookup(cookie)
+            if s is None:
+                s = self.registry.create(cookie, self.lossless)
+        if s.peer_cookie == cookie:
+            # A cookie we know in an ident (not a reconnect): the peer never saw our
             # SERVER_IDENT, so it sent nothing on the session, and it has seen nothing
             # of ours either.  Resume from zero: everything we sent goes again, and
-            # nothing we queued is dropped.  (A restarted client has a new cookie.)
+            # nothing we queued is dropped.  (A restarted peer has a new cookie.)
             s.requeue_unacked()
+        s.peer_cookie = cookie
         s.global_seq = max(s.global_seq, global_seq)
         self.session = s
         self._out += encode_frame(Tag.SERVER_IDENT, [[IDENT.pack(s.cookie, s.global_seq, 0) + self.name.encode()]])
         self._ready(new=True)
+        if reset is not None:  # after Established: the owner knows the session's connection by then
+            self._events.append(reset)
+
+    def _race_won(self, s: Session, their_cookie: int) -> bool:
+        """Both sides are connecting: the attempt of the side with the lower (name, cookie)
+        goes on, decided the same way at both ends."""
+        return self._attempt_alive(s) and (self.name, s.cookie) < (self.peer_name, their_cookie)
+
+    def _attempt_alive(self, s: Session) -> bool:
+        a = s.attempt
+        return a is not None and a is not self and a.state is not State.CLOSED
+
+    def _race_over(self) -> bool:
+        """An incoming attempt from a peer whose session another connection carries, or
+        races our own attempt: a hang-up is the peer giving this one up, not a fault."""
+        if self.role is Role.CLIENT or self.registry is None or self.state is State.READY or not self.peer_name:
+            return False
+        s = self.registry.by_peer.get(self.peer_name)
+        return s is not None and (self._carried_elsewhere(s) or self._attempt_alive(s))
+
+    def _carried_elsewhere(self, s: Session) -> bool:
+        c = s.carrier
+        return c is not None and c is not self and c.state is State.READY
+
+    def _answer(self, tag: Tag, value: int) -> None:
+        self._out += encode_frame(tag, [[U64.pack(value)]])
+        self._waited = tag is Tag.WAIT
 
     def _on_reconnect(self, f: Frame) -> None:
         assert self.registry is not None
         client_cookie, server_cookie, global_seq, connect_seq, peer_in_seq = RECONNECT.unpack(bytes(f.segments[0]))
-        s = self.registry.lookup(client_cookie)
-        if s is None or s.cookie != server_cookie:
-            # we restarted (or never knew it): the client must start a new session
-            self._out += encode_frame(Tag.SESSION_RESET, [[U64.pack(0)]])
-            self.state = State.SESSION
+        s = self.registry.peer(self.peer_name) or self.registry.lookup(client_cookie)
+        if s is not None and s.peer and s.cookie == server_cookie and s.peer_cookie == 0:
+            # our attempt reached the peer, which answered, but the answer never reached
+            # us: it knows our session, we learn its cookie now (we received nothing yet)
+            s.peer_cookie = client_cookie
+        if s is None or s.cookie != server_cookie or s.peer_cookie != client_cookie:
+            # we restarted (or never knew it): the peer must start a new session
+            self._answer(Tag.SESSION_RESET, 0)
             return
         if global_seq < s.global_seq:
-            # an attempt older than one we have already seen from this client (it was
+            # an attempt older than one we have already seen from this peer (it was
             # delayed, or raced a newer one): it must come again with a newer global_seq
-            self._out += encode_frame(Tag.SESSION_RETRY_GLOBAL, [[U64.pack(s.global_seq)]])
+            self._answer(Tag.SESSION_RETRY_GLOBAL, s.global_seq)
+            return
+        if s.peer and self._race_won(s, client_cookie):
+            self._answer(Tag.WAIT, s.global_seq)  # both reconnect at once: ours goes on
             return
         if connect_seq <= s.connect_seq:  # a stale attempt: tell it where we are
-            self._out += encode_frame(Tag.SESSION_RETRY, [[U64.pack(s.connect_seq)]])
+            self._answer(Tag.SESSION_RETRY, s.connect_seq)
             return
         s.connect_seq, s.global_seq = connect_seq, max(s.global_seq, global_seq)
         self.session = s
@@ -529,6 +632,7 @@ class SessionConnection:
         s = self.session
         assert s is not None
         (peer_in_seq,) = U64.unpack(bytes(f.segments[0]))
+        s.connect_seq = self._cs
         s.acked(peer_in_seq)
         s.unsent = deque(m for m in s.unsent if m.seq == 0 or m.seq > peer_in_seq)
         self._ready(new=False)
@@ -536,7 +640,7 @@ class SessionConnection:
     def _on_session_reset(self, f: Frame) -> None:
         s = self.session
         assert s is not None
-        dropped = s.reset()
+        dropped = s.reset(keep=not s.resetcheck)
         self._events.append(SessionReset(dropped))
         self._to_session()  # and start a new one on this connection
 
@@ -544,7 +648,7 @@ class SessionConnection:
         s = self.session
         assert s is not None
         (server_connect_seq,) = U64.unpack(bytes(f.segments[0]))
-        s.connect_seq = server_connect_seq  # _to_session bumps it past the server's
+        s.connect_seq = max(s.connect_seq, server_connect_seq)  # _to_session asks for one past it
         self._to_session()
 
     def _on_session_retry_global(self, f: Frame) -> None:
@@ -554,7 +658,19 @@ class SessionConnection:
         s.global_seq = max(s.global_seq, server_global_seq)  # _to_session bumps it past
         self._to_session()
 
+    def _on_wait(self, f: Frame) -> None:
+        self._events.append(Waiting())
+        self._close(None)
+
     def _ready(self, new: bool) -> None:
+        s = self.session
+        assert s is not None
+        if s.attempt is not None and s.attempt is not self:
+            s.attempt._close(None)  # the peer's connection won: ours stops, and leaves the session be
+        if self._carried_elsewhere(s):
+            assert s.carrier is not None
+            s.carrier._close(None)  # its transport is dead or dying: this one carries on
+        s.attempt, s.carrier = None, self
         self.state = State.READY
         self._last_rx = self._now
         if self.keepalive_interval is not None:
@@ -616,6 +732,12 @@ class SessionConnection:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        s = self.session
+        if s is not None:
+            if s.attempt is self:
+                s.attempt = None
+            if s.carrier is self:
+                s.carrier = None
         self._events.append(Closed(error))
 
 
@@ -644,6 +766,7 @@ _HANDLERS: dict[tuple[State, Role, int], Callable[[SessionConnection, Frame], No
     (State.SESSION, C, Tag.SESSION_RESET): SessionConnection._on_session_reset,
     (State.SESSION, C, Tag.SESSION_RETRY): SessionConnection._on_session_retry,
     (State.SESSION, C, Tag.SESSION_RETRY_GLOBAL): SessionConnection._on_session_retry_global,
+    (State.SESSION, C, Tag.WAIT): SessionConnection._on_wait,
     (State.READY, C, Tag.MESSAGE): SessionConnection._on_message,
     (State.READY, S, Tag.MESSAGE): SessionConnection._on_message,
     (State.READY, C, Tag.ACK): SessionConnection._on_ack,
