@@ -67,3 +67,35 @@ def test_await_call_and_coroutine_dispatch(tmp_path):
         assert not store.overlap, "one coroutine at a time"
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_aio_peers_dial_each_other_and_share_one_connection(tmp_path):
+    async def main() -> None:
+        got: dict[str, list[bytes]] = {"osd.1": [], "osd.2": []}
+
+        class Peer(aio.Dispatcher):
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            async def dispatch(self, msg: Message) -> None:
+                got[self.name].append(bytes(msg.front))
+
+        peers = {"osd": Policy.lossless_peer()}
+        async with aio.Messenger("osd.1", policies=peers) as a, aio.Messenger("osd.2", policies=peers) as b:
+            a.add_dispatcher(Peer("osd.1"))
+            b.add_dispatcher(Peer("osd.2"))
+            addr_a, addr_b = a.bind(f"unix://{tmp_path}/a.sock"), b.bind(f"unix://{tmp_path}/b.sock")
+            a.start()
+            b.start()
+            ca, cb = a.connect(addr_b, name="osd.2"), b.connect(addr_a, name="osd.1")
+            ca.send(Message(WRITE, front=b"to osd.2"))
+            cb.send(Message(WRITE, front=b"to osd.1"))
+            for _ in range(1000):
+                if got["osd.1"] and got["osd.2"]:
+                    break
+                await asyncio.sleep(0.005)
+            assert got == {"osd.1": [b"to osd.1"], "osd.2": [b"to osd.2"]}
+            assert a.connect(addr_b, name="osd.2").sync is ca.sync, "one Connection per peer name"
+
+    asyncio.run(main())
