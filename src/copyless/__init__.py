@@ -38,7 +38,7 @@ from .errors import (
     WouldBlock,
 )
 
-_core._set_errors(WouldBlock, Timeout, RemoteProtocolError, ClosedError)
+_core._set_errors(WouldBlock, Timeout, RemoteProtocolError, ClosedError, ConfigurationError)
 
 __version__ = "0.1.0"
 __all__ = [
