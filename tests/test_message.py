@@ -1,18 +1,33 @@
 """One Message type for pub/sub and the messenger (issue 3): copyless.Message is built
-in the core and constructible."""
+in the core, constructible, and is what both APIs receive and what a Connection sends."""
 
 from __future__ import annotations
 
 import array
 import gc
+import threading
 import weakref
 
 import pytest
 
 import copyless
 from copyless import ClosedError, ConfigurationError, Message
+from copyless.messenger import Connection, Dispatcher, Messenger, Policy
 
 READ, READ_REPLY, WRITE = 1, 2, 3
+
+
+def test_one_type_and_the_issue_3_imports():
+    from copyless import Dispatcher as D
+    from copyless import Messenger as M
+    from copyless import Policy as P
+
+    assert copyless.Message is copyless.messenger.Message is copyless._core.Message
+    assert (M, copyless.Connection, D, P) == (Messenger, Connection, Dispatcher, Policy)
+    assert {"Messenger", "Connection", "Dispatcher", "Policy", "Message"} <= set(copyless.__all__)
+    assert "Messenger" in dir(copyless)
+    with pytest.raises(AttributeError):
+        copyless.NoSuchName  # noqa: B018
 
 
 def test_construct_positional_and_keyword():
@@ -220,3 +235,114 @@ def test_pubsub_messages_are_read_only_and_untracked(name):
         msg.release()
         with pytest.raises(ClosedError):
             msg.data  # noqa: B018
+
+
+class Keep(Dispatcher):
+    """Replies to READ; keeps every other message, released inside `with`, for the test."""
+
+    def __init__(self) -> None:
+        self.kept: list[Message] = []
+        self.views: list[bytes] = []
+        self.done = threading.Event()
+        self.expect = 1
+
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return msg.type == READ
+
+    def fast_dispatch(self, msg: Message) -> None:
+        msg.connection.send(msg.reply(READ_REPLY, front=bytes(msg.front), data=[b"re", b"ply"]))
+
+    def dispatch(self, msg: Message) -> None:  # queued: the dispatch thread
+        with msg:  # releasing in dispatch must not upset the throttles' bookkeeping
+            self.views.append(bytes(memoryview(msg)))
+            self.kept.append(msg)
+        if len(self.kept) >= self.expect:
+            self.done.set()
+
+
+@pytest.fixture
+def keep_server(tmp_path):
+    d = Keep()
+    m = Messenger("store.1", policies={"client": Policy.stateful_server()}, throttle_bytes=1 << 20)
+    m.add_dispatcher(d)
+    addr = m.bind(f"unix://{tmp_path}/m.sock")
+    m.start()
+    yield m, d, addr
+    m.shutdown()
+
+
+def test_round_trip_over_unix_with_scatter_gather(keep_server):
+    server, d, addr = keep_server
+    d.expect = 2
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        conn.send(Message(WRITE, front=b"hdr", data=[b"ab", bytearray(b"cd"), memoryview(b"ef")], tid=77, priority=9))
+        conn.send(Message(WRITE, front=b"two", data=array.array("B", b"gh")))
+        reply = conn.call(Message(READ, front=b"q"), timeout=5)
+        assert type(reply) is Message and reply.is_reply and reply.connection is conn
+        assert (reply.type, bytes(reply.front), bytes(reply.data), reply.nbytes) == (READ_REPLY, b"q", b"reply", 5)
+        assert d.done.wait(5)
+    first, second = d.kept
+    assert d.views == [b"abcdef", b"gh"], "scatter-gather on the wire, one buffer on arrival"
+    assert (first.type, first.tid, first.priority, first.is_reply, first.nbytes) == (WRITE, 77, 9, False, 6)
+    assert first.released and second.released
+    assert first.seq + 1 == second.seq and first.connection is second.connection
+    assert isinstance(first.connection, Connection) and first.connection.messenger is server
+    assert server._throttles[1].used == 0, "the dispatch thread accounted for released messages"
+
+
+def test_the_messenger_refuses_types_wider_than_16_bits(keep_server):
+    _, d, addr = keep_server
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        with pytest.raises(ConfigurationError, match="u16"):
+            conn.send(Message(1 << 16))
+        with pytest.raises(ConfigurationError, match="u16"):
+            conn.call(Message(1 << 16), timeout=5)
+        assert bytes(conn.call(Message(READ, front=b"still"), timeout=5).front) == b"still"
+
+
+def test_a_pubsub_message_is_sent_on_as_it_is(keep_server, name):
+    _, d, addr = keep_server
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub, Messenger("client.7") as client:
+        pub.wait_for_subscribers(1, timeout=5)
+        pub.send(b"from shared memory", type=WRITE, tag=1234)
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        with sub.recv(timeout=1) as msg:
+            conn.send(msg)
+        assert d.done.wait(5)
+    (got,) = d.kept
+    assert (got.type, got.tid, d.views) == (WRITE, 1234, [b"from shared memory"])
+
+
+def test_received_messages_in_a_cycle_with_their_connection_are_collected(tmp_path):
+    def run() -> list[weakref.ref[Message]]:
+        d = Keep()
+        d.expect = 3
+        server = Messenger("store.1", policies={"client": Policy.stateful_server()})
+        server.add_dispatcher(d)
+        addr = server.bind(f"unix://{tmp_path}/c.sock")
+        server.start()
+        with Messenger("client.7") as client:
+            conn = client.connect(addr)
+            conn.wait_ready(5)
+            for i in range(3):
+                conn.send(Message(WRITE, data=[b"%d" % i]))
+            assert d.done.wait(5)
+        server.shutdown()
+        # message -> connection -> messenger -> dispatcher -> list -> message
+        assert all(m.connection.messenger._dispatchers[0].kept is d.kept for m in d.kept)
+        return [weakref.ref(m) for m in d.kept]
+
+    gc.collect()
+    gc.disable()  # so that only the collection below can free the cycle
+    try:
+        refs = run()
+        assert all(r() is not None for r in refs), "nothing but the collector frees a cycle"
+        gc.collect()
+    finally:
+        gc.enable()
+    assert [r() for r in refs] == [None] * 3
