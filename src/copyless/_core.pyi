@@ -3,6 +3,8 @@
 from collections.abc import Sequence
 from typing import Any
 
+from .messenger import Connection
+
 _Buffer = bytes | bytearray | memoryview
 
 WIRE_VERSION: int
@@ -69,7 +71,7 @@ class Message:
         priority: int,
         seq: int,
         is_reply: bool,
-        connection: Any,
+        connection: Connection | None,
         /,
     ) -> Message: ...
     # memoryview (received), list[_Buffer] (made here): Any, as the old messenger class had it
@@ -81,7 +83,7 @@ class Message:
     type: int
     priority: int
     is_reply: bool
-    connection: Any  # messenger.Connection | None
+    connection: Connection | None
     @property
     def nbytes(self) -> int: ...
     @property
