@@ -88,6 +88,7 @@ static PyObject *WouldBlockError; /* set from Python: copyless.errors.WouldBlock
 static PyObject *TimeoutErr;      /* copyless.errors.Timeout */
 static PyObject *RemoteProtoErr;  /* copyless.errors.RemoteProtocolError */
 static PyObject *ClosedErr;       /* copyless.errors.ClosedError */
+static PyObject *ConfigErr;       /* copyless.errors.ConfigurationError */
 
 static PyObject *err_type(PyObject *t, PyObject *fallback) { return t ? t : fallback; }
 
@@ -1187,14 +1188,31 @@ typedef struct {
     PyObject *dict;
 } SubCoreObject;
 
+/* The one Message type of both APIs (docs/design.md, "One Message type").
+ * Two kinds share it:
+ * - a pub/sub message (sub != NULL), popped by sub_pop: its payload is in
+ *   shared memory and release() gives the slot back.  It references only its
+ *   subscriber and a mapping and has no setters, so it cannot be part of a
+ *   reference cycle of its own making.  It is allocated as before, without
+ *   the GC header (PyObject_New), and Message_is_gc tells the collector so:
+ *   tp_is_gc exists for types with collectable and non-collectable instances.
+ *   A GC allocation (header, generation count, untrack) cost 3.5 ns more per
+ *   message, about 9% of a 64 B try_recv + release.
+ * - a messenger message (sub == NULL), made by the constructor, reply() or
+ *   _received(): front, data and connection are Python objects, which can
+ *   refer back to the message (msg.connection -> ... -> msg), so it is tracked.
+ * `tag` is the u64 that pub/sub calls the user tag and the messenger the
+ * transaction id (`tid`): the same field under two names. */
 typedef struct {
     PyObject_HEAD
-    SubCoreObject *sub;
-    PyObject *mapping; /* keeps the payload mapped */
-    uint8_t *ptr;
-    uint64_t len, seq, tag, epoch;
+    SubCoreObject *sub; /* pub/sub: the subscriber it came from; NULL for a messenger message */
+    PyObject *mapping;  /* pub/sub: keeps the payload mapped */
+    uint8_t *ptr;       /* pub/sub: the payload */
+    uint64_t len, seq, tag, epoch; /* len: pub/sub payload bytes (messenger: data bytes once released) */
     uint32_t type, block, gen;
     int released;
+    int is_reply, priority;                    /* messenger: reply flag, dispatch priority (u8) */
+    PyObject *front, *data, *connection;       /* messenger: NULL for pub/sub (front reads b"") */
     PyObject *weakreflist;
 } MessageObject;
 
@@ -1382,6 +1400,7 @@ static PyObject *sub_pop(SubCoreObject *self) {
     } else {
         return sub_protocol_error(self, "descriptor names a block out of range");
     }
+    /* allocated without a GC header: Message_is_gc says so (see MessageObject) */
     MessageObject *m = PyObject_New(MessageObject, &MessageType);
     if (!m) return NULL;
     Py_INCREF(self);
@@ -1397,6 +1416,9 @@ static PyObject *sub_pop(SubCoreObject *self) {
     m->gen = gen;
     m->epoch = self->epoch;
     m->released = 0;
+    m->is_reply = 0;
+    m->priority = 0;
+    m->front = m->data = m->connection = NULL;
     m->weakreflist = NULL;
     if (seq != self->last_seq + 1) self->st_gaps++;
     self->last_seq = seq;
@@ -1595,82 +1617,469 @@ static PyTypeObject SubCoreType = {
 };
 
 /* ---------------------------------------------------------------- Message */
+static PyObject *empty_bytes; /* b"": the default front, and the front of every pub/sub message */
+
+static PyObject *msg_closed(void) {
+    PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released");
+    return NULL;
+}
+
+/* An int in [0, max] (anything with __index__), else ConfigurationError naming the field. */
+static int msg_uint(PyObject *v, uint64_t max, const char *what, uint64_t *out) {
+    PyObject *i = PyNumber_Index(v);
+    if (!i) return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(i);
+    Py_DECREF(i);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return -1;
+        PyErr_Clear();
+    } else if (x <= max) {
+        *out = x;
+        return 0;
+    }
+    PyErr_Format(err_type(ConfigErr, PyExc_ValueError), "message %s must be in [0, %llu]", what, (unsigned long long)max);
+    return -1;
+}
+
+static int msg_check_front(PyObject *front) {
+    if (PyObject_CheckBuffer(front)) return 0;
+    PyErr_Format(PyExc_TypeError, "front must be a bytes-like object, not %.100s", Py_TYPE(front)->tp_name);
+    return -1;
+}
+
+/* Every item of a list or tuple is a buffer. */
+static int msg_check_items(PyObject *seq) {
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyObject_CheckBuffer(o)) {
+            PyErr_Format(PyExc_TypeError, "data[%zd] is a %.100s, not a bytes-like object", i, Py_TYPE(o)->tp_name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* data as the constructor takes it: nothing (NULL) is [], one buffer becomes
+ * [buf], a sequence of buffers a new list (the caller's is not aliased). */
+static PyObject *msg_data_list(PyObject *data) {
+    if (!data) return PyList_New(0);
+    if (PyObject_CheckBuffer(data)) {
+        PyObject *l = PyList_New(1);
+        if (l) PyList_SET_ITEM(l, 0, Py_NewRef(data));
+        return l;
+    }
+    if (PyUnicode_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "data must be a buffer or a sequence of buffers, not str");
+        return NULL;
+    }
+    PyObject *l = PySequence_List(data);
+    if (!l) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "data must be a buffer or a sequence of buffers, not %.100s",
+                         Py_TYPE(data)->tp_name);
+        }
+        return NULL;
+    }
+    if (msg_check_items(l) < 0) { Py_DECREF(l); return NULL; }
+    return l;
+}
+
+/* Bytes in one buffer (any shape), or -1 with an error set. */
+static Py_ssize_t buf_nbytes(PyObject *o) {
+    if (PyBytes_CheckExact(o)) return PyBytes_GET_SIZE(o);
+    Py_buffer v;
+    if (PyObject_GetBuffer(o, &v, PyBUF_FULL_RO) < 0) return -1;
+    Py_ssize_t n = v.len;
+    PyBuffer_Release(&v);
+    return n;
+}
+
+/* Bytes in a messenger message's data: one buffer, or a sequence of them. */
+static Py_ssize_t data_nbytes(PyObject *data) {
+    if (PyObject_CheckBuffer(data)) return buf_nbytes(data);
+    PyObject *seq = PySequence_Fast(data, "message data must be a buffer or a sequence of buffers");
+    if (!seq) return -1;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && total >= 0; i++) {
+        PyObject *o = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
+        Py_ssize_t n = buf_nbytes(o);
+        Py_DECREF(o);
+        total = n < 0 ? -1 : total + n;
+    }
+    Py_DECREF(seq);
+    return total;
+}
+
+static Py_ssize_t msg_nbytes(MessageObject *m) {
+    return m->sub || m->released ? (Py_ssize_t)m->len : data_nbytes(m->data);
+}
+
+/* A messenger message's release(): drop front and data.  What the session
+ * still has to send (or resend) it holds by its own references. */
+static int msgr_release(MessageObject *m) {
+    if (m->released) return 0;
+    Py_ssize_t n = data_nbytes(m->data);
+    if (n < 0) { PyErr_Clear(); n = 0; } /* a non-buffer set into a data list: nothing to count */
+    m->len = (uint64_t)n;
+    m->released = 1;
+    Py_CLEAR(m->front);
+    Py_CLEAR(m->data);
+    return 0;
+}
+
+static int msg_release(MessageObject *m) { return m->sub ? message_release(m) : msgr_release(m); }
+
+/* A zeroed messenger message, not yet tracked. */
+static MessageObject *msg_alloc(void) {
+    MessageObject *m = PyObject_GC_New(MessageObject, &MessageType);
+    if (m) memset((char *)m + sizeof(PyObject), 0, sizeof(MessageObject) - sizeof(PyObject));
+    return m;
+}
+
+/* An outgoing message: front and data as the constructor takes them. */
+static PyObject *msg_make(uint32_t type, PyObject *front, PyObject *data, uint64_t tid, int priority, int is_reply) {
+    if (msg_check_front(front) < 0) return NULL;
+    PyObject *list = msg_data_list(data);
+    if (!list) return NULL;
+    MessageObject *m = msg_alloc();
+    if (!m) { Py_DECREF(list); return NULL; }
+    m->type = type;
+    m->tag = tid;
+    m->priority = priority;
+    m->is_reply = is_reply;
+    m->front = Py_NewRef(front);
+    m->data = list;
+    PyObject_GC_Track(m);
+    return (PyObject *)m;
+}
+
+/* Message(type, front=b"", data=(), tid=0, priority=0) */
+static PyObject *Message_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"type", "front", "data", "tid", "priority", NULL};
+    PyObject *type_o, *front = empty_bytes, *data = NULL, *tid_o = NULL, *prio_o = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OOOO:Message", kwlist, &type_o, &front, &data, &tid_o, &prio_o))
+        return NULL;
+    uint64_t type, tid = 0, prio = 0;
+    if (msg_uint(type_o, UINT32_MAX, "type", &type) < 0) return NULL;
+    if (tid_o && msg_uint(tid_o, UINT64_MAX, "tid", &tid) < 0) return NULL;
+    if (prio_o && msg_uint(prio_o, 255, "priority", &prio) < 0) return NULL;
+    return msg_make((uint32_t)type, front, data, tid, (int)prio, 0);
+}
+
+/* Message._received(type, front, data, tid, priority, seq, is_reply, connection):
+ * the messenger's received message in one call, from fields its session has
+ * already verified (ints from the header, front and data as memoryviews).
+ * data is kept as it is, one buffer. */
+static PyObject *Message_received(PyObject *cls, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "_received(type, front, data, tid, priority, seq, is_reply, connection)");
+        return NULL;
+    }
+    unsigned long type = PyLong_AsUnsignedLong(args[0]);
+    unsigned long long tid = PyLong_AsUnsignedLongLong(args[3]);
+    unsigned long prio = PyLong_AsUnsignedLong(args[4]);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(args[5]);
+    int is_reply = PyObject_IsTrue(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (type > UINT32_MAX || prio > 255) {
+        PyErr_SetString(err_type(ConfigErr, PyExc_ValueError), "message type or priority out of range");
+        return NULL;
+    }
+    MessageObject *m = msg_alloc();
+    if (!m) return NULL;
+    m->type = (uint32_t)type;
+    m->tag = tid;
+    m->priority = (int)prio;
+    m->seq = seq;
+    m->is_reply = is_reply;
+    m->front = Py_NewRef(args[1]);
+    m->data = Py_NewRef(args[2]);
+    m->connection = args[7] == Py_None ? NULL : Py_NewRef(args[7]);
+    PyObject_GC_Track(m);
+    return (PyObject *)m;
+}
+
+/* Which instances the collector may look at: the messenger's (see MessageObject). */
+static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
+
 static void Message_dealloc(MessageObject *m) {
     if (m->weakreflist) PyObject_ClearWeakRefs((PyObject *)m);
-    if (!m->released) {
-        PyObject *et, *ev, *tb;
-        PyErr_Fetch(&et, &ev, &tb);
-        if (message_release(m) < 0) PyErr_WriteUnraisable((PyObject *)m);
-        PyErr_Restore(et, ev, tb);
+    if (m->sub) { /* pub/sub: give the slot back; allocated without a GC header */
+        if (!m->released) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            if (message_release(m) < 0) PyErr_WriteUnraisable((PyObject *)m);
+            PyErr_Restore(et, ev, tb);
+        }
+        Py_DECREF(m->mapping);
+        Py_DECREF(m->sub);
+        PyObject_Free(m);
+        return;
     }
-    Py_XDECREF(m->mapping);
-    Py_XDECREF(m->sub);
-    PyObject_Free(m);
+    PyObject_GC_UnTrack(m);
+    Py_XDECREF(m->front);
+    Py_XDECREF(m->data);
+    Py_XDECREF(m->connection);
+    PyObject_GC_Del(m);
+}
+
+static int Message_traverse(MessageObject *m, visitproc visit, void *arg) {
+    Py_VISIT(m->front);
+    Py_VISIT(m->data);
+    Py_VISIT(m->connection);
+    return 0;
+}
+
+static int Message_clear(MessageObject *m) {
+    m->released = 1;      /* the getters must not see the NULLs */
+    Py_CLEAR(m->front);
+    Py_CLEAR(m->data);
+    Py_CLEAR(m->connection);
+    return 0;
+}
+
+/* The one buffer of a messenger message's data (new reference): the data
+ * itself, or the only item of a list or tuple.  NULL, no error set, when it
+ * has none or several (*count says how many, -1 for neither kind). */
+static PyObject *msg_single(MessageObject *m, Py_ssize_t *count) {
+    PyObject *d = m->data;
+    if (PyObject_CheckBuffer(d)) { *count = 1; return Py_NewRef(d); }
+    if (PyList_Check(d) || PyTuple_Check(d)) {
+        *count = PySequence_Fast_GET_SIZE(d);
+        return *count == 1 ? Py_NewRef(PySequence_Fast_GET_ITEM(d, 0)) : NULL;
+    }
+    *count = -1;
+    return NULL;
 }
 
 static int Message_getbuffer(MessageObject *m, Py_buffer *view, int flags) {
-    if (m->released) {
-        PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released");
-        view->obj = NULL;
+    view->obj = NULL;
+    if (m->released) { msg_closed(); return -1; }
+    if (m->sub) return PyBuffer_FillInfo(view, (PyObject *)m, m->ptr, (Py_ssize_t)m->len, 1, flags);
+    /* A messenger message lends the buffer of its data, when that is one
+     * buffer: the view then refers to that buffer, not to the message. */
+    Py_ssize_t count;
+    PyObject *one = msg_single(m, &count);
+    if (!one) {
+        if (count < 0)
+            PyErr_SetString(PyExc_TypeError, "this message's data is not a buffer or a sequence of buffers");
+        else
+            PyErr_Format(PyExc_TypeError,
+                         "this message's data is %zd buffers, not one: use msg.data (or msg.tobytes() for a copy)", count);
         return -1;
     }
-    return PyBuffer_FillInfo(view, (PyObject *)m, m->ptr, (Py_ssize_t)m->len, 1, flags);
+    /* a message is a buffer itself, so its data may hold it: RecursionError, not a crash */
+    if (Py_EnterRecursiveCall(" in a message's buffer")) { Py_DECREF(one); return -1; }
+    int r = PyObject_GetBuffer(one, view, flags);
+    Py_LeaveRecursiveCall();
+    Py_DECREF(one);
+    if (r < 0) return -1;
+    if (!PyBuffer_IsContiguous(view, 'A')) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_TypeError, "this message's data is not contiguous: use msg.data");
+        return -1;
+    }
+    return 0;
 }
 static PyBufferProcs Message_as_buffer = {(getbufferproc)Message_getbuffer, NULL};
 
 static PyObject *Message_get_data(MessageObject *m, void *c) {
-    if (m->released) {
-        PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released");
-        return NULL;
-    }
+    if (m->released) return msg_closed();
+    if (!m->sub) return Py_NewRef(m->data);
     /* The message exports the view, so the view keeps it alive and the slot
      * goes back only when release() is called or no view is left.  Not
      * cached: a cached view would make a reference cycle. */
     return PyMemoryView_FromObject((PyObject *)m);
 }
 
+/* data as the list of buffers a sender writes (scatter-gather), whatever kind
+ * of message it is: a received message can be sent on. */
+static PyObject *Message_get_buffers(MessageObject *m, void *c) {
+    if (m->released) return msg_closed();
+    PyObject *one;
+    if (m->sub) {
+        if (!(one = PyMemoryView_FromObject((PyObject *)m))) return NULL;
+    } else if (PyList_Check(m->data)) {
+        return Py_NewRef(m->data);
+    } else if (PyTuple_Check(m->data)) {
+        return PySequence_List(m->data);
+    } else {
+        one = Py_NewRef(m->data);
+    }
+    PyObject *l = PyList_New(1);
+    if (!l) { Py_DECREF(one); return NULL; }
+    PyList_SET_ITEM(l, 0, one);
+    return l;
+}
+
+static PyObject *Message_get_front(MessageObject *m, void *c) {
+    if (m->released) return msg_closed();
+    return Py_NewRef(m->sub ? empty_bytes : m->front);
+}
+
+/* What the messenger sets may be set on its messages; a pub/sub message is
+ * what the publisher sent, read-only (and so never part of a cycle). */
+static int msg_settable(MessageObject *m, PyObject *v, const char *name) {
+    if (!v) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete Message.%s", name);
+        return -1;
+    }
+    if (m->sub) {
+        PyErr_Format(PyExc_AttributeError, "Message.%s of a received pub/sub message is read-only", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* msg.data = one buffer (kept as it is: a received message's) or a list or tuple of buffers */
+static int Message_set_data(MessageObject *m, PyObject *v, void *c) {
+    if (msg_settable(m, v, "data") < 0) return -1;
+    if (m->released) { msg_closed(); return -1; }
+    if (!PyObject_CheckBuffer(v)) {
+        if (!PyList_Check(v) && !PyTuple_Check(v)) {
+            PyErr_Format(PyExc_TypeError, "data must be a buffer or a list of buffers, not %.100s", Py_TYPE(v)->tp_name);
+            return -1;
+        }
+        if (msg_check_items(v) < 0) return -1;
+    }
+    Py_SETREF(m->data, Py_NewRef(v));
+    return 0;
+}
+
+static int Message_set_front(MessageObject *m, PyObject *v, void *c) {
+    if (msg_settable(m, v, "front") < 0) return -1;
+    if (m->released) { msg_closed(); return -1; }
+    if (msg_check_front(v) < 0) return -1;
+    Py_SETREF(m->front, Py_NewRef(v));
+    return 0;
+}
+
+static int Message_set_connection(MessageObject *m, PyObject *v, void *c) {
+    if (msg_settable(m, v, "connection") < 0) return -1;
+    Py_XSETREF(m->connection, v == Py_None ? NULL : Py_NewRef(v));
+    return 0;
+}
+
+static int Message_set_is_reply(MessageObject *m, PyObject *v, void *c) {
+    if (msg_settable(m, v, "is_reply") < 0) return -1;
+    int r = PyObject_IsTrue(v);
+    if (r < 0) return -1;
+    m->is_reply = r;
+    return 0;
+}
+
+static int Message_set_seq(MessageObject *m, PyObject *v, void *c) {
+    uint64_t x;
+    if (msg_settable(m, v, "seq") < 0 || msg_uint(v, UINT64_MAX, "seq", &x) < 0) return -1;
+    m->seq = x;
+    return 0;
+}
+
+static int Message_set_tag(MessageObject *m, PyObject *v, void *c) {
+    uint64_t x;
+    if (msg_settable(m, v, (const char *)c) < 0 || msg_uint(v, UINT64_MAX, (const char *)c, &x) < 0) return -1;
+    m->tag = x;
+    return 0;
+}
+
+static int Message_set_type(MessageObject *m, PyObject *v, void *c) {
+    uint64_t x;
+    if (msg_settable(m, v, "type") < 0 || msg_uint(v, UINT32_MAX, "type", &x) < 0) return -1;
+    m->type = (uint32_t)x;
+    return 0;
+}
+
+static int Message_set_priority(MessageObject *m, PyObject *v, void *c) {
+    uint64_t x;
+    if (msg_settable(m, v, "priority") < 0 || msg_uint(v, 255, "priority", &x) < 0) return -1;
+    m->priority = (int)x;
+    return 0;
+}
+
 static PyObject *Message_release(MessageObject *m, PyObject *unused) {
-    if (message_release(m) < 0) return NULL;
+    if (msg_release(m) < 0) return NULL;
     Py_RETURN_NONE;
 }
 static PyObject *Message_enter(MessageObject *m, PyObject *unused) { Py_INCREF(m); return (PyObject *)m; }
 static PyObject *Message_exit(MessageObject *m, PyObject *args) {
-    if (message_release(m) < 0) return NULL;
+    if (msg_release(m) < 0) return NULL;
     Py_RETURN_FALSE;
 }
 static PyObject *Message_bytes(MessageObject *m, PyObject *unused) {
-    if (m->released) { PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "message already released"); return NULL; }
-    return PyBytes_FromStringAndSize((const char *)m->ptr, (Py_ssize_t)m->len);
+    if (m->released) return msg_closed();
+    if (m->sub) return PyBytes_FromStringAndSize((const char *)m->ptr, (Py_ssize_t)m->len);
+    if (PyObject_CheckBuffer(m->data)) return PyBytes_FromObject(m->data);
+    return PyObject_CallMethod(empty_bytes, "join", "O", m->data);
 }
-static Py_ssize_t Message_len(MessageObject *m) { return (Py_ssize_t)m->len; }
+static Py_ssize_t Message_len(MessageObject *m) { return msg_nbytes(m); }
+
+/* reply(type, front=b"", data=()): same tid and priority, is_reply set */
+static PyObject *Message_reply(MessageObject *m, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"type", "front", "data", NULL};
+    PyObject *type_o, *front = empty_bytes, *data = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO:reply", kwlist, &type_o, &front, &data)) return NULL;
+    uint64_t type;
+    if (msg_uint(type_o, UINT32_MAX, "type", &type) < 0) return NULL;
+    return msg_make((uint32_t)type, front, data, m->tag, m->priority, 1);
+}
 
 static PyObject *Message_repr(MessageObject *m) {
-    return PyUnicode_FromFormat("<copyless.Message seq=%llu type=%u tag=%llu nbytes=%llu%s>", (unsigned long long)m->seq,
-                                m->type, (unsigned long long)m->tag, (unsigned long long)m->len,
-                                m->released ? " released" : "");
+    if (m->sub)
+        return PyUnicode_FromFormat("<copyless.Message seq=%llu type=%u tag=%llu nbytes=%llu%s>", (unsigned long long)m->seq,
+                                    m->type, (unsigned long long)m->tag, (unsigned long long)m->len,
+                                    m->released ? " released" : "");
+    return PyUnicode_FromFormat("<copyless.Message type=%u tid=%llu seq=%llu%s%s>", m->type, (unsigned long long)m->tag,
+                                (unsigned long long)m->seq, m->is_reply ? " reply" : "", m->released ? " released" : "");
 }
 
 static PyObject *Message_get_seq(MessageObject *m, void *c) { return PyLong_FromUnsignedLongLong(m->seq); }
 static PyObject *Message_get_tag(MessageObject *m, void *c) { return PyLong_FromUnsignedLongLong(m->tag); }
 static PyObject *Message_get_type(MessageObject *m, void *c) { return PyLong_FromUnsignedLong(m->type); }
-static PyObject *Message_get_nbytes(MessageObject *m, void *c) { return PyLong_FromUnsignedLongLong(m->len); }
+static PyObject *Message_get_priority(MessageObject *m, void *c) { return PyLong_FromLong(m->priority); }
+static PyObject *Message_get_is_reply(MessageObject *m, void *c) { return PyBool_FromLong(m->is_reply); }
+static PyObject *Message_get_connection(MessageObject *m, void *c) {
+    return Py_NewRef(m->connection ? m->connection : Py_None);
+}
+static PyObject *Message_get_nbytes(MessageObject *m, void *c) {
+    Py_ssize_t n = msg_nbytes(m);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
+}
 static PyObject *Message_get_released(MessageObject *m, void *c) { return PyBool_FromLong(m->released); }
 static PyObject *Message_get_address(MessageObject *m, void *c) { return PyLong_FromVoidPtr(m->ptr); }
 
 static PyMethodDef Message_methods[] = {
-    {"release", (PyCFunction)Message_release, METH_NOARGS, "Return the slot to the publisher; data is invalid afterwards."},
-    {"tobytes", (PyCFunction)Message_bytes, METH_NOARGS, "A private copy of the payload."},
+    {"release", (PyCFunction)Message_release, METH_NOARGS,
+     "Pub/sub: return the slot to the publisher.  Messenger: drop front and data.  data is invalid afterwards."},
+    {"tobytes", (PyCFunction)Message_bytes, METH_NOARGS, "A private copy of the data (joined, if several buffers)."},
+    {"reply", (PyCFunction)(void (*)(void))Message_reply, METH_VARARGS | METH_KEYWORDS,
+     "reply(type, front=b\"\", data=()) -> Message with this one's tid and priority, is_reply set."},
+    {"_received", (PyCFunction)(void (*)(void))Message_received, METH_FASTCALL | METH_CLASS,
+     "_received(type, front, data, tid, priority, seq, is_reply, connection): the messenger's received message."},
     {"__enter__", (PyCFunction)Message_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)Message_exit, METH_VARARGS, NULL},
     {NULL},
 };
 static PyGetSetDef Message_getset[] = {
-    {"data", (getter)Message_get_data, NULL, "read-only memoryview of the payload, in shared memory", NULL},
-    {"seq", (getter)Message_get_seq, NULL, "publisher sequence number (gaps mean overwritten messages)", NULL},
-    {"tag", (getter)Message_get_tag, NULL, "u64 user tag", NULL},
-    {"type", (getter)Message_get_type, NULL, "u32 user type", NULL},
-    {"nbytes", (getter)Message_get_nbytes, NULL, "payload length", NULL},
+    {"data", (getter)Message_get_data, (setter)Message_set_data,
+     "Pub/sub: a fresh read-only memoryview into shared memory.  Messenger: the list of buffers to send, or the "
+     "one memoryview received.",
+     NULL},
+    {"front", (getter)Message_get_front, (setter)Message_set_front, "messenger: the front segment (b\"\" for pub/sub)",
+     NULL},
+    {"seq", (getter)Message_get_seq, (setter)Message_set_seq,
+     "sequence number (pub/sub: the publisher's, gaps mean overwritten messages; messenger: the session's)", NULL},
+    {"tag", (getter)Message_get_tag, (setter)Message_set_tag, "u64 user tag; the same field as tid", "tag"},
+    {"tid", (getter)Message_get_tag, (setter)Message_set_tag, "u64 transaction id; the same field as tag", "tid"},
+    {"type", (getter)Message_get_type, (setter)Message_set_type, "u32 user type (the messenger sends u16)", NULL},
+    {"priority", (getter)Message_get_priority, (setter)Message_set_priority, "messenger: dispatch priority, 0-255",
+     NULL},
+    {"is_reply", (getter)Message_get_is_reply, (setter)Message_set_is_reply, "messenger: a reply to a call", NULL},
+    {"connection", (getter)Message_get_connection, (setter)Message_set_connection,
+     "messenger: the Connection it came from (None for pub/sub and outgoing messages)", NULL},
+    {"nbytes", (getter)Message_get_nbytes, NULL, "data bytes", NULL},
     {"released", (getter)Message_get_released, NULL, NULL, NULL},
+    {"_buffers", (getter)Message_get_buffers, NULL, "data as a list of buffers to send", NULL},
     {"_address", (getter)Message_get_address, NULL, NULL, NULL},
     {NULL},
 };
@@ -1680,9 +2089,16 @@ static PyTypeObject MessageType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "copyless.Message",
     .tp_basicsize = sizeof(MessageObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A received message.  data is a read-only view into shared memory, valid until release().",
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Message(type, front=b\"\", data=(), tid=0, priority=0): the message of both APIs.\n\n"
+              "Received from a Subscriber, data is a read-only view into shared memory, valid until release().\n"
+              "Made for a Connection, data is a list of buffers sent as they are (scatter-gather).\n"
+              "tag and tid are two names of the same u64 field.",
+    .tp_new = Message_new,
     .tp_dealloc = (destructor)Message_dealloc,
+    .tp_traverse = (traverseproc)Message_traverse,
+    .tp_clear = (inquiry)Message_clear,
+    .tp_is_gc = (inquiry)Message_is_gc,
     .tp_as_buffer = &Message_as_buffer,
     .tp_as_sequence = &Message_as_seq,
     .tp_methods = Message_methods,
@@ -1693,8 +2109,9 @@ static PyTypeObject MessageType = {
 
 /* ================================================================== module */
 static PyObject *mod_set_errors(PyObject *mod, PyObject *args) {
-    PyObject *wb, *to, *rp, *cl;
-    if (!PyArg_ParseTuple(args, "OOOO", &wb, &to, &rp, &cl)) return NULL;
+    PyObject *wb, *to, *rp, *cl, *cf = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO|O", &wb, &to, &rp, &cl, &cf)) return NULL;
+    if (cf) Py_XSETREF(ConfigErr, Py_NewRef(cf));
     Py_XSETREF(WouldBlockError, Py_NewRef(wb));
     Py_XSETREF(TimeoutErr, Py_NewRef(to));
     Py_XSETREF(RemoteProtoErr, Py_NewRef(rp));
@@ -1722,6 +2139,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&RegionType) < 0 || PyType_Ready(&PubCoreType) < 0 ||
         PyType_Ready(&SubCoreType) < 0 || PyType_Ready(&MessageType) < 0 || PyType_Ready(&LoanType) < 0)
         return NULL;
+    if (!empty_bytes && !(empty_bytes = PyBytes_FromStringAndSize(NULL, 0))) return NULL;
     PyObject *m = PyModule_Create(&coremodule);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) < 0 ||

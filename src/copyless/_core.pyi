@@ -1,6 +1,11 @@
 """Type stubs for the compiled core (src/copyless/_core.c)."""
 
+from collections.abc import Sequence
 from typing import Any
+
+from .messenger import Connection
+
+_Buffer = bytes | bytearray | memoryview
 
 WIRE_VERSION: int
 CTL_MAGIC: int
@@ -21,7 +26,7 @@ POLICY_BLOCK: int
 POLICY_RAISE: int
 POLICY_OVERWRITE: int
 
-def _set_errors(would_block: type, timeout: type, remote: type, closed: type, /) -> None: ...
+def _set_errors(would_block: type, timeout: type, remote: type, closed: type, configuration: type = ..., /) -> None: ...
 def ctl_size(desc_cap: int, rel_cap: int, /) -> int: ...
 
 class Mapping:
@@ -37,22 +42,57 @@ class Mapping:
     def writable(self) -> bool: ...
 
 class Message:
-    """A received message: data is a read-only view into shared memory, valid until release()."""
+    """The message of both APIs (pub/sub and the messenger); one type, in the core.
 
-    @property
-    def data(self) -> memoryview: ...
-    @property
-    def seq(self) -> int: ...
-    @property
-    def tag(self) -> int: ...
-    @property
-    def type(self) -> int: ...
+    Message(type, front=b"", data=(), tid=0, priority=0) makes an outgoing message:
+    data is a list of buffers, sent as they are (one buffer becomes [buf]).
+    Received from a Subscriber: data is a fresh read-only memoryview into shared
+    memory, valid until release(); front is b"" and the attributes are read-only.
+    Received by a Messenger: front and data are memoryviews, `connection` is the
+    Connection it came from.  `tag` and `tid` are two names of one u64 field (the
+    pub/sub user tag, the messenger's transaction id).
+    """
+
+    def __init__(
+        self,
+        type: int,
+        front: _Buffer = b"",
+        data: Sequence[_Buffer] | _Buffer = (),
+        tid: int = 0,
+        priority: int = 0,
+    ) -> None: ...
+    @classmethod
+    def _received(
+        cls,
+        type: int,
+        front: memoryview,
+        data: memoryview,
+        tid: int,
+        priority: int,
+        seq: int,
+        is_reply: bool,
+        connection: Connection | None,
+        /,
+    ) -> Message: ...
+    # memoryview (received), list[_Buffer] (made here): Any, as the old messenger class had it
+    data: Any
+    front: _Buffer
+    seq: int
+    tag: int
+    tid: int
+    type: int
+    priority: int
+    is_reply: bool
+    connection: Connection | None
     @property
     def nbytes(self) -> int: ...
     @property
     def released(self) -> bool: ...
     @property
+    def _buffers(self) -> list[_Buffer]: ...
+    @property
     def _address(self) -> int: ...
+    def reply(self, type: int, front: _Buffer = b"", data: Sequence[_Buffer] | _Buffer = ()) -> Message: ...
     def release(self) -> None: ...
     def tobytes(self) -> bytes: ...
     def __len__(self) -> int: ...

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._core import Message  # the one Message type, shared with pub/sub (docs/design.md)
 from ._ioloop import IOLoop, Timer
 from .errors import ClosedError, ConfigurationError, PeerLost, Timeout
 from .protocol.frames import UNLIMITED, FrameReader, Preamble, Tag
@@ -53,7 +54,7 @@ from .protocol.session import (
     State,
     Waiting,
 )
-from .transports import Buffer, Listener, SendQueue, Stream, connect, listen
+from .transports import Listener, SendQueue, Stream, connect, listen
 
 __all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
 
@@ -98,37 +99,6 @@ class Policy:
     @classmethod
     def lossless_peer_reuse(cls) -> Policy:
         return cls(lossy=False, server=False, reconnect=True, peer=True, resetcheck=True)
-
-
-class Message:
-    """An outgoing or received message.  Received: front/data are memoryviews, and
-    `connection` is where it came from (reply with msg.connection.send(msg.reply(...)))."""
-
-    __slots__ = ("type", "front", "data", "tid", "priority", "seq", "is_reply", "connection")
-
-    def __init__(
-        self,
-        type: int,
-        front: Buffer = b"",
-        data: Sequence[Buffer] | Buffer = (),
-        tid: int = 0,
-        priority: int = 0,
-    ) -> None:
-        if not 0 <= type < 1 << 16:
-            raise ConfigurationError("message type is a u16")
-        self.type, self.front, self.tid, self.priority = type, front, tid, priority
-        self.data: Any = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-        self.seq = 0
-        self.is_reply = False
-        self.connection: Connection | None = None
-
-    def reply(self, type: int, front: Buffer = b"", data: Sequence[Buffer] | Buffer = ()) -> Message:
-        m = Message(type, front, data, tid=self.tid, priority=self.priority)
-        m.is_reply = True
-        return m
-
-    def __repr__(self) -> str:
-        return f"<Message type={self.type} tid={self.tid} seq={self.seq}{' reply' if self.is_reply else ''}>"
 
 
 class Dispatcher:
@@ -284,7 +254,10 @@ class Connection:
         while the session is (re)connecting waits in the session's queue, in order."""
         if self._closed:
             raise ClosedError(f"connection to {self.peer_name or self.address} is closed")
-        out = OutMessage(msg.type, [msg.front], msg.data, msg.tid, msg.priority, msg.is_reply)
+        if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
+            raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
+        # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
+        out = OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply)
         with self._lock:
             m, st = self._machine, self._stream
             if m is None or st is None or m.state is not State.READY:
@@ -897,9 +870,8 @@ class Messenger:
         return None
 
     def _deliver(self, conn: Connection, ev: MessageReceived) -> None:
-        msg = Message(ev.type, ev.front, (), ev.tid, ev.priority)
-        msg.data = ev.data  # received: one memoryview, not a list of buffers
-        msg.seq, msg.is_reply, msg.connection = ev.seq, ev.is_reply, conn
+        # received: data is one memoryview, not a list of buffers
+        msg = Message._received(ev.type, ev.front, ev.data, ev.tid, ev.priority, ev.seq, ev.is_reply, conn)
         if ev.is_reply:
             pending = self._calls.get(ev.tid)
             if pending is not None:
@@ -920,6 +892,7 @@ class Messenger:
     def _dispatch_loop(self) -> None:
         msgs, nbytes, queued = self._throttles
         while (msg := self._queue.get()[2]) is not None:
+            size = len(msg.front) + len(msg.data)  # before dispatch: it may release the message
             for d in self._dispatchers:
                 try:
                     d.dispatch(msg)
@@ -927,7 +900,6 @@ class Messenger:
                     import traceback
 
                     traceback.print_exc()
-            size = len(msg.front) + len(msg.data)
             queued.put(size)
             msgs.put(1)
             nbytes.put(size)
