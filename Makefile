@@ -47,9 +47,11 @@ $(VENV)/.dev: $(VENV)/.bench
 
 # debug / sanitizer builds of the core, one flag away
 debug: $(VENV)/bin/python
+	$(PY) -m pip install -q 'setuptools>=77' wheel  # --no-build-isolation builds with these
 	COPYLESS_DEBUG=1 $(PY) -m pip install -q -e '.[test]' --no-build-isolation --force-reinstall --no-deps
 	rm -f $(VENV)/.test
 asan: $(VENV)/bin/python
+	$(PY) -m pip install -q 'setuptools>=77' wheel
 	COPYLESS_ASAN=1 $(PY) -m pip install -q -e '.[test]' --no-build-isolation --force-reinstall --no-deps
 	rm -f $(VENV)/.test
 	@echo "run: LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 $(PY) -m pytest"
