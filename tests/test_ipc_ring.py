@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from copyless import _shm
-from copyless._core import IPC_CLOSED, IPC_RING, IPC_RX_TAIL, IPC_TX_HEAD, IpcChannel
+from copyless._core import IPC_CLOSED, IPC_RING, IPC_RX_TAIL, IPC_TX_HEAD, IpcChannel, ipc_spin
 from copyless.errors import ClosedError, RemoteProtocolError
 from copyless.transports._ipc import _new_segment
 
@@ -266,3 +266,17 @@ def test_close_marks_the_segment_closed(pair: Pair):
     pair.a.close()
     assert struct.unpack_from("<I", memoryview(pair.ma), IPC_CLOSED)[0] == 1
     assert pair.a.closed and pair.a.segment is None
+
+
+def test_the_loop_spins_over_all_its_channels_at_once():
+    p, q = Pair(), Pair()
+    try:
+        assert ipc_spin([p.b, q.b], 0) == [], "nothing to do"
+        threading.Timer(0.01, lambda: q.a.send([b"x"])).start()
+        assert ipc_spin([p.b, q.b], 0.5) == [1], "the second one got data while it spun"
+        p.a.close()
+        assert ipc_spin([p.b, q.b], 0) == [0, 1], "a closed peer is something to do too"
+        assert q.a.statistics()["wakeups_sent"] == 0
+    finally:
+        p.close()
+        q.close()

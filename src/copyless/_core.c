@@ -2110,6 +2110,63 @@ static PyObject *IpcChannel_close(IpcChannelObject *c, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* ipc_spin(channels, seconds) -> list of the indices that have something to do:
+ * the I/O loop spins over all its ipc streams at once before it sleeps. */
+typedef struct {
+    const uint8_t *p;
+    uint64_t tail, head, cap;
+    int waiting;
+} SpinView;
+
+static PyObject *mod_ipc_spin(PyObject *mod, PyObject *args) {
+    PyObject *chans;
+    double t;
+    if (!PyArg_ParseTuple(args, "Od", &chans, &t)) return NULL;
+    PyObject *seq = PySequence_Fast(chans, "ipc_spin() takes a sequence of IpcChannel");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    SpinView *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(SpinView));
+    PyObject **keep = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    PyObject *out = NULL;
+    if (!v || !keep) { PyErr_NoMemory(); goto done; }
+    int any = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyObject_TypeCheck(o, &IpcChannelType)) { PyErr_SetString(PyExc_TypeError, "IpcChannel required"); goto done; }
+        IpcChannelObject *c = (IpcChannelObject *)o;
+        if (!c->m || c->broken || c->head_seen != c->tail) { any = 1; continue; } /* p NULL: ready */
+        keep[i] = Py_NewRef(c->peer); /* a close() meanwhile must not unmap it under us */
+        v[i] = (SpinView){c->p, c->tail, c->head, c->cap, c->waiting};
+    }
+    int64_t ns = (int64_t)(t * 1e9);
+    if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
+    if (!any && ns > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        int64_t end = now_ns() + ns;
+        for (unsigned k = 1; !any; k++) {
+            for (Py_ssize_t i = 0; i < n && !any; i++)
+                any = ipc_ready_shm(v[i].p, v[i].tail, v[i].waiting, v[i].head, v[i].cap);
+            cpu_relax();
+            if ((k & 31) == 0 && now_ns() >= end) break;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    out = PyList_New(0);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        if (v[i].p && !ipc_ready_shm(v[i].p, v[i].tail, v[i].waiting, v[i].head, v[i].cap)) continue;
+        PyObject *idx = PyLong_FromSsize_t(i);
+        if (!idx || PyList_Append(out, idx) < 0) Py_CLEAR(out);
+        Py_XDECREF(idx);
+    }
+done:
+    if (keep)
+        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(keep[i]);
+    PyMem_Free(keep);
+    PyMem_Free(v);
+    Py_DECREF(seq);
+    return out;
+}
+
 static int ipc_check_header(MappingObject *seg, uint64_t *cap, const char **why) {
     if (seg->size < IPC_RING) { *why = "segment smaller than its control page"; return -1; }
     uint32_t *h = (uint32_t *)seg->addr;
@@ -2233,6 +2290,8 @@ static PyObject *mod_ctl_size(PyObject *mod, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"_set_errors", mod_set_errors, METH_VARARGS, NULL},
     {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
+    {"ipc_spin", mod_ipc_spin, METH_VARARGS,
+     "ipc_spin(channels, seconds) -> [index]: spin (GIL released) until some channel has something to do."},
     {NULL},
 };
 

@@ -26,7 +26,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._core import ipc_spin
+
 Callback = Callable[[], Any]
+SKIP_EPOLL = 16  # at most this many loop turns in a row run ipc work without epoll_wait
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
@@ -58,6 +61,7 @@ class IOLoop:
         self._stopping = False
         self._sleeping = False  # in epoll_wait: a new earlier timer must poke
         self.load = 0  # connections assigned here (the Messenger balances on it)
+        self._skipped = 0  # epoll_waits skipped in a row because spinning found ipc work
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -189,10 +193,18 @@ class IOLoop:
                     elif self._timers:
                         timeout = max(0.0, self._timers[0][0] - time.monotonic())
                     self._sleeping = True
-                    armable = self._armable() if timeout and self._wwr else ()
-                # a side that sleeps says so first, or its peer sends no wake byte
-                ready = [fd for fd, stream in armable if stream.arm()]
-                events = self._ep.poll(0 if ready else timeout)
+                    armable = self._armable() if timeout and self._wwr else []
+                ready = self._spin(armable, timeout) if armable else []
+                if ready and self._skipped < SKIP_EPOLL:
+                    # spinning found work: run it without asking epoll (no system call),
+                    # but not forever, or the loop's other fds would never get a turn
+                    self._skipped += 1
+                    events = []
+                else:
+                    # a side that sleeps says so first, or its peer sends no wake byte
+                    ready = ready or [fd for fd, stream in armable if stream.arm()]
+                    self._skipped = 0
+                    events = self._ep.poll(0 if ready else timeout)
                 self._sleeping = False
                 if ready:
                     seen = {fd for fd, _ in events}
@@ -231,6 +243,17 @@ class IOLoop:
         finally:
             self._ep.close()
             os.close(self._wake)
+
+    def _spin(self, armable: list[tuple[int, Any]], timeout: float) -> list[int]:
+        """Spin (GIL released) over the ipc streams for as long as the longest `loop_spin`
+        of theirs, before arming them and sleeping: the fds that have work."""
+        spin = max(stream.loop_spin for _, stream in armable)
+        if timeout > 0:
+            spin = min(spin, timeout)
+        chans = [stream.channel for _, stream in armable]
+        if spin <= 0 or None in chans:
+            return []
+        return [armable[i][0] for i in ipc_spin(chans, spin)]
 
     def _armable(self) -> list[tuple[int, Any]]:
         """With the lock held: the ipc streams this loop reads, to arm before sleeping."""

@@ -108,6 +108,12 @@ class IpcStream(Stream):
     def __init__(self, sock: socket.socket, peer: str, addr: IpcAddress, server: bool) -> None:
         super().__init__(sock, peer)
         self.addr, self.server, self.spin = addr, server, addr.spin
+        # How long an I/O loop reading this stream spins before it sleeps.  A server's
+        # loop waits for requests: it spins.  A client's loop sees only acks and
+        # unsolicited messages (its callers read their own replies, and spin there):
+        # it does not, or on a 2-core host three spinners (caller, client loop, server
+        # loop) share two cores and each reply waits for a time slice.
+        self.loop_spin = addr.spin if server else 0.0
         self.channel: IpcChannel | None = None
         self._mine: Mapping | None = None  # our segment's mapping until the channel holds it
         self._peer_seg: Mapping | None = None  # the peer's, mapped read-only
