@@ -388,7 +388,7 @@ def test_a_peer_killed_in_the_middle_of_a_message_is_peer_lost(live, child):
         conn.wait_ready(5)
         conn.send(Message(3, front=b"whole"))
         time.sleep(0.2)
-        # 64 MiB through a 2 MiB ring: the first part is in the ring when we die
+        # 64 MiB through a 256 KiB ring: the first part is in the ring when we die
         conn.send(Message(3, front=b"cut", data=[bytes(64 << 20)]))
         print("sent", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

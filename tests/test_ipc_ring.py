@@ -144,8 +144,9 @@ def test_large_copies_without_the_gil_stay_intact():
 def test_a_full_ring_makes_the_writer_wait_and_half_free_wakes_it(pair: Pair):
     a, b = pair.a, pair.b
     assert a.send([bytes(5000)]) == 4096, "as much as fits"
-    assert a.send([b"x"]) == 0, "full: the writer waits"
-    assert a.statistics()["writer_waits"] == 1
+    assert a.statistics()["writer_waits"] == 1, "what did not fit waits for room already"
+    assert a.send([b"x"]) == 0, "full: the writer waits (a new wait)"
+    assert a.statistics()["writer_waits"] == 2
     assert not readable(pair.sa)
     buf = bytearray(1000)
     assert b.recv_into(buf) == 1000

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -1815,14 +1816,15 @@ static void ring_copy_in(uint8_t *ring, uint64_t cap, uint64_t pos, const uint8_
     if (n > first) memcpy(ring, src + first, n - first);
 }
 
-/* After the reader moved its tail: wake the peer's writer if it waits and has room now. */
-static void ipc_published_tail(IpcChannelObject *c) {
-    STORE_REL(u64_at(c->m, IPC_RX_TAIL), c->tail);
+/* After the reader moved its tail: wake the peer's writer if it waits and has room now.
+ * (Pointers passed in: a large copy publishes as it goes, without the GIL.) */
+static void ipc_publish_tail(IpcChannelObject *c, uint8_t *m, const uint8_t *p, uint64_t tail) {
+    STORE_REL(u64_at(m, IPC_RX_TAIL), tail);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint32_t v = LOAD_ACQ(u32_at(c->p, IPC_TX_WAIT));
+    uint32_t v = LOAD_ACQ(u32_at((uint8_t *)p, IPC_TX_WAIT));
     if ((v & 1) && v != c->woken_wait) {
-        uint64_t want = LOAD_RLX(u64_at(c->p, IPC_TX_WANT));
-        uint64_t used = LOAD_ACQ(u64_at(c->p, IPC_TX_HEAD)) - c->tail;
+        uint64_t want = LOAD_RLX(u64_at((uint8_t *)p, IPC_TX_WANT));
+        uint64_t used = LOAD_ACQ(u64_at((uint8_t *)p, IPC_TX_HEAD)) - tail;
         if (used > c->pcap || c->pcap - used >= want) { /* garbage: wake it, its own reads will fail */
             c->woken_wait = v;
             ipc_bell(c);
@@ -1830,16 +1832,23 @@ static void ipc_published_tail(IpcChannelObject *c) {
     }
 }
 
+static void ipc_published_tail(IpcChannelObject *c) { ipc_publish_tail(c, c->m, c->p, c->tail); }
+
 /* After the writer moved its head: wake the peer's reader if it said it sleeps. */
-static void ipc_published_head(IpcChannelObject *c) {
-    STORE_REL(u64_at(c->m, IPC_TX_HEAD), c->head);
+static void ipc_publish_head(IpcChannelObject *c, uint8_t *m, const uint8_t *p, uint64_t head) {
+    STORE_REL(u64_at(m, IPC_TX_HEAD), head);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint32_t v = LOAD_RLX(u32_at(c->p, IPC_RX_SLEEP));
+    uint32_t v = LOAD_RLX(u32_at((uint8_t *)p, IPC_RX_SLEEP));
     if ((v & 1) && v != c->woken_sleep) {
         c->woken_sleep = v;
         ipc_bell(c);
     }
 }
+static void ipc_published_head(IpcChannelObject *c) { ipc_publish_head(c, c->m, c->p, c->head); }
+
+/* A large copy publishes its index every IPC_CHUNK bytes, so the other side
+ * copies out what is still in the shared cache while the rest goes in. */
+#define IPC_CHUNK (128u << 10)
 
 static inline void ipc_disarm_reader(IpcChannelObject *c) {
     if (c->armed) {
@@ -1864,14 +1873,23 @@ static Py_ssize_t ipc_read(IpcChannelObject *c, uint8_t *dst, Py_ssize_t len) {
     if (!n) return 0;
     const uint8_t *ring = c->p + IPC_RING;
     if (n >= IPC_NOGIL_COPY) {
-        PyObject *keep = Py_NewRef(c->peer); /* a close() meanwhile must not unmap it under us */
+        /* a close() meanwhile must not unmap them under us */
+        PyObject *keep = Py_NewRef(c->peer), *keep2 = Py_NewRef(c->mine);
         uint64_t cap = c->pcap, pos = c->tail;
+        uint8_t *m = c->m;
+        const uint8_t *p = c->p;
         c->rbusy = 1;
         Py_BEGIN_ALLOW_THREADS
-        ring_copy_out(ring, cap, pos, dst, n);
+        for (uint64_t done = 0; done < n;) {
+            uint64_t k = n - done > IPC_CHUNK ? IPC_CHUNK : n - done;
+            ring_copy_out(ring, cap, pos + done, dst + done, k);
+            done += k;
+            if (done < n) ipc_publish_tail(c, m, p, pos + done);
+        }
         Py_END_ALLOW_THREADS
         c->rbusy = 0;
         Py_DECREF(keep);
+        Py_DECREF(keep2);
         if (!c->m) return ipc_closed_error();
     } else {
         ring_copy_out(ring, c->pcap, c->tail, dst, n);
@@ -1955,8 +1973,9 @@ static PyObject *IpcChannel_recv_into(IpcChannelObject *c, PyObject *arg) {
     return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 
-/* Copy buffers into my ring: as much as fits, with one publish of the head. */
-static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room) {
+/* Copy buffers into my ring: as much as fits, with one publish of the head.
+ * *rest is set when something did not fit. */
+static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, int *rest) {
     Py_ssize_t nbufs = PySequence_Fast_GET_SIZE(seq), total = 0;
     PyObject **items = PySequence_Fast_ITEMS(seq);
     uint8_t *ring = c->m + IPC_RING;
@@ -1972,14 +1991,23 @@ static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room) {
         }
         uint64_t n = (uint64_t)b.len < (uint64_t)room ? (uint64_t)b.len : (uint64_t)room;
         if (n >= IPC_NOGIL_COPY) {
-            PyObject *keep = Py_NewRef(c->mine);
+            PyObject *keep = Py_NewRef(c->mine), *keep2 = Py_NewRef(c->peer);
             uint64_t cap = c->cap, pos = c->head + (uint64_t)total;
+            uint8_t *m = c->m;
+            const uint8_t *p = c->p;
+            const uint8_t *src = b.buf;
             c->wbusy = 1;
             Py_BEGIN_ALLOW_THREADS
-            ring_copy_in(ring, cap, pos, b.buf, n);
+            for (uint64_t done = 0; done < n;) {
+                uint64_t k = n - done > IPC_CHUNK ? IPC_CHUNK : n - done;
+                ring_copy_in(ring, cap, pos + done, src + done, k);
+                done += k;
+                if (done < n) ipc_publish_head(c, m, p, pos + done);
+            }
             Py_END_ALLOW_THREADS
             c->wbusy = 0;
             Py_DECREF(keep);
+            Py_DECREF(keep2);
         } else if (n) {
             ring_copy_in(ring, c->cap, c->head + (uint64_t)total, b.buf, n);
         }
@@ -1987,6 +2015,7 @@ static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room) {
         if (!c->m) return ipc_closed_error();
         total += (Py_ssize_t)n;
         room -= (int64_t)n;
+        if ((Py_ssize_t)n < b.len || (room == 0 && i + 1 < nbufs)) *rest = 1;
     }
     if (total) {
         c->head += (uint64_t)total;
@@ -1995,6 +2024,16 @@ static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room) {
         ipc_published_head(c);
     }
     return total;
+}
+
+/* Say my writer waits for half the ring to be free (a new odd value). */
+static void ipc_arm_writer(IpcChannelObject *c) {
+    c->wait_val += c->waiting ? 2 : 1;
+    c->waiting = 1;
+    c->st_waits++;
+    STORE_RLX(u64_at(c->m, IPC_TX_WANT), c->cap / 2);
+    STORE_REL(u32_at(c->m, IPC_TX_WAIT), c->wait_val);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 /* send(buffers) -> bytes written (0 if the ring is full: then the writer waits,
@@ -2007,17 +2046,17 @@ static PyObject *IpcChannel_send(IpcChannelObject *c, PyObject *bufs) {
     PyObject *seq = PySequence_Fast(bufs, "send() takes a sequence of buffers");
     if (!seq) return NULL;
     Py_ssize_t total = 0;
+    int rest = 0;
     int64_t room = ipc_free(c, 1);
     if (room == 0) { /* full: say we wait, then look once more */
-        c->wait_val += c->waiting ? 2 : 1; /* odd, and new */
-        c->waiting = 1;
-        c->st_waits++;
-        STORE_RLX(u64_at(c->m, IPC_TX_WANT), c->cap / 2);
-        STORE_REL(u32_at(c->m, IPC_TX_WAIT), c->wait_val);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        ipc_arm_writer(c);
         room = ipc_free(c, 1);
     }
-    if (room > 0) total = ipc_write(c, seq, room);
+    if (room > 0) {
+        total = ipc_write(c, seq, room, &rest);
+        /* What did not fit waits for room: say so now, as a socket's POLLOUT would */
+        if (total > 0 && rest) ipc_arm_writer(c);
+    }
     Py_DECREF(seq);
     if (room < 0 || total < 0) {
         if (c->broken && PyErr_ExceptionMatches(err_type(RemoteProtoErr, PyExc_ValueError))) {
@@ -2043,6 +2082,18 @@ static int ipc_ready_shm(const uint8_t *p, uint64_t tail, int waiting, uint64_t 
     return 0;
 }
 
+/* One step of a spin: a pause for the first IPC_PURE_SPIN_NS, then a yield of
+ * the CPU each 64th step.  On a host with few cores the scheduler often wakes
+ * the peer on the CPU of the thread that woke it (wake-affine), and a pure spin
+ * then holds the very CPU the peer needs to answer: each round trip cost a
+ * whole spin (64 B ping-pong, 50 us spin: p50 115 us; with the yield: see
+ * docs/design.md).  sched_yield() is a system call, but only while idle. */
+#define IPC_PURE_SPIN_NS 1000
+static inline void ipc_relax(unsigned step, int64_t start) {
+    cpu_relax();
+    if ((step & 63) == 0 && now_ns() - start > IPC_PURE_SPIN_NS) sched_yield();
+}
+
 /* Spin (GIL released) up to ns for something to do. */
 static int ipc_spin(IpcChannelObject *c, int64_t ns) {
     if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
@@ -2054,11 +2105,11 @@ static int ipc_spin(IpcChannelObject *c, int64_t ns) {
     int ready = 0;
     PyObject *keep = Py_NewRef(c->peer);
     Py_BEGIN_ALLOW_THREADS
-    int64_t end = now_ns() + ns;
+    int64_t start = now_ns(), end = start + ns;
     unsigned i = 0;
     while (!(ready = ipc_ready_shm(p, tail, waiting, head, cap))) {
-        cpu_relax();
-        if ((++i & 63) == 0 && now_ns() >= end) break;
+        ipc_relax(++i, start);
+        if ((i & 63) == 0 && now_ns() >= end) break;
     }
     Py_END_ALLOW_THREADS
     Py_DECREF(keep);
@@ -2142,11 +2193,11 @@ static PyObject *mod_ipc_spin(PyObject *mod, PyObject *args) {
     if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
     if (!any && ns > 0) {
         Py_BEGIN_ALLOW_THREADS
-        int64_t end = now_ns() + ns;
+        int64_t start = now_ns(), end = start + ns;
         for (unsigned k = 1; !any; k++) {
             for (Py_ssize_t i = 0; i < n && !any; i++)
                 any = ipc_ready_shm(v[i].p, v[i].tail, v[i].waiting, v[i].head, v[i].cap);
-            cpu_relax();
+            ipc_relax(k, start);
             if ((k & 31) == 0 && now_ns() >= end) break;
         }
         Py_END_ALLOW_THREADS

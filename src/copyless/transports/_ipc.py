@@ -33,7 +33,7 @@ from .._pubsub import _close_fds, _peercred, _recv_fds
 from ..errors import AccessDenied, ConfigurationError, NameInUse, PeerLost, RemoteProtocolError, VersionMismatch
 from . import Listener, Stream
 
-DEFAULT_RING = 2 << 20  # per direction; see docs/design.md "ipc://: ring size" for how it was chosen
+DEFAULT_RING = 256 << 10  # per direction; see docs/design.md "ipc://: ring size" for how it was chosen
 DEFAULT_SPIN = 50e-6  # see docs/design.md "ipc://: how long to spin"
 
 # The setup exchange: fixed 128-byte records (docs/protocol.md).  The first eight bytes
