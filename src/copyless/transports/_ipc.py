@@ -34,7 +34,7 @@ from ..errors import AccessDenied, ConfigurationError, NameInUse, PeerLost, Remo
 from . import Listener, Stream
 
 DEFAULT_RING = 256 << 10  # per direction; see docs/design.md "ipc://: ring size" for how it was chosen
-DEFAULT_SPIN = 50e-6  # see docs/design.md "ipc://: how long to spin"
+DEFAULT_SPIN = 100e-6  # see docs/design.md "ipc://: how long to spin"
 
 # The setup exchange: fixed 128-byte records (docs/protocol.md).  The first eight bytes
 # (magic, version) keep their place in every version.
