@@ -27,8 +27,9 @@ Rows, by transport (copyless messenger rows first):
   pubsub     copyless.Publisher(name).send(buf) / Subscriber(name).recv(), one
              way only: rate, and GB/s as a stream of large messages whose
              every 4 KiB page the receiver reads
-ipc:// rows of the messenger say "not implemented" until Messenger.bind
-accepts an ipc:// address; they then run with no edit here.
+ipc:// rows of the messenger use the defaults of ipc:// (a 256 KiB ring per
+direction, 100 us of spin); benchmarks/bench_ipc.py measures the transport
+without the Messenger.
 """
 
 from __future__ import annotations
@@ -625,8 +626,9 @@ def main(argv=None):
         "  messenger, raw and zmq rows: nobody reads the payload inside the clock (the stream receiver\n"
         "  counts; one call after the clock checks its reply); pubsub rows read a byte of every 4 KiB page.\n"
         "  copyless runs with its defaults (data_crc on); raw and zmq carry no checksum of their own.\n"
-        "  The ipc RTT target says 'busy'; conn.call has no busy mode (it waits on an Event): the cell\n"
-        "  measures conn.call as it is."
+        "  The ipc RTT target says 'busy': over ipc, conn.call spins (the address's spin, 100 us by\n"
+        "  default) before it sleeps, and so does the server's loop; the cell measures conn.call with its\n"
+        "  defaults, so it includes the Python session layer.  The transport alone: bench_ipc.py."
     )
     print(f"\ntotal wall time {time.monotonic() - t_start:.1f} s; load average at end {info['loadavg_end'][0]:.2f}")
 

@@ -39,12 +39,13 @@ class Store(aio.Dispatcher):
 
 
 @pytest.mark.timeout(30)
-def test_await_call_and_coroutine_dispatch(tmp_path):
+@pytest.mark.parametrize("transport", ["unix", "ipc"])
+def test_await_call_and_coroutine_dispatch(tmp_path, name, transport):
     async def main() -> None:
         store = Store()
         async with aio.Messenger("store.1", policies={"client": Policy.stateful_server()}, throttle_messages=4) as srv:
             srv.add_dispatcher(store)
-            addr = srv.bind(f"unix://{tmp_path}/a.sock")
+            addr = srv.bind(f"unix://{tmp_path}/a.sock" if transport == "unix" else f"ipc://{name}")
             srv.start()
             async with aio.Messenger("client.7") as client:
                 conn = client.connect(addr)

@@ -54,9 +54,9 @@ class Slow(Store):
             super().dispatch(msg)
 
 
-@pytest.fixture(params=["tcp", "unix"])
-def address(request, tmp_path):
-    return "tcp://127.0.0.1:0" if request.param == "tcp" else f"unix://{tmp_path}/m.sock"
+@pytest.fixture(params=["tcp", "unix", "ipc"])
+def address(request, tmp_path, name):
+    return {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/m.sock", "ipc": f"ipc://{name}"}[request.param]
 
 
 @pytest.fixture

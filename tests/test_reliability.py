@@ -1,6 +1,10 @@
 """The Messenger through a FaultProxy, over tcp and unix: "Lossless: no message lost or
 duplicated or reordered across any number of connection faults" (issue 3).
 
+Not over ipc://: the FaultProxy relays a byte stream between two sockets and cannot sit
+inside shared memory.  ipc's own faults (a peer SIGKILLed mid-message, a hostile ring
+index, bad setup records) are in test_ipc.py; cuts and replay over ipc in test_messenger.py.
+
 Every message carries its index and a checksum of its data (zlib's crc32, independent of
 the protocol's crc32c); receivers record the indices in the order the Messenger delivered
 them and count any message whose data fails its checksum.  Faults are seeded: where a cut

@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -41,6 +43,7 @@
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
 #define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORE_RLX(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
 #define STORE_SC(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 #define LOAD_SC(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define XCHG(p, v) __atomic_exchange_n((p), (v), __ATOMIC_SEQ_CST)
@@ -2107,6 +2110,631 @@ static PyTypeObject MessageType = {
     .tp_weaklistoffset = offsetof(MessageObject, weakreflist),
 };
 
+/* ================================================================== IpcChannel */
+/*
+ * One end of an ipc:// byte stream: mechanism only (the rendezvous, the setup
+ * exchange and the socket live in copyless/transports/_ipc.py).
+ *
+ * Each side owns ONE segment: a control page holding the words only it
+ * writes, then its TX byte ring.  It maps its own segment read-write and the
+ * peer's read-only, so a peer can corrupt nothing but its own memory, and
+ * every index read from the peer's segment is bounds-checked here.
+ *
+ * Wake-ups go through the unix socket both ends keep open: one byte is one
+ * wake, EOF is the peer gone.  A writer sends a byte only if the reader said
+ * it is about to sleep (an odd value in its rx_sleep word that this writer has
+ * not woken yet: each sleep is a new value, so it gets at most one byte), and
+ * a reader wakes a writer that waits for space the same way (tx_wait, once
+ * tx_want bytes are free).  While traffic flows there is no system call.
+ *
+ * Each publish of an index is followed by a seq_cst fence before the other
+ * side's flag is read, and each flag is followed by a fence before the ring
+ * is read again (Dekker): either the writer sees the reader's flag, or the
+ * reader sees the writer's data.
+ */
+#define IPC_MAGIC 0x53494c43u /* "CLIS" */
+#define IPC_VERSION 1u
+#define IPC_HDR 0         /* u32 magic, u32 version, u64 capacity, u64 ring offset: written before the fd goes */
+#define IPC_TX_HEAD 64    /* u64: bytes ever written to my TX ring (the peer reads it) */
+#define IPC_RX_TAIL 128   /* u64: bytes ever read from the peer's TX ring (the peer's writer reads it) */
+#define IPC_RX_SLEEP 192  /* u32: odd while my reader is (about to be) asleep; a new value each sleep */
+#define IPC_TX_WAIT 256   /* u32: odd while my writer waits for space; a new value each wait */
+#define IPC_TX_WANT 264   /* u64: the free bytes that waiting writer wants before it is woken */
+#define IPC_CLOSED 320    /* u32: 1 once I closed gracefully (everything I wrote is published) */
+#define IPC_RING 4096     /* the TX ring, `capacity` bytes (a power of two) */
+#define IPC_MIN_CAP 4096ull
+#define IPC_MAX_CAP (1ull << 30)
+#define IPC_NOGIL_COPY 65536 /* copies this large run without the GIL */
+#define IPC_MAX_SPIN_NS 100000000LL
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *mine, *peer; /* Mappings: my segment (rw), the peer's (ro) */
+    uint8_t *m, *p;        /* their addresses; NULL once closed */
+    uint64_t cap, pcap;    /* my TX ring's capacity, the peer's */
+    int fd;                /* the connected unix socket: the doorbell (owned by Python) */
+    /* writer (my ring) */
+    uint64_t head, tail_seen;
+    uint32_t wait_val, woken_sleep;
+    int waiting;
+    /* reader (the peer's ring) */
+    uint64_t tail, head_seen;
+    uint32_t sleep_val, woken_wait;
+    int armed, eof;
+    int broken, rbusy, wbusy;
+    const char *why;
+    int64_t spin_ns;
+    uint64_t st_in, st_out, st_wakes, st_sleeps, st_waits, st_bells_heard;
+    PyObject *weakreflist;
+} IpcChannelObject;
+
+static PyTypeObject IpcChannelType;
+
+static inline uint64_t *u64_at(uint8_t *base, size_t off) { return (uint64_t *)(base + off); }
+static inline uint32_t *u32_at(uint8_t *base, size_t off) { return (uint32_t *)(base + off); }
+
+static void ipc_bell(IpcChannelObject *c) {
+    static const char one = 1;
+    if (c->fd < 0) return;
+    ssize_t r;
+    do { r = send(c->fd, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    /* EAGAIN: bytes are already waiting, so the peer is woken anyway; EPIPE: it is gone */
+    c->st_wakes++;
+}
+
+/* The peer broke the protocol: this stream is finished (the socket is shut
+ * down, so both ends notice), and every later read raises. */
+static int ipc_break(IpcChannelObject *c, const char *why) {
+    if (!c->broken) {
+        c->broken = 1;
+        c->why = why;
+        if (c->fd >= 0) shutdown(c->fd, SHUT_RDWR);
+    }
+    PyErr_Format(err_type(RemoteProtoErr, PyExc_ValueError), "ipc peer broke the protocol: %s", c->why);
+    return -1;
+}
+
+static int ipc_closed_error(void) {
+    PyErr_SetString(err_type(ClosedErr, PyExc_ValueError), "ipc channel is closed");
+    return -1;
+}
+
+/* Bytes readable now; re-reads the peer's head only when the cached one is used up. */
+static int64_t ipc_avail(IpcChannelObject *c) {
+    uint64_t a = c->head_seen - c->tail;
+    if (a) return (int64_t)a;
+    uint64_t h = LOAD_ACQ(u64_at(c->p, IPC_TX_HEAD));
+    if (h - c->tail > c->pcap) return ipc_break(c, "its ring's head index is out of bounds");
+    c->head_seen = h;
+    return (int64_t)(h - c->tail);
+}
+
+/* Free bytes in my ring; re-reads the peer's tail only when the cached view has fewer than need. */
+static int64_t ipc_free(IpcChannelObject *c, uint64_t need) {
+    uint64_t f = c->cap - (c->head - c->tail_seen);
+    if (f >= need) return (int64_t)f;
+    uint64_t t = LOAD_ACQ(u64_at(c->p, IPC_RX_TAIL));
+    if (c->head - t > c->cap) return ipc_break(c, "its tail index on our ring is out of bounds");
+    c->tail_seen = t;
+    return (int64_t)(c->cap - (c->head - t));
+}
+
+static void ring_copy_out(const uint8_t *ring, uint64_t cap, uint64_t pos, uint8_t *dst, uint64_t n) {
+    uint64_t off = pos & (cap - 1), first = cap - off;
+    if (first > n) first = n;
+    memcpy(dst, ring + off, first);
+    if (n > first) memcpy(dst + first, ring, n - first);
+}
+static void ring_copy_in(uint8_t *ring, uint64_t cap, uint64_t pos, const uint8_t *src, uint64_t n) {
+    uint64_t off = pos & (cap - 1), first = cap - off;
+    if (first > n) first = n;
+    memcpy(ring + off, src, first);
+    if (n > first) memcpy(ring, src + first, n - first);
+}
+
+/* After the reader moved its tail: wake the peer's writer if it waits and has room now.
+ * (Pointers passed in: a large copy publishes as it goes, without the GIL.) */
+static void ipc_publish_tail(IpcChannelObject *c, uint8_t *m, const uint8_t *p, uint64_t tail) {
+    STORE_REL(u64_at(m, IPC_RX_TAIL), tail);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t v = LOAD_ACQ(u32_at((uint8_t *)p, IPC_TX_WAIT));
+    if ((v & 1) && v != c->woken_wait) {
+        uint64_t want = LOAD_RLX(u64_at((uint8_t *)p, IPC_TX_WANT));
+        uint64_t used = LOAD_ACQ(u64_at((uint8_t *)p, IPC_TX_HEAD)) - tail;
+        if (used > c->pcap || c->pcap - used >= want) { /* garbage: wake it, its own reads will fail */
+            c->woken_wait = v;
+            ipc_bell(c);
+        }
+    }
+}
+
+static void ipc_published_tail(IpcChannelObject *c) { ipc_publish_tail(c, c->m, c->p, c->tail); }
+
+/* After the writer moved its head: wake the peer's reader if it said it sleeps. */
+static void ipc_publish_head(IpcChannelObject *c, uint8_t *m, const uint8_t *p, uint64_t head) {
+    STORE_REL(u64_at(m, IPC_TX_HEAD), head);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint32_t v = LOAD_RLX(u32_at((uint8_t *)p, IPC_RX_SLEEP));
+    if ((v & 1) && v != c->woken_sleep) {
+        c->woken_sleep = v;
+        ipc_bell(c);
+    }
+}
+static void ipc_published_head(IpcChannelObject *c) { ipc_publish_head(c, c->m, c->p, c->head); }
+
+/* A large copy publishes its index every IPC_CHUNK bytes, so the other side
+ * copies out what is still in the shared cache while the rest goes in. */
+#define IPC_CHUNK (128u << 10)
+
+static inline void ipc_disarm_reader(IpcChannelObject *c) {
+    if (c->armed) {
+        c->sleep_val++; /* even: awake */
+        STORE_REL(u32_at(c->m, IPC_RX_SLEEP), c->sleep_val);
+        c->armed = 0;
+    }
+}
+static inline void ipc_disarm_writer(IpcChannelObject *c) {
+    if (c->waiting) {
+        c->wait_val++;
+        STORE_REL(u32_at(c->m, IPC_TX_WAIT), c->wait_val);
+        c->waiting = 0;
+    }
+}
+
+/* Copy up to len readable bytes into dst.  Returns bytes copied, or -1 with an exception. */
+static Py_ssize_t ipc_read(IpcChannelObject *c, uint8_t *dst, Py_ssize_t len) {
+    int64_t a = ipc_avail(c);
+    if (a < 0) return -1;
+    uint64_t n = (uint64_t)a < (uint64_t)len ? (uint64_t)a : (uint64_t)len;
+    if (!n) return 0;
+    const uint8_t *ring = c->p + IPC_RING;
+    if (n >= IPC_NOGIL_COPY) {
+        /* a close() meanwhile must not unmap them under us */
+        PyObject *keep = Py_NewRef(c->peer), *keep2 = Py_NewRef(c->mine);
+        uint64_t cap = c->pcap, pos = c->tail;
+        uint8_t *m = c->m;
+        const uint8_t *p = c->p;
+        c->rbusy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        for (uint64_t done = 0; done < n;) {
+            uint64_t k = n - done > IPC_CHUNK ? IPC_CHUNK : n - done;
+            ring_copy_out(ring, cap, pos + done, dst + done, k);
+            done += k;
+            if (done < n) ipc_publish_tail(c, m, p, pos + done);
+        }
+        Py_END_ALLOW_THREADS
+        c->rbusy = 0;
+        Py_DECREF(keep);
+        Py_DECREF(keep2);
+        if (!c->m) return ipc_closed_error();
+    } else {
+        ring_copy_out(ring, c->pcap, c->tail, dst, n);
+    }
+    c->tail += n;
+    c->st_in += n;
+    ipc_disarm_reader(c);
+    ipc_published_tail(c);
+    return (Py_ssize_t)n;
+}
+
+/* Read the doorbell bytes that woke us (non-blocking); notes EOF. */
+static void ipc_drain(IpcChannelObject *c) {
+    char buf[256];
+    while (c->fd >= 0 && !c->eof) {
+        ssize_t r = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r > 0) {
+            c->st_bells_heard += (uint64_t)r;
+            if ((size_t)r < sizeof buf) return;
+            continue;
+        }
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        c->eof = 1; /* 0: EOF; any other error: the connection is gone as well */
+    }
+}
+
+static inline int ipc_writer_may_go(IpcChannelObject *c) {
+    if (!c->waiting) return 0;
+    uint64_t want = c->cap / 2;
+    int64_t f = ipc_free(c, want);
+    if (f < 0) { PyErr_Clear(); return 1; } /* broken: let the owner find out */
+    return (uint64_t)f >= want;
+}
+
+/* The ring is empty and the caller is about to sleep on the socket: drain the
+ * doorbell, say we sleep (a new odd value), and look once more.  Returns 1 if
+ * there is something to read (data, or the peer's end), 2 if only our writer
+ * can go on, 0 to sleep, -1 with an exception. */
+static int ipc_prepare_sleep(IpcChannelObject *c) {
+    ipc_drain(c);
+    c->sleep_val += c->armed ? 2 : 1; /* odd, and new */
+    c->armed = 1;
+    STORE_REL(u32_at(c->m, IPC_RX_SLEEP), c->sleep_val);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int64_t a = ipc_avail(c);
+    if (a < 0) return -1;
+    if (a > 0) { ipc_disarm_reader(c); return 1; }
+    if (c->eof || LOAD_ACQ(u32_at(c->p, IPC_CLOSED))) return 1;
+    if (ipc_writer_may_go(c)) return 2;
+    c->st_sleeps++;
+    return 0;
+}
+
+static int ipc_check(IpcChannelObject *c) {
+    if (c->broken) return ipc_break(c, c->why);
+    if (!c->m) return ipc_closed_error();
+    return 0;
+}
+
+/* recv_into(buf) -> bytes read; 0 at the end (peer closed or died, ring drained);
+ * raises BlockingIOError when nothing is there (after arming the wake-up). */
+static PyObject *IpcChannel_recv_into(IpcChannelObject *c, PyObject *arg) {
+    if (ipc_check(c) < 0) return NULL;
+    if (c->rbusy) { PyErr_SetString(PyExc_RuntimeError, "ipc channel read from two threads at once"); return NULL; }
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    Py_ssize_t n = ipc_read(c, b.buf, b.len);
+    if (n == 0 && b.len > 0) {
+        int r = ipc_prepare_sleep(c);
+        if (r < 0) n = -1;
+        else if (r == 1) {
+            n = ipc_read(c, b.buf, b.len); /* 0 here is the end of the stream */
+        } else {
+            PyBuffer_Release(&b);
+            PyErr_SetString(PyExc_BlockingIOError, "ipc ring empty");
+            return NULL;
+        }
+    }
+    PyBuffer_Release(&b);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
+}
+
+/* Copy buffers into my ring: as much as fits, with one publish of the head.
+ * *rest is set when something did not fit. */
+static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, int *rest) {
+    Py_ssize_t nbufs = PySequence_Fast_GET_SIZE(seq), total = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    uint8_t *ring = c->m + IPC_RING;
+    int fresh = 0; /* room comes from the cached tail until something does not fit */
+    for (Py_ssize_t i = 0; i < nbufs && room > 0; i++) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(items[i], &b, PyBUF_C_CONTIGUOUS) < 0) return -1;
+        if ((uint64_t)b.len > (uint64_t)room && !fresh) {
+            fresh = 1;
+            int64_t f = ipc_free(c, UINT64_MAX); /* re-read the peer's tail */
+            if (f < 0) { PyBuffer_Release(&b); return -1; }
+            room = f - total;
+        }
+        uint64_t n = (uint64_t)b.len < (uint64_t)room ? (uint64_t)b.len : (uint64_t)room;
+        if (n >= IPC_NOGIL_COPY) {
+            PyObject *keep = Py_NewRef(c->mine), *keep2 = Py_NewRef(c->peer);
+            uint64_t cap = c->cap, pos = c->head + (uint64_t)total;
+            uint8_t *m = c->m;
+            const uint8_t *p = c->p;
+            const uint8_t *src = b.buf;
+            c->wbusy = 1;
+            Py_BEGIN_ALLOW_THREADS
+            for (uint64_t done = 0; done < n;) {
+                uint64_t k = n - done > IPC_CHUNK ? IPC_CHUNK : n - done;
+                ring_copy_in(ring, cap, pos + done, src + done, k);
+                done += k;
+                if (done < n) ipc_publish_head(c, m, p, pos + done);
+            }
+            Py_END_ALLOW_THREADS
+            c->wbusy = 0;
+            Py_DECREF(keep);
+            Py_DECREF(keep2);
+        } else if (n) {
+            ring_copy_in(ring, c->cap, c->head + (uint64_t)total, b.buf, n);
+        }
+        PyBuffer_Release(&b);
+        if (!c->m) return ipc_closed_error();
+        total += (Py_ssize_t)n;
+        room -= (int64_t)n;
+        if ((Py_ssize_t)n < b.len || (room == 0 && i + 1 < nbufs)) *rest = 1;
+    }
+    if (total) {
+        c->head += (uint64_t)total;
+        c->st_out += (uint64_t)total;
+        ipc_disarm_writer(c);
+        ipc_published_head(c);
+    }
+    return total;
+}
+
+/* Say my writer waits for half the ring to be free (a new odd value). */
+static void ipc_arm_writer(IpcChannelObject *c) {
+    c->wait_val += c->waiting ? 2 : 1;
+    c->waiting = 1;
+    c->st_waits++;
+    STORE_RLX(u64_at(c->m, IPC_TX_WANT), c->cap / 2);
+    STORE_REL(u32_at(c->m, IPC_TX_WAIT), c->wait_val);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* send(buffers) -> bytes written (0 if the ring is full: then the writer waits,
+ * and the fd turns readable once half the ring is free).  A peer that broke the
+ * protocol makes it return 0 and shut the socket down: the read side raises. */
+static PyObject *IpcChannel_send(IpcChannelObject *c, PyObject *bufs) {
+    if (!c->m) { ipc_closed_error(); return NULL; }
+    if (c->broken) return PyLong_FromLong(0);
+    if (c->wbusy) { PyErr_SetString(PyExc_RuntimeError, "ipc channel written from two threads at once"); return NULL; }
+    PyObject *seq = PySequence_Fast(bufs, "send() takes a sequence of buffers");
+    if (!seq) return NULL;
+    Py_ssize_t total = 0;
+    int rest = 0;
+    int64_t room = ipc_free(c, 1);
+    if (room == 0) { /* full: say we wait, then look once more */
+        ipc_arm_writer(c);
+        room = ipc_free(c, 1);
+    }
+    if (room > 0) {
+        total = ipc_write(c, seq, room, &rest);
+        /* What did not fit waits for room: say so now, as a socket's POLLOUT would */
+        if (total > 0 && rest) ipc_arm_writer(c);
+    }
+    Py_DECREF(seq);
+    if (room < 0 || total < 0) {
+        if (c->broken && PyErr_ExceptionMatches(err_type(RemoteProtoErr, PyExc_ValueError))) {
+            PyErr_Clear();
+            return PyLong_FromLong(0);
+        }
+        return NULL;
+    }
+    return PyLong_FromSsize_t(total);
+}
+
+static PyObject *IpcChannel_available(IpcChannelObject *c, PyObject *unused) {
+    if (ipc_check(c) < 0) return NULL;
+    int64_t a = ipc_avail(c);
+    return a < 0 ? NULL : PyLong_FromLongLong(a);
+}
+
+/* Is anything ready, looking only at shared memory (no GIL needed, no syscall)? */
+static int ipc_ready_shm(const uint8_t *p, uint64_t tail, int waiting, uint64_t head, uint64_t cap) {
+    if (LOAD_ACQ(u64_at((uint8_t *)p, IPC_TX_HEAD)) != tail) return 1;
+    if (LOAD_ACQ(u32_at((uint8_t *)p, IPC_CLOSED))) return 1;
+    if (waiting && cap - (head - LOAD_ACQ(u64_at((uint8_t *)p, IPC_RX_TAIL))) >= cap / 2) return 1;
+    return 0;
+}
+
+/* One step of a spin: a pause for the first IPC_PURE_SPIN_NS, then a yield of
+ * the CPU each 64th step.  On a host with few cores the scheduler often wakes
+ * the peer on the CPU of the thread that woke it (wake-affine), and a pure spin
+ * then holds the very CPU the peer needs to answer: each round trip cost a
+ * whole spin (64 B ping-pong, 50 us spin: p50 115 us; with the yield: see
+ * docs/design.md).  sched_yield() is a system call, but only while idle. */
+#define IPC_PURE_SPIN_NS 1000
+static inline void ipc_relax(unsigned step, int64_t start) {
+    cpu_relax();
+    if ((step & 63) == 0 && now_ns() - start > IPC_PURE_SPIN_NS) sched_yield();
+}
+
+/* Spin (GIL released) up to ns for something to do. */
+static int ipc_spin(IpcChannelObject *c, int64_t ns) {
+    if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
+    const uint8_t *p = c->p;
+    uint64_t tail = c->tail, head = c->head, cap = c->cap;
+    int waiting = c->waiting;
+    if (ipc_ready_shm(p, tail, waiting, head, cap)) return 1;
+    if (ns <= 0) return 0;
+    int ready = 0;
+    PyObject *keep = Py_NewRef(c->peer);
+    Py_BEGIN_ALLOW_THREADS
+    int64_t start = now_ns(), end = start + ns;
+    unsigned i = 0;
+    while (!(ready = ipc_ready_shm(p, tail, waiting, head, cap))) {
+        ipc_relax(++i, start);
+        if ((i & 63) == 0 && now_ns() >= end) break;
+    }
+    Py_END_ALLOW_THREADS
+    Py_DECREF(keep);
+    return ready;
+}
+
+/* wait(seconds) -> bool: spin for something to read (or room for a waiting writer). */
+static PyObject *IpcChannel_wait(IpcChannelObject *c, PyObject *arg) {
+    double t = PyFloat_AsDouble(arg);
+    if (t == -1.0 && PyErr_Occurred()) return NULL;
+    if (ipc_check(c) < 0) return NULL;
+    return PyBool_FromLong(ipc_spin(c, (int64_t)(t * 1e9)));
+}
+
+/* About to block on the socket: arm the wake-up (unless it is armed already
+ * and nothing came: then no system call).  True: do not block, there is
+ * something to do (read, or write for a waiting writer). */
+static PyObject *ipc_arm(IpcChannelObject *c) {
+    if (!c->m || c->broken || c->rbusy) Py_RETURN_TRUE; /* the owner finds out by reading */
+    int r;
+    if (c->armed) {
+        int64_t a = ipc_avail(c);
+        r = a != 0 || LOAD_ACQ(u32_at(c->p, IPC_CLOSED)) || ipc_writer_may_go(c);
+    } else {
+        r = ipc_prepare_sleep(c);
+    }
+    if (r < 0) PyErr_Clear();
+    return PyBool_FromLong(r != 0);
+}
+
+/* arm() -> bool: what the I/O loop calls for each ipc stream before it sleeps. */
+static PyObject *IpcChannel_arm(IpcChannelObject *c, PyObject *unused) { return ipc_arm(c); }
+
+/* before_wait() -> bool: spin for `spin` seconds (GIL released), then arm(). */
+static PyObject *IpcChannel_before_wait(IpcChannelObject *c, PyObject *unused) {
+    if (!c->m || c->broken) Py_RETURN_TRUE;
+    if (c->head_seen != c->tail) Py_RETURN_TRUE;
+    if (ipc_spin(c, c->spin_ns)) Py_RETURN_TRUE;
+    return ipc_arm(c);
+}
+
+/* close(): say we closed gracefully (everything written is published) and drop the mappings. */
+static PyObject *IpcChannel_close(IpcChannelObject *c, PyObject *unused) {
+    if (c->m) STORE_SC(u32_at(c->m, IPC_CLOSED), 1);
+    c->m = c->p = NULL;
+    c->fd = -1;
+    Py_CLEAR(c->mine);
+    Py_CLEAR(c->peer);
+    Py_RETURN_NONE;
+}
+
+/* ipc_spin(channels, seconds) -> list of the indices that have something to do:
+ * the I/O loop spins over all its ipc streams at once before it sleeps. */
+typedef struct {
+    const uint8_t *p;
+    uint64_t tail, head, cap;
+    int waiting;
+} SpinView;
+
+static PyObject *mod_ipc_spin(PyObject *mod, PyObject *args) {
+    PyObject *chans;
+    double t;
+    if (!PyArg_ParseTuple(args, "Od", &chans, &t)) return NULL;
+    PyObject *seq = PySequence_Fast(chans, "ipc_spin() takes a sequence of IpcChannel");
+    if (!seq) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    SpinView *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(SpinView));
+    PyObject **keep = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    PyObject *out = NULL;
+    if (!v || !keep) { PyErr_NoMemory(); goto done; }
+    int any = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyObject_TypeCheck(o, &IpcChannelType)) { PyErr_SetString(PyExc_TypeError, "IpcChannel required"); goto done; }
+        IpcChannelObject *c = (IpcChannelObject *)o;
+        if (!c->m || c->broken || c->head_seen != c->tail) { any = 1; continue; } /* p NULL: ready */
+        keep[i] = Py_NewRef(c->peer); /* a close() meanwhile must not unmap it under us */
+        v[i] = (SpinView){c->p, c->tail, c->head, c->cap, c->waiting};
+    }
+    int64_t ns = (int64_t)(t * 1e9);
+    if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
+    if (!any && ns > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        int64_t start = now_ns(), end = start + ns;
+        for (unsigned k = 1; !any; k++) {
+            for (Py_ssize_t i = 0; i < n && !any; i++)
+                any = ipc_ready_shm(v[i].p, v[i].tail, v[i].waiting, v[i].head, v[i].cap);
+            ipc_relax(k, start);
+            if ((k & 31) == 0 && now_ns() >= end) break;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    out = PyList_New(0);
+    for (Py_ssize_t i = 0; out && i < n; i++) {
+        if (v[i].p && !ipc_ready_shm(v[i].p, v[i].tail, v[i].waiting, v[i].head, v[i].cap)) continue;
+        PyObject *idx = PyLong_FromSsize_t(i);
+        if (!idx || PyList_Append(out, idx) < 0) Py_CLEAR(out);
+        Py_XDECREF(idx);
+    }
+done:
+    if (keep)
+        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(keep[i]);
+    PyMem_Free(keep);
+    PyMem_Free(v);
+    Py_DECREF(seq);
+    return out;
+}
+
+static int ipc_check_header(MappingObject *seg, uint64_t *cap, const char **why) {
+    if (seg->size < IPC_RING) { *why = "segment smaller than its control page"; return -1; }
+    uint32_t *h = (uint32_t *)seg->addr;
+    uint64_t c = *u64_at(seg->addr, 8), off = *u64_at(seg->addr, 16);
+    if (h[0] != IPC_MAGIC) { *why = "bad segment magic"; return -1; }
+    if (h[1] != IPC_VERSION) { *why = "unknown segment version"; return -1; }
+    if (off != IPC_RING || c < IPC_MIN_CAP || c > IPC_MAX_CAP || (c & (c - 1))) {
+        *why = "bad ring capacity or offset"; return -1;
+    }
+    if ((uint64_t)seg->size < IPC_RING + c) { *why = "segment smaller than its ring"; return -1; }
+    *cap = c;
+    return 0;
+}
+
+/* IpcChannel(mine, peer, fd): my segment (rw, header written), the peer's (ro), the socket's fd. */
+static int IpcChannel_init(IpcChannelObject *c, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"mine", "peer", "fd", NULL};
+    PyObject *mine, *peer;
+    int fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O!i", kwlist, &MappingType, &mine, &MappingType, &peer, &fd)) return -1;
+    MappingObject *mm = (MappingObject *)mine, *pm = (MappingObject *)peer;
+    const char *why = NULL;
+    uint64_t cap, pcap;
+    if (!mm->writable || ipc_check_header(mm, &cap, &why) < 0) {
+        PyErr_Format(PyExc_ValueError, "own ipc segment: %s", why ? why : "not writable");
+        return -1;
+    }
+    if (ipc_check_header(pm, &pcap, &why) < 0) {
+        PyErr_Format(err_type(RemoteProtoErr, PyExc_ValueError), "peer's ipc segment: %s", why);
+        return -1;
+    }
+    Py_XSETREF(c->mine, Py_NewRef(mine));
+    Py_XSETREF(c->peer, Py_NewRef(peer));
+    c->m = mm->addr;
+    c->p = pm->addr;
+    c->cap = cap;
+    c->pcap = pcap;
+    c->fd = fd;
+    c->head = LOAD_ACQ(u64_at(c->m, IPC_TX_HEAD));
+    c->tail = LOAD_ACQ(u64_at(c->m, IPC_RX_TAIL));
+    c->tail_seen = c->head; /* nothing read of a new ring */
+    c->head_seen = c->tail;
+    return 0;
+}
+
+static void IpcChannel_dealloc(IpcChannelObject *c) {
+    if (c->weakreflist) PyObject_ClearWeakRefs((PyObject *)c);
+    Py_CLEAR(c->mine);
+    Py_CLEAR(c->peer);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyObject *IpcChannel_stats(IpcChannelObject *c, PyObject *unused) {
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "bytes_in", (unsigned long long)c->st_in, "bytes_out",
+                         (unsigned long long)c->st_out, "wakeups_sent", (unsigned long long)c->st_wakes, "sleeps",
+                         (unsigned long long)c->st_sleeps, "writer_waits", (unsigned long long)c->st_waits,
+                         "wakeups_heard", (unsigned long long)c->st_bells_heard);
+}
+
+static PyObject *IpcChannel_get_spin(IpcChannelObject *c, void *x) { return PyFloat_FromDouble(c->spin_ns / 1e9); }
+static int IpcChannel_set_spin(IpcChannelObject *c, PyObject *v, void *x) { return set_seconds(&c->spin_ns, v); }
+static PyObject *IpcChannel_get_segment(IpcChannelObject *c, void *x) { return Py_NewRef(c->mine ? c->mine : Py_None); }
+static PyObject *IpcChannel_get_capacity(IpcChannelObject *c, void *x) { return PyLong_FromUnsignedLongLong(c->cap); }
+static PyObject *IpcChannel_get_closed(IpcChannelObject *c, void *x) { return PyBool_FromLong(c->m == NULL); }
+
+static PyMethodDef IpcChannel_methods[] = {
+    {"recv_into", (PyCFunction)IpcChannel_recv_into, METH_O,
+     "recv_into(buf) -> n: copy from the ring into buf; 0 at the end; BlockingIOError (armed) when empty."},
+    {"send", (PyCFunction)IpcChannel_send, METH_O, "send(buffers) -> bytes copied into the ring (0 when full)."},
+    {"available", (PyCFunction)IpcChannel_available, METH_NOARGS, "available() -> bytes readable now."},
+    {"wait", (PyCFunction)IpcChannel_wait, METH_O, "wait(seconds) -> bool: spin (GIL released) for something to do."},
+    {"before_wait", (PyCFunction)IpcChannel_before_wait, METH_NOARGS,
+     "before_wait() -> bool: spin, then arm the wake-up; True if there is something to do now."},
+    {"arm", (PyCFunction)IpcChannel_arm, METH_NOARGS,
+     "arm() -> bool: arm the wake-up before sleeping on the socket; True if there is something to do now."},
+    {"close", (PyCFunction)IpcChannel_close, METH_NOARGS, "close(): mark closed, drop the mappings."},
+    {"statistics", (PyCFunction)IpcChannel_stats, METH_NOARGS, NULL},
+    {NULL},
+};
+static PyGetSetDef IpcChannel_getset[] = {
+    {"spin", (getter)IpcChannel_get_spin, (setter)IpcChannel_set_spin, "seconds before_wait() spins", NULL},
+    {"segment", (getter)IpcChannel_get_segment, NULL, "this side's own segment (a Mapping)", NULL},
+    {"capacity", (getter)IpcChannel_get_capacity, NULL, "bytes in this side's TX ring", NULL},
+    {"closed", (getter)IpcChannel_get_closed, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyTypeObject IpcChannelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._core.IpcChannel",
+    .tp_basicsize = sizeof(IpcChannelObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "IpcChannel(mine, peer, fd): one end of an ipc:// byte stream over two shared-memory rings.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)IpcChannel_init,
+    .tp_dealloc = (destructor)IpcChannel_dealloc,
+    .tp_methods = IpcChannel_methods,
+    .tp_getset = IpcChannel_getset,
+    .tp_weaklistoffset = offsetof(IpcChannelObject, weakreflist),
+};
+
 /* ================================================================== module */
 static PyObject *mod_set_errors(PyObject *mod, PyObject *args) {
     PyObject *wb, *to, *rp, *cl, *cf = NULL;
@@ -2130,6 +2758,8 @@ static PyObject *mod_ctl_size(PyObject *mod, PyObject *args) {
 static PyMethodDef module_methods[] = {
     {"_set_errors", mod_set_errors, METH_VARARGS, NULL},
     {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
+    {"ipc_spin", mod_ipc_spin, METH_VARARGS,
+     "ipc_spin(channels, seconds) -> [index]: spin (GIL released) until some channel has something to do."},
     {NULL},
 };
 
@@ -2137,7 +2767,8 @@ static struct PyModuleDef coremodule = {PyModuleDef_HEAD_INIT, "copyless._core",
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&MappingType) < 0 || PyType_Ready(&RegionType) < 0 || PyType_Ready(&PubCoreType) < 0 ||
-        PyType_Ready(&SubCoreType) < 0 || PyType_Ready(&MessageType) < 0 || PyType_Ready(&LoanType) < 0)
+        PyType_Ready(&SubCoreType) < 0 || PyType_Ready(&MessageType) < 0 || PyType_Ready(&LoanType) < 0 ||
+        PyType_Ready(&IpcChannelType) < 0)
         return NULL;
     if (!empty_bytes && !(empty_bytes = PyBytes_FromStringAndSize(NULL, 0))) return NULL;
     PyObject *m = PyModule_Create(&coremodule);
@@ -2146,7 +2777,8 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyModule_AddObjectRef(m, "PubCore", (PyObject *)&PubCoreType) < 0 ||
         PyModule_AddObjectRef(m, "SubCore", (PyObject *)&SubCoreType) < 0 ||
         PyModule_AddObjectRef(m, "Message", (PyObject *)&MessageType) < 0 ||
-        PyModule_AddObjectRef(m, "Loan", (PyObject *)&LoanType) < 0)
+        PyModule_AddObjectRef(m, "Loan", (PyObject *)&LoanType) < 0 ||
+        PyModule_AddObjectRef(m, "IpcChannel", (PyObject *)&IpcChannelType) < 0)
         return NULL;
     PyModule_AddIntConstant(m, "WIRE_VERSION", WIRE_VERSION);
     PyModule_AddIntConstant(m, "CTL_MAGIC", CTL_MAGIC);
@@ -2166,5 +2798,16 @@ PyMODINIT_FUNC PyInit__core(void) {
     PyModule_AddIntConstant(m, "POLICY_BLOCK", POLICY_BLOCK);
     PyModule_AddIntConstant(m, "POLICY_RAISE", POLICY_RAISE);
     PyModule_AddIntConstant(m, "POLICY_OVERWRITE", POLICY_OVERWRITE);
+    PyModule_AddIntConstant(m, "IPC_MAGIC", IPC_MAGIC);
+    PyModule_AddIntConstant(m, "IPC_VERSION", IPC_VERSION);
+    PyModule_AddIntConstant(m, "IPC_TX_HEAD", IPC_TX_HEAD);
+    PyModule_AddIntConstant(m, "IPC_RX_TAIL", IPC_RX_TAIL);
+    PyModule_AddIntConstant(m, "IPC_RX_SLEEP", IPC_RX_SLEEP);
+    PyModule_AddIntConstant(m, "IPC_TX_WAIT", IPC_TX_WAIT);
+    PyModule_AddIntConstant(m, "IPC_TX_WANT", IPC_TX_WANT);
+    PyModule_AddIntConstant(m, "IPC_CLOSED", IPC_CLOSED);
+    PyModule_AddIntConstant(m, "IPC_RING", IPC_RING);
+    PyModule_AddIntConstant(m, "IPC_MIN_CAPACITY", (long)IPC_MIN_CAP);
+    PyModule_AddIntConstant(m, "IPC_MAX_CAPACITY", (long)IPC_MAX_CAP);
     return m;
 }

@@ -6,6 +6,11 @@ timers (`call_at`) may be used from any thread: a caller waiting for a reply
 takes a connection's socket off its loop for that time and reads it itself
 (see Connection.call), which saves the hop from the loop thread to the caller.
 Other work is handed over with `call_soon_threadsafe`.
+
+Streams whose `write_wakes_read` is True (ipc://) signal room to write by
+turning readable, so the loop watches them for EPOLLIN whatever the interest
+and calls both callbacks on it; and before it sleeps it `arm()`s each of them
+(their peer sends a wake byte only to a side that said it is going to sleep).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._core import ipc_spin
+
 Callback = Callable[[], Any]
+SKIP_EPOLL = 16  # at most this many loop turns in a row run ipc work without epoll_wait
 
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _ERR = select.EPOLLERR | select.EPOLLHUP
@@ -46,12 +54,14 @@ class IOLoop:
         self._lock = threading.Lock()  # handlers, registrations, calls and timers
         self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
         self._detached: set[int] = set()  # registered, but a caller is reading it for now
+        self._wwr: dict[int, Any] = {}  # fd -> stream whose writes wait for readability (ipc)
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self._stopping = False
         self._sleeping = False  # in epoll_wait: a new earlier timer must poke
         self.load = 0  # connections assigned here (the Messenger balances on it)
+        self._skipped = 0  # epoll_waits skipped in a row because spinning found ipc work
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -74,14 +84,17 @@ class IOLoop:
     def add_reader(self, fileobj: Any, cb: Callback) -> None:
         fd = fileobj.fileno()
         with self._lock:
+            self._note(fd, fileobj)
             writer = self._handlers.get(fd, (None, None))[1]
             self._update(fd, cb, writer)
+        self._arm_from_outside(fd, fileobj)
 
     def set_writer(self, fileobj: Any, cb: Callback | None) -> None:
         fd = fileobj.fileno()
         if fd < 0:
             return
         with self._lock:
+            self._note(fd, fileobj)
             reader = self._handlers.get(fd, (None, None))[0]
             self._update(fd, reader, cb)
 
@@ -105,7 +118,8 @@ class IOLoop:
             if fd in self._detached:
                 self._detached.discard(fd)
                 reader, writer = self._handlers[fd]
-                self._ep.register(fd, (_IN if reader else 0) | (_OUT if writer else 0))
+                self._ep.register(fd, self._mask(fd, reader, writer))
+        self._arm_from_outside(fd, fileobj)
 
     def call_at(self, when: float, fn: Callback) -> Timer:
         t = Timer(when, fn)
@@ -121,6 +135,22 @@ class IOLoop:
         return self.call_at(time.monotonic() + delay, fn)
 
     # ------------------------------------------------------------ internals
+    def _note(self, fd: int, fileobj: Any) -> None:
+        if getattr(fileobj, "write_wakes_read", False):
+            self._wwr[fd] = fileobj
+
+    def _arm_from_outside(self, fd: int, fileobj: Any) -> None:
+        """An ipc stream registered from another thread while the loop may be asleep: the
+        loop arms its streams only before it sleeps, so arm this one here (its peer then
+        rings), and wake the loop only if there is something to read already."""
+        if fd in self._wwr and not self.in_loop() and fileobj.arm():
+            self._poke()
+
+    def _mask(self, fd: int, reader: Callback | None, writer: Callback | None) -> int:
+        if fd in self._wwr:
+            return _IN if reader or writer else 0
+        return (_IN if reader else 0) | (_OUT if writer else 0)
+
     def _update(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
         """With the lock held: set fd's handlers and its epoll interest."""
         old = self._handlers.get(fd)
@@ -130,6 +160,7 @@ class IOLoop:
         if reader is None and writer is None:
             if known:
                 del self._handlers[fd]
+                self._wwr.pop(fd, None)
                 if fd in self._detached:
                     self._detached.discard(fd)
                 else:
@@ -138,8 +169,8 @@ class IOLoop:
         self._handlers[fd] = (reader, writer)
         if fd in self._detached:
             return
-        mask = (_IN if reader else 0) | (_OUT if writer else 0)
-        if old is not None and bool(old[0]) == bool(reader) and bool(old[1]) == bool(writer):
+        mask = self._mask(fd, reader, writer)
+        if old is not None and self._mask(fd, *old) == mask:
             return  # same interest: no epoll_ctl
         if known:
             self._ep.modify(fd, mask)
@@ -162,8 +193,22 @@ class IOLoop:
                     elif self._timers:
                         timeout = max(0.0, self._timers[0][0] - time.monotonic())
                     self._sleeping = True
-                events = self._ep.poll(timeout)
+                    armable = self._armable() if timeout and self._wwr else []
+                ready = self._spin(armable, timeout) if armable else []
+                if ready and self._skipped < SKIP_EPOLL:
+                    # spinning found work: run it without asking epoll (no system call),
+                    # but not forever, or the loop's other fds would never get a turn
+                    self._skipped += 1
+                    events = []
+                else:
+                    # a side that sleeps says so first, or its peer sends no wake byte
+                    ready = ready or [fd for fd, stream in armable if stream.arm()]
+                    self._skipped = 0
+                    events = self._ep.poll(0 if ready else timeout)
                 self._sleeping = False
+                if ready:
+                    seen = {fd for fd, _ in events}
+                    events += [(fd, _IN) for fd in ready if fd not in seen]
                 for fd, mask in events:
                     if fd == self._wake:
                         try:
@@ -175,9 +220,10 @@ class IOLoop:
                         reader, writer = self._handlers.get(fd, (None, None))
                         if fd in self._detached:
                             continue
+                        wmask = _IN | _ERR if fd in self._wwr else _OUT | _ERR
                     if mask & (_IN | _ERR) and reader:
                         self._guard(reader)
-                    if mask & (_OUT | _ERR) and writer:
+                    if mask & wmask and writer:
                         with self._lock:
                             cur = self._handlers.get(fd, (None, None))[1]
                         if cur is writer:
@@ -197,6 +243,23 @@ class IOLoop:
         finally:
             self._ep.close()
             os.close(self._wake)
+
+    def _spin(self, armable: list[tuple[int, Any]], timeout: float) -> list[int]:
+        """Spin (GIL released) over the ipc streams for as long as the longest `loop_spin`
+        of theirs, before arming them and sleeping: the fds that have work."""
+        spin = max(stream.loop_spin for _, stream in armable)
+        if timeout > 0:
+            spin = min(spin, timeout)
+        chans = [stream.channel for _, stream in armable]
+        if spin <= 0 or None in chans:
+            return []
+        return [armable[i][0] for i in ipc_spin(chans, spin)]
+
+    def _armable(self) -> list[tuple[int, Any]]:
+        """With the lock held: the ipc streams this loop reads, to arm before sleeping."""
+        return [
+            (fd, s) for fd, s in self._wwr.items() if fd not in self._detached and self._handlers[fd][0] is not None
+        ]
 
     @staticmethod
     def _guard(fn: Callable[..., Any], *args: Any) -> None:

@@ -14,10 +14,10 @@ reads the connection (its I/O loop, or a caller waiting in call()) for
 messages the dispatcher says may, `dispatch` from one dispatch thread for the
 rest (by priority, then in arrival order).
 
-Status (issue 3): tcp:// and unix:// transports; lossless and lossy clients
+Status (issue 3): tcp://, unix:// and ipc:// (shared memory) transports; lossless and lossy clients
 with reconnect and replay; direct receive for replies, read by the calling
 thread; fast and queued (prioritised) dispatch; throttles that push back
-through the transport.  Lossless-peer races, ipc:// and TLS are to come
+through the transport; TLS over tcp://.  Lossless-peer races are to come
 (docs/design.md).
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 
 from ._core import Message  # the one Message type, shared with pub/sub (docs/design.md)
 from ._ioloop import IOLoop, Timer
-from .errors import ClosedError, ConfigurationError, PeerLost, Timeout
+from .errors import ClosedError, ConfigurationError, CopylessError, PeerLost, RemoteProtocolError, Timeout
 from .protocol.frames import UNLIMITED, FrameReader, Preamble, Tag
 from .protocol.session import (
     MSG_FLAG_REPLY,
@@ -331,7 +331,8 @@ class Connection:
     def _read_until(self, st: Stream, pending: _Call, deadline: float | None) -> None:
         poller, interest = select.poll(), 0
         while not pending.done.is_set():
-            want = select.POLLIN | (select.POLLOUT if self._sendq.pending else 0)
+            # (ipc: room to write shows as readable too)
+            want = select.POLLIN | (select.POLLOUT if self._sendq.pending and not st.write_wakes_read else 0)
             if want != interest:
                 with self._lock:  # a teardown on the loop thread may have closed it
                     if self._stream is not st:
@@ -345,7 +346,7 @@ class Connection:
                 if left <= 0:
                     return
                 wait = int(left * 1000) + 1
-            if not st.pending() and not poller.poll(wait):  # TLS may hold decrypted bytes already
+            if not st.before_wait() and not poller.poll(wait):  # TLS: decrypted bytes; ipc: spins, arms
                 continue
             with self._lock:
                 if self._stream is not st:
@@ -410,7 +411,7 @@ class Connection:
         A failed handshake (bad certificate, not TLS) is a fault of this transport."""
         try:
             done = stream.handshake()
-        except OSError as e:  # ssl.SSLError included
+        except (OSError, CopylessError) as e:  # ssl.SSLError included; ipc: a refused setup
             self._teardown_locked(e)
             return
         self.loop.remove(stream)
@@ -456,6 +457,9 @@ class Connection:
                     break
                 except OSError:
                     k = 0
+                except RemoteProtocolError as e:  # a transport that checks its peer (ipc: a bad ring index)
+                    self._teardown_locked(e)
+                    return
                 if k == 0:
                     m.connection_lost()
                     break
@@ -678,7 +682,7 @@ class Messenger:
         self._dispatchers.append(d)
 
     def bind(self, address: str) -> str:
-        """Listen on an address (tcp://host:port, unix:///path); returns the bound address."""
+        """Listen on an address (tcp://host:port, unix:///path, ipc://name); returns the bound address."""
         lst = listen(address, tls=self._tls_server if address.startswith("tcp://") else None)
         self._listeners.append(lst)
         loop = self._loops[0]  # accepts here; each connection goes to the least-loaded loop

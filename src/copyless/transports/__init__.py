@@ -8,7 +8,11 @@ nothing of frames or sequence numbers.
     queue.flush(t)                              # as much as the socket takes now
     n = t.recv_into(buffer)                     # into a buffer the caller chose
 
-Addresses: tcp://HOST:PORT, unix:///absolute/path, unix://@name (abstract).
+Addresses: tcp://HOST:PORT, unix:///absolute/path, unix://@name (abstract),
+ipc://NAME[?ring=2MiB&spin=50us] (shared memory between two processes on one host:
+see _ipc.py).  A stream whose `write_wakes_read` is True (ipc) signals room to
+write by turning readable: wait for readability whatever you wait for, then
+retry both the read and the pending write.
 """
 
 from __future__ import annotations
@@ -24,7 +28,17 @@ from ..errors import ConfigurationError
 
 Buffer = bytes | bytearray | memoryview
 
-__all__ = ["Stream", "TLSStream", "Listener", "SendQueue", "connect", "listen", "parse_address"]
+__all__ = [
+    "Stream",
+    "TLSStream",
+    "IpcStream",
+    "Listener",
+    "IpcListener",
+    "SendQueue",
+    "connect",
+    "listen",
+    "parse_address",
+]
 
 IOV_MAX = 1024
 
@@ -45,7 +59,9 @@ def parse_address(address: str) -> tuple[int, str | bytes | tuple[str, int]]:
         if not path.startswith("/"):
             raise ConfigurationError(f"unix address needs an absolute path or @name: {address!r}")
         return socket.AF_UNIX, path
-    raise ConfigurationError(f"unknown transport in {address!r} (tcp://, unix://)")
+    if address.startswith("ipc://"):
+        return socket.AF_UNIX, IpcAddress(address).sockaddr()
+    raise ConfigurationError(f"unknown transport in {address!r} (tcp://, unix://, ipc://)")
 
 
 def _format(family: int, sockaddr: object) -> str:
@@ -59,6 +75,8 @@ def _format(family: int, sockaddr: object) -> str:
 
 class Stream:
     """A connected, non-blocking byte stream."""
+
+    write_wakes_read = False  # True: room to write shows as readable (ipc), never as writable
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
@@ -85,8 +103,14 @@ class Stream:
         """Bytes already received and decrypted but not read (TLS); 0 for a plain socket."""
         return 0
 
+    def before_wait(self) -> bool:
+        """Call before blocking on fileno(): True if there is something to do already, so
+        do not block (TLS: decrypted bytes; ipc: spins, then arms its wake-up)."""
+        return self.pending() > 0
+
     def handshake(self) -> bool:
-        """Drive a TLS handshake one step: True once done (plain streams: at once)."""
+        """Drive a TLS handshake (ipc: the setup exchange) one step: True once done (plain
+        streams: at once)."""
         return True
 
     def connected(self) -> bool:
@@ -213,13 +237,25 @@ def _replace_stale_unix(path: str) -> None:
         probe.close()
 
 
+def _no_tls(address: str, tls: ssl.SSLContext | None) -> None:
+    if tls is not None:
+        raise ConfigurationError(f"TLS is for tcp:// ({address.split(':', 1)[0]}:// never leaves this host)")
+
+
 def listen(address: str, tls: ssl.SSLContext | None = None) -> Listener:
+    if address.startswith("ipc://"):
+        _no_tls(address, tls)
+        return IpcListener(address)
     return Listener(address, tls=tls)
 
 
 def connect(address: str, tls: ssl.SSLContext | None = None) -> Stream:
     """Start a non-blocking connect; poll for writability, then check Stream.connected()
-    (and, with tls, drive Stream.handshake())."""
+    (and, with tls, drive Stream.handshake()).  ipc: the socket is connected at once and
+    the stream turns readable when handshake() has something to read."""
+    if address.startswith("ipc://"):
+        _no_tls(address, tls)
+        return connect_ipc(address)
     family, sockaddr = parse_address(address)
     if tls is not None and family == socket.AF_UNIX:
         raise ConfigurationError("TLS is for tcp:// (a unix socket is already private to this host)")
@@ -272,3 +308,6 @@ class SendQueue:
     def clear(self) -> None:
         self._q.clear()
         self.pending = 0
+
+
+from ._ipc import IpcAddress, IpcListener, IpcStream, connect_ipc  # noqa: E402  (it subclasses Stream)
