@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from copyless.errors import ConfigurationError, RemoteProtocolError
+from copyless.errors import ConfigurationError
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+from copyless.protocol.session import WrongPeer
 from copyless.testing import FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,6 +27,7 @@ class Peer(Dispatcher):
         self.conns: set[int] = set()  # ids of the Connections messages came through
         self.resets: list[Connection] = []
         self.faults: list[BaseException] = []
+        self.opened: list[tuple[str, Connection]] = []  # handle_connect / handle_accept
         self.cond = threading.Condition()
 
     def can_fast_dispatch(self, msg: Message) -> bool:
@@ -44,6 +46,12 @@ class Peer(Dispatcher):
 
     def handle_fault(self, conn: Connection, error: BaseException) -> None:
         self.faults.append(error)
+
+    def handle_connect(self, conn: Connection) -> None:
+        self.opened.append(("connect", conn))
+
+    def handle_accept(self, conn: Connection) -> None:
+        self.opened.append(("accept", conn))
 
     def wait_for(self, n: int, timeout: float = 10) -> list[bytes]:
         return self.wait_until(lambda got: len(got) >= n, timeout)
@@ -102,6 +110,9 @@ def test_both_connect_at_once_and_each_keeps_one_connection(tmp_path, round):
         assert da.conns == {id(ca)} and db.conns == {id(cb)}, "messages arrive on that same object"
         assert a.connect(addr_b, name="osd.2") is ca, "connecting again returns it"
         assert not da.resets and not db.resets and not da.faults and not db.faults
+        # one side opened the session by connecting, the other by accepting, on these objects
+        assert sorted(k for k, _ in da.opened + db.opened) == ["accept", "connect"]
+        assert [c for _, c in da.opened] == [ca] and [c for _, c in db.opened] == [cb]
     finally:
         a.shutdown()
         b.shutdown()
@@ -126,28 +137,42 @@ def test_a_peer_that_connected_to_us_is_the_connection_we_get_when_we_connect(tm
 
 
 def test_lossless_between_peers_that_both_reconnect_through_random_cuts(tmp_path):
-    """Each side dials the other through its own fault proxy; the proxies cut at random
-    (seeded), so both sides see faults and reconnect, often at the same time."""
+    """Each side dials the other through its own fault proxy, and a thread cuts one or
+    both at seeded random moments while messages flow both ways: both sides see faults,
+    reconnect (often at once) and replay."""
     a, da, addr_a = peer("osd.1", tmp_path)
     b, db, addr_b = peer("osd.2", tmp_path)
-    rng = random.Random(7)
+    rng, n, stop = random.Random(7), 2000, threading.Event()
     with FaultProxy(addr_a, f"unix://{tmp_path}/pa.sock") as pa, FaultProxy(addr_b, f"unix://{tmp_path}/pb.sock") as pb:
+
+        def cutter() -> None:
+            r = random.Random(8)
+            while not stop.wait(r.uniform(0.005, 0.05)):
+                x = r.random()
+                for proxy in (pa,) if x < 0.4 else (pb,) if x < 0.8 else (pa, pb):
+                    proxy.cut()
+
+        t = threading.Thread(target=cutter)
         try:
             ca, cb = a.connect(pb.address, name="osd.2"), b.connect(pa.address, name="osd.1")
-            n = 600
+            t.start()
             for i in range(n):
                 ca.send(Message(DATA, front=b"a%d" % i, data=rng.randbytes(rng.randint(0, 3000))))
                 cb.send(Message(DATA, front=b"b%d" % i))
-                if i % 60 == 30:
-                    (pa if rng.random() < 0.5 else pb).cut()
-                if i % 100 == 50:
-                    pa.cut()
-                    pb.cut()
+                if i % 50 == 0:
+                    time.sleep(0.02)  # paced: the cuts fall while messages are in flight
+            stop.set()
+            t.join()
             assert db.wait_for(n, 30) == [b"a%d" % i for i in range(n)], "exactly once, in order"
             assert da.wait_for(n, 30) == [b"b%d" % i for i in range(n)]
             assert peer_conns(a) == [ca] and peer_conns(b) == [cb]
             assert not da.resets and not db.resets
+            assert ca.session is not None and cb.session is not None
+            assert ca.session.connect_seq >= 5, "it reconnected (and replayed) many times"
         finally:
+            stop.set()
+            if t.is_alive():
+                t.join()
             a.shutdown()
             b.shutdown()
 
@@ -193,8 +218,71 @@ def test_a_peer_policy_needs_the_name_and_the_name_is_checked(tmp_path):
         deadline = time.monotonic() + 5
         while not da.faults and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert isinstance(da.faults[0], RemoteProtocolError) and "osd.3" in str(da.faults[0])
-        c.close()
+        assert isinstance(da.faults[0], WrongPeer) and "osd.3" in str(da.faults[0])
+        deadline = time.monotonic() + 5
+        while not c._closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c._closed and len(da.faults) == 1, "someone else's address: no point dialling it again"
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+def test_accepted_transports_that_end_at_once_leave_no_connection_behind(tmp_path):
+    import socket
+
+    a, da, addr_a = peer("osd.1", tmp_path)
+    try:
+        for _ in range(50):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(addr_a[len("unix://") :])
+            s.close()  # gone before osd.1 accepts and writes its banner
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with a._lock:
+                left = list(a._connections)
+            if not left:
+                break
+            time.sleep(0.01)
+        assert left == []
+    finally:
+        a.shutdown()
+
+
+def test_a_transport_replaced_in_the_middle_of_a_frame_gives_its_throttle_charge_back(tmp_path):
+    """osd.2 dials through a proxy that pauses half way through a 1 MiB message (osd.1
+    holds a READY transport with a frame half read: charged to its byte throttle).  osd.2
+    gives up on it and reconnects by another route; osd.1 takes the new transport in place
+    of the old one, whose charge must go back, or the throttle shrinks for good."""
+    a = Messenger("osd.1", policies={"osd": Policy.lossless_peer()}, idle_timeout=None, keepalive_interval=None,
+                  throttle_bytes=8 << 20, dispatch_throttle_bytes=None)
+    da = Peer()
+    a.add_dispatcher(da)
+    addr_a = a.bind(f"unix://{tmp_path}/a.sock")
+    a.start()
+    b = Messenger("osd.2", policies={"osd": Policy.lossless_peer()}, idle_timeout=0.5, keepalive_interval=0.1)
+    b.start()
+    n, size = 4, 1 << 20
+    try:
+        with FaultProxy(addr_a, f"unix://{tmp_path}/pa.sock", chunk_size=16384) as pa:
+            cb = b.connect(pa.address, name="osd.1")
+            cb.send(Message(DATA, front=b"warm-up"))
+            assert da.wait_for(1) == [b"warm-up"]
+            start = pa.statistics().bytes_upstream
+            for i in range(n):
+                cb.send(Message(DATA, front=b"m%d" % i, data=bytes(size)))
+            deadline = time.monotonic() + 10
+            while pa.statistics().bytes_upstream < start + size // 2 and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            pa.pause()
+            time.sleep(0.1)
+            assert a._throttles[1].used > 0, "a frame is half read and charged"
+            cb.address = addr_a  # osd.2's next attempt goes straight to osd.1 (another route)
+            assert len(da.wait_for(n + 1, 20)) == n + 1
+            deadline = time.monotonic() + 5
+            while a._throttles[1].used and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert a._throttles[1].used == 0 and a._throttles[0].used == 0
     finally:
         a.shutdown()
         b.shutdown()

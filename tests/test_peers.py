@@ -260,21 +260,44 @@ def test_a_restarted_peer_is_reported_and_its_queue_dropped_or_kept(resetcheck):
     assert b2.got[-1] == b"after" and a.session.out_seq == len(b2.got), "renumbered from 1"
 
 
-def test_an_ident_that_overtakes_the_end_of_the_connection_still_held_is_told_to_wait():
+def test_a_fresh_ident_replaces_a_connection_the_peer_no_longer_has():
+    """Half-open: osd.2's connection died without osd.1 noticing, and osd.2 (which never
+    saw osd.1's answer, so it knows no cookie) dials again.  The connection osd.1 still
+    holds is dead to osd.2: the new one replaces it, and nothing queued is lost."""
     rng = random.Random(5)
     a, b = Node("osd.1", "osd.2", dials=False), Node("osd.2", "osd.1")
     w = World(rng, a, b)
     w.settle()
     old = w.carrier_pipe()
-    # osd.2 forgets it ever heard osd.1's cookie (it never got SERVER_IDENT): it dials
-    # a fresh ident while osd.1 still holds the old connection as READY
     b.session.peer_cookie = 0
+    a.send(b"queued on the old connection")
     p = w.dial(b)
-    for _ in range(50):
-        p.step(w.now)
-        w.events(p)
-    assert b.waits == 1 and p.client.state is State.CLOSED
-    assert a.session.carrier is old.server, "the connection osd.1 holds is not replaced by a stale attempt"
+    w.settle()
+    assert w.carrier_pipe() is p and old.server.state is State.CLOSED
+    assert b.got == [b"queued on the old connection"] and not a.resets and not b.resets
+
+
+def test_a_stale_ident_is_told_to_retry_with_a_newer_global_seq():
+    """An attempt the peer gave up (it lost a race) may still arrive after the winner
+    carries the session: its global_seq is not newer than what the peer has sent since."""
+    rng = random.Random(8)
+    a, b = Node("osd.1", "osd.2"), Node("osd.2", "osd.1")
+    w = World(rng, a, b)
+    w.settle()
+    carrier = w.carrier_pipe()
+    stale = SessionConnection(Role.CLIENT, "osd.2", session=Session(cookie=b.session.cookie), expect="osd.1")
+    stale.session.global_seq = b.session.global_seq - 1 if b.session.global_seq else 0
+    server = a.machine(Role.SERVER, w.now)
+    sent_with = None
+    for _ in range(20):
+        server.receive_data(b"".join(bytes(x) for x in stale.data_to_send()))
+        if stale.state is State.SESSION and sent_with is None:
+            sent_with = stale.session.global_seq  # its ident went with this one
+        stale.receive_data(b"".join(bytes(x) for x in server.data_to_send()))
+        if sent_with is not None and stale.session.global_seq > sent_with:
+            break  # told to retry: it comes again with a newer one (an abandoned one would not)
+    assert sent_with is not None and stale.session.global_seq > sent_with
+    assert server.state is State.SESSION and a.session.carrier in (carrier.client, carrier.server), "the carrier stays"
 
 
 def test_a_client_that_reaches_the_wrong_peer_gives_up_with_a_clear_error():

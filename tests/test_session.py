@@ -329,7 +329,7 @@ def test_a_reconnect_older_than_one_already_seen_is_told_to_retry_global(monkeyp
     link.c.send_message(OutMessage(1, [b"before"], []))
     link.run()
     (server_session,) = reg.by_client.values()
-    server_session.global_seq = 50  # the server has seen a newer attempt from this client
+    server_session.peer_global_seq = 50  # the server has seen a newer attempt from this client
     link.cut()
     c = SessionConnection(Role.CLIENT, "client.1", session=cs)
     link = Link(rng, c, SessionConnection(Role.SERVER, "store.1", registry=reg))

@@ -53,6 +53,7 @@ from .protocol.session import (
     SessionReset,
     State,
     Waiting,
+    WrongPeer,
 )
 from .transports import Listener, SendQueue, Stream, connect, listen
 
@@ -362,6 +363,8 @@ class Connection:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._retry is not None:
+                self._retry.cancel()
             self.loop.call_soon_threadsafe(self._teardown, None)
 
     # ------------------------------------------------------------ loop thread
@@ -409,6 +412,8 @@ class Connection:
     def _after_tls(self, stream: Stream, then: Callable[[], None]) -> None:
         """Run `then` once the stream's TLS handshake is done (at once for a plain stream).
         A failed handshake (bad certificate, not TLS) is a fault of this transport."""
+        if self._stream is not stream:
+            return  # a step left over from a transport that another one replaced
         try:
             done = stream.handshake()
         except (OSError, CopylessError) as e:  # ssl.SSLError included; ipc: a refused setup
@@ -550,7 +555,7 @@ class Connection:
                 self.session = self._machine.session
             self._ready.set()
             if self.policy.server:
-                self.messenger._adopt(self)
+                self.messenger._adopt(self, ev.new)
             elif ev.new:
                 self.messenger._each(lambda d: d.handle_connect(self))
         elif isinstance(ev, SessionReset):
@@ -565,12 +570,16 @@ class Connection:
         with self._lock:
             self._teardown_locked(error)
 
-    def _teardown_locked(self, error: BaseException | None) -> None:
+    def _release_open_charge(self) -> None:
+        """The machine goes with a frame charged to the throttles and never finished
+        (a timeout closed it, or another transport took its place): give it back."""
         if self._machine is not None and not self._in_round:
-            # a frame charged to the throttles and never finished (a timeout closed it)
             n, b = self._machine.reader.open_charge
             self._machine.reader.open_charge = (0, 0)
             self.messenger._settle((n, b, b), 0, 0)
+
+    def _teardown_locked(self, error: BaseException | None) -> None:
+        self._release_open_charge()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -598,6 +607,9 @@ class Connection:
             return
         if self.policy.server and not self.policy.lossy and not self._closed:
             return  # standby: a stateful server keeps the session until the client reconnects
+        if isinstance(error, WrongPeer) and not self._closed:
+            self._closed = True  # not a fault that passes: that address is someone else's
+            self.messenger._each(lambda d: d.handle_reset(self))
         if self.policy.peer and not self._closed:
             waited, self._waiting = self._waiting, False
             if self.address:  # we know where it listens: we reconnect too (a race is resolved)
@@ -658,6 +670,8 @@ class Messenger:
         self._loops = [IOLoop(f"copyless-io-{name}-{i}") for i in range(io_loops)]
         self._dispatchers: list[Dispatcher] = []
         self._registry = SessionRegistry(name, self._make_peer)
+        self._named: dict[str, Policy] = {}  # policies given to connect() for one peer name
+        self._incarnation = time.time_ns()  # a restarted peer of ours comes back with a later one
         self._listeners: list[Listener] = []
         self._connections: set[Connection] = set()
         self._by_session: dict[int, Connection] = {}
@@ -703,6 +717,8 @@ class Messenger:
         self.start()
         if policy is None:
             policy = self._policy_for(name) if name else self.default_policy
+        elif name:
+            self._named[name] = policy  # connections it makes to us are that peer's too
         if not policy.peer:
             return self._new_connection(address, policy, name)
         if not name:
@@ -711,10 +727,10 @@ class Messenger:
             session = self._registry.by_peer.get(name)
             existing = self._by_session.get(id(session)) if session is not None else None
             if existing is not None and not existing._closed:
-                if not existing.address:  # it connected to us; now we know where it listens
-                    existing.address, existing.expect = address, name
-                    if existing._machine is None and existing._stream is None:
-                        existing._schedule_reconnect(0.0)
+                # where it listens: new if it connected to us, or if it moved
+                existing.address, existing.expect = address, name
+                if existing._machine is None and existing._stream is None:
+                    existing._schedule_reconnect(0.0)
                 return existing
             if session is None or existing is not None:  # (else a connection we accepted is using it)
                 session = self._registry.by_peer[name] = Session(peer=True, resetcheck=policy.resetcheck)
@@ -770,6 +786,7 @@ class Messenger:
         return SessionConnection(
             role,
             self.name,
+            incarnation=self._incarnation,
             secret=self._secret,
             data_crc=self._data_crc,
             sink=sink,
@@ -781,7 +798,8 @@ class Messenger:
         )
 
     def _policy_for(self, peer_name: str) -> Policy:
-        return self.policies.get(peer_name.split(".", 1)[0], self.default_policy)
+        named = self._named.get(peer_name)
+        return named or self.policies.get(peer_name.split(".", 1)[0], self.default_policy)
 
     def _make_peer(self, name: str) -> Session | None:
         """The registry met a name it has no session for: a new one if it is a peer's."""
@@ -794,16 +812,16 @@ class Messenger:
             loop.load += 1
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
             conn._lock = self._accepted_lock
+            with self._lock:  # before its first step, which may already end it (and _forget it)
+                self._connections.add(conn)
             with conn._lock:
                 conn._stream = stream
                 conn._after_tls(stream, functools.partial(self._attach_server, conn, stream))
-            with self._lock:
-                self._connections.add(conn)
 
     def _attach_server(self, conn: Connection, stream: Stream) -> None:
         conn._attach(stream, self._machine(conn, Role.SERVER, registry=self._registry))
 
-    def _adopt(self, conn: Connection) -> None:
+    def _adopt(self, conn: Connection, new: bool) -> None:
         """A server transport finished its handshake: bind it to the connection of its
         session.  On a reconnect the existing Connection keeps its identity (and what
         the application holds) and the new transport moves into it."""
@@ -826,6 +844,7 @@ class Messenger:
                     t.cancel()
             existing._timer = existing._retry = None
             existing._waiting = False
+            existing._release_open_charge()
             if existing._stream is not None:
                 existing.loop.remove(existing._stream)
                 existing._stream.close()
@@ -846,6 +865,8 @@ class Messenger:
         conn.loop.load = max(0, conn.loop.load - 1)
         with self._lock:
             self._connections.discard(conn)
+        if new:  # a peer's connection opened the session (it won a race, or it restarted)
+            self._each(lambda d: d.handle_accept(existing))
 
     def _sink(
         self, conn: Connection, pre: Preamble, index: int, earlier: Sequence[memoryview]

@@ -40,7 +40,7 @@ FEATURE_DATA_CRC_OFF = 1 << 0  # this side may send frames without a data crc
 FEATURES_SUPPORTED = FEATURE_DATA_CRC_OFF
 
 HELLO = struct.Struct("<B")  # role (0 client, 1 server) + utf-8 entity name
-IDENT = struct.Struct("<QQQ")  # cookie, global_seq, features in use   + utf-8 name
+IDENT = struct.Struct("<QQQQ")  # cookie, global_seq, features in use, incarnation   + utf-8 name
 RECONNECT = struct.Struct("<QQQQQ")  # client cookie, server cookie, global_seq, connect_seq, last received seq
 U64 = struct.Struct("<Q")
 MSG_HEADER = struct.Struct("<HBBQQQ")  # type, priority, flags, tid, seq, ack_seq
@@ -51,6 +51,10 @@ MSG_FLAG_REPLY = 0x1
 
 class FeatureMismatch(RemoteProtocolError):
     """The peer requires a feature we lack (or the other way round)."""
+
+
+class WrongPeer(RemoteProtocolError):
+    """The dialled address is another endpoint than the one named in connect()."""
 
 
 class AuthenticationFailed(AccessDenied):
@@ -149,7 +153,9 @@ class Session:
     resetcheck: bool = True
     cookie: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "little") or 1)
     peer_cookie: int = 0
-    global_seq: int = 0
+    global_seq: int = 0  # ours: each attempt we make takes the next one
+    peer_global_seq: int = 0  # the highest the peer has sent us: an attempt at or below it is stale
+    peer_incarnation: int = 0  # when the peer's process started (it restarts with a later one)
     connect_seq: int = 0
     out_seq: int = 0  # last seq assigned
     in_seq: int = 0  # last seq received (and delivered)
@@ -185,7 +191,7 @@ class Session:
             self.unsent.clear()
             self.sent.clear()
         self.out_seq = self.in_seq = 0
-        self.peer_cookie = 0
+        self.peer_cookie = self.peer_global_seq = 0
         self.connect_seq = 0
         self.cookie = int.from_bytes(os.urandom(8), "little") or 1
         return dropped
@@ -240,6 +246,7 @@ class SessionConnection:
         session: Session | None = None,
         registry: SessionRegistry | None = None,
         expect: str | None = None,
+        incarnation: int = 0,
         lossless: bool = True,
         secret: bytes | None = None,
         features_required: int = 0,
@@ -261,6 +268,7 @@ class SessionConnection:
         self.session = session
         self.registry = registry
         self.expect = expect  # client: the name the peer must have
+        self.incarnation = incarnation  # when our process started: orders a peer's restarts
         self._cs = 0  # client: the connect_seq this attempt asks for
         self._waited = False  # server: we told the peer to wait, so it hangs up on us
         if session is not None and role is Role.CLIENT:
@@ -465,7 +473,7 @@ class SessionConnection:
             raise RemoteProtocolError("both ends claim the same role")
         self.peer_name = body[HELLO.size :].decode(errors="replace")
         if self.expect is not None and self.peer_name != self.expect:
-            raise RemoteProtocolError(f"reached {self.peer_name!r}, not {self.expect!r}")
+            raise WrongPeer(f"reached {self.peer_name!r}, not {self.expect!r}")
         if self.secret is None:
             self._to_session()
         else:
@@ -517,7 +525,8 @@ class SessionConnection:
         assert s is not None
         if s.peer_cookie == 0:  # a new session
             s.global_seq += 1
-            self._out += encode_frame(Tag.CLIENT_IDENT, [[IDENT.pack(s.cookie, s.global_seq, 0) + self.name.encode()]])
+            ident = IDENT.pack(s.cookie, s.global_seq, 0, self.incarnation) + self.name.encode()
+            self._out += encode_frame(Tag.CLIENT_IDENT, [[ident]])
         else:
             s.global_seq += 1
             self._cs = s.connect_seq + 1  # the session's own moves when this attempt succeeds
@@ -530,20 +539,24 @@ class SessionConnection:
     def _on_client_ident(self, f: Frame) -> None:
         assert self.registry is not None
         body = bytes(f.segments[0])
-        cookie, global_seq, _features = IDENT.unpack_from(body)
+        cookie, global_seq, _features, incarnation = IDENT.unpack_from(body)
         reset: SessionReset | None = None
         s = self.registry.peer(self.peer_name)
         if s is not None:
+            if incarnation < s.peer_incarnation:
+                # written by a process of that name that has since restarted (it died
+                # with this in flight): not the peer we know, and not a restart of it
+                raise RemoteProtocolError(f"an ident from an earlier incarnation of {self.peer_name}")
+            if incarnation == s.peer_incarnation and global_seq <= s.peer_global_seq:
+                # older than something the peer has already sent us: an attempt it gave
+                # up (it lost a race), delayed; if it still wants it, it comes again
+                self._answer(Tag.SESSION_RETRY_GLOBAL, s.peer_global_seq)
+                return
             if s.peer_cookie and s.peer_cookie != cookie:
                 # the peer restarted (a new cookie): report it, and drop or keep its queue
                 reset = SessionReset(s.reset(keep=not s.resetcheck))
-            elif global_seq < s.global_seq:
-                self._answer(Tag.SESSION_RETRY_GLOBAL, s.global_seq)
-                return
-            elif self._race_won(s, cookie) or (s.peer_cookie == cookie and self._carried_elsewhere(s)):
-                # our own attempt wins the race; or this is an attempt the peer gave up,
-                # or one that overtook the end of the connection we still hold: it waits
-                self._answer(Tag.WAIT, s.global_seq)
+            elif self._race_won(s, cookie):
+                self._answer(Tag.WAIT, s.global_seq)  # our own attempt goes on: it waits for it
                 return
         else:
             s = self.registry.lookup(cookie)
@@ -553,12 +566,15 @@ class SessionConnection:
             # A cookie we know in an ident (not a reconnect): the peer never saw our
             # SERVER_IDENT, so it sent nothing on the session, and it has seen nothing
             # of ours either.  Resume from zero: everything we sent goes again, and
-            # nothing we queued is dropped.  (A restarted peer has a new cookie.)
+            # nothing we queued is dropped.  (A restarted peer has a new cookie.)  A
+            # connection we still hold for the session is dead to the peer: this one
+            # replaces it.
             s.requeue_unacked()
-        s.peer_cookie = cookie
-        s.global_seq = max(s.global_seq, global_seq)
+        s.peer_cookie, s.peer_incarnation = cookie, incarnation
+        s.peer_global_seq = max(s.peer_global_seq, global_seq)
         self.session = s
-        self._out += encode_frame(Tag.SERVER_IDENT, [[IDENT.pack(s.cookie, s.global_seq, 0) + self.name.encode()]])
+        ident = IDENT.pack(s.cookie, s.global_seq, 0, self.incarnation) + self.name.encode()
+        self._out += encode_frame(Tag.SERVER_IDENT, [[ident]])
         self._ready(new=True)
         if reset is not None:  # after Established: the owner knows the session's connection by then
             self._events.append(reset)
@@ -600,10 +616,10 @@ class SessionConnection:
             # we restarted (or never knew it): the peer must start a new session
             self._answer(Tag.SESSION_RESET, 0)
             return
-        if global_seq < s.global_seq:
-            # an attempt older than one we have already seen from this peer (it was
-            # delayed, or raced a newer one): it must come again with a newer global_seq
-            self._answer(Tag.SESSION_RETRY_GLOBAL, s.global_seq)
+        if global_seq <= s.peer_global_seq:
+            # an attempt older than something we have already seen from this peer (it
+            # was delayed, or raced a newer one): it must come again with a newer one
+            self._answer(Tag.SESSION_RETRY_GLOBAL, s.peer_global_seq)
             return
         if s.peer and self._race_won(s, client_cookie):
             self._answer(Tag.WAIT, s.global_seq)  # both reconnect at once: ours goes on
@@ -611,7 +627,7 @@ class SessionConnection:
         if connect_seq <= s.connect_seq:  # a stale attempt: tell it where we are
             self._answer(Tag.SESSION_RETRY, s.connect_seq)
             return
-        s.connect_seq, s.global_seq = connect_seq, max(s.global_seq, global_seq)
+        s.connect_seq, s.peer_global_seq = connect_seq, max(s.peer_global_seq, global_seq)
         self.session = s
         s.requeue_unacked()  # our side of the old connection may not have seen its fault yet
         s.acked(peer_in_seq)
@@ -624,8 +640,9 @@ class SessionConnection:
         s = self.session
         assert s is not None
         body = bytes(f.segments[0])
-        cookie, global_seq, _features = IDENT.unpack_from(body)
-        s.peer_cookie, s.global_seq = cookie, max(s.global_seq, global_seq)
+        cookie, global_seq, _features, incarnation = IDENT.unpack_from(body)
+        s.peer_cookie, s.peer_global_seq = cookie, max(s.peer_global_seq, global_seq)
+        s.peer_incarnation = incarnation
         self._ready(new=True)
 
     def _on_reconnect_ok(self, f: Frame) -> None:
