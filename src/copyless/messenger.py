@@ -14,10 +14,11 @@ reads the connection (its I/O loop, or a caller waiting in call()) for
 messages the dispatcher says may, `dispatch` from one dispatch thread for the
 rest (by priority, then in arrival order).
 
-Status (issue 3): tcp://, unix:// and ipc:// (shared memory) transports; lossless and lossy clients
-with reconnect and replay; direct receive for replies, read by the calling
-thread; fast and queued (prioritised) dispatch; throttles that push back
-through the transport; TLS over tcp://.  Lossless-peer races are to come
+Status (issue 3): tcp://, unix:// and ipc:// (shared memory) transports;
+lossless and lossy clients with reconnect and replay; lossless peers that both
+dial, with races resolved and one Connection per peer name; direct receive
+for replies, read by the calling thread; fast and queued (prioritised)
+dispatch; throttles that push back through the transport; TLS over tcp://
 (docs/design.md).
 """
 
