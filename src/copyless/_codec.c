@@ -9,14 +9,18 @@
  *
  *   crc32c(data, value=0) -> int          SSE4.2 when the CPU has it
  *   frame_encode(tag, segments, data_crc, aborted, coalesce) -> list of buffers
- *   frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type)
+ *   frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type, max_frames=-1)
  *       -> (frames, new_start, frames_used, bytes_used)
+ *   message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, lossless, in_seq,
+ *                connection, out) -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <stdint.h>
 #include <string.h>
+
+#include "_capi.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -282,16 +286,17 @@ static PyObject *slice_view(PyObject *base, Py_ssize_t a, Py_ssize_t b) {
     return r;
 }
 
-/* frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type)
+/* frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type, max_frames=-1)
  * Complete, valid frames in view[start:end] whose segments are all under `direct`
- * bytes, as frame_type(tag, [segment views]) instances (a two-field tuple subclass).
+ * bytes, as frame_type(tag, [segment views]) instances (a two-field tuple subclass),
+ * at most max_frames of them (negative: no limit).
  * Frames of two or more segments count against the budgets (a message each, and
  * the bytes of the segments after the header); a negative budget is unlimited. */
 static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
     PyObject *base, *frame_type;
-    Py_ssize_t start, end, max_segment, direct, budget_frames, budget_bytes;
-    if (!PyArg_ParseTuple(args, "OnnnnnnO!", &base, &start, &end, &max_segment, &direct, &budget_frames,
-                          &budget_bytes, &PyType_Type, &frame_type))
+    Py_ssize_t start, end, max_segment, direct, budget_frames, budget_bytes, max_frames = -1;
+    if (!PyArg_ParseTuple(args, "OnnnnnnO!|n", &base, &start, &end, &max_segment, &direct, &budget_frames,
+                          &budget_bytes, &PyType_Type, &frame_type, &max_frames))
         return NULL;
     PyTypeObject *ft = (PyTypeObject *)frame_type;
     if (!PyType_IsSubtype(ft, &PyTuple_Type)) {
@@ -311,7 +316,7 @@ static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
     if (!frames) goto fail;
     for (;;) {
         Py_ssize_t avail = end - pos;
-        if (avail < PREAMBLE_SIZE) break;
+        if (avail < PREAMBLE_SIZE || (max_frames >= 0 && PyList_GET_SIZE(frames) >= max_frames)) break;
         const uint8_t *p = buf + pos;
         if (crc32c_update(0, p, 28) != get32(p + 28)) break;
         unsigned tag = p[0], nseg = p[1], flags = get16(p + 2);
@@ -383,6 +388,156 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ messages */
+static const CopylessCAPI *capi; /* the core's Message constructors (_capi.h), set at import */
+
+/* base[off:off + len] as a memoryview that shares base's managed buffer (as a
+ * slice does), without the slice and index objects a slice costs.  base must be
+ * a 1-D memoryview of bytes; anything else takes the generic path. */
+static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
+    if (PyMemoryView_Check(base)) {
+        Py_buffer *b = &((PyMemoryViewObject *)base)->view;
+        if (b->ndim == 1 && b->itemsize == 1 && b->strides[0] == 1 && !b->suboffsets && off >= 0 && len >= 0 &&
+            off + len <= b->len) {
+            PyObject *v = PyMemoryView_FromObject(base); /* a new view on the same managed buffer */
+            if (!v) return NULL;
+            Py_buffer *w = &((PyMemoryViewObject *)v)->view;
+            w->buf = (char *)b->buf + off; /* what memoryview's own slicing does to a 1-D view */
+            w->len = len;
+            w->shape[0] = len;
+            return v;
+        }
+    }
+    return slice_view(base, off, off + len);
+}
+
+#define TAG_MESSAGE 16
+#define MSG_HEADER_SIZE 28 /* <HBBQQQ: type, priority, flags, tid, seq, ack_seq (session.MSG_HEADER) */
+#define MSG_FLAG_REPLY 0x1
+#define SCAN_WAIT 0 /* stopped at the end of what was read (or inside a small frame): read more */
+#define SCAN_SLOW 1 /* stopped at a frame the Python reader and session must handle */
+
+static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes,
+ *              lossless, in_seq, connection, out)
+ *     -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
+ *
+ * The steady state of a READY session, compiled: for the run of MESSAGE frames at
+ * view[start:end] that are complete, small (every segment under `direct`), valid
+ * (checksums, epilogue, a 28-byte header, three segments) and within the budgets,
+ * drop replayed duplicates (seq <= in_seq), accept the next seq (lossless: exactly
+ * in_seq + 1; lossy: any higher one), and append a received Message for each
+ * accepted one to `out` (front and data are views into `view`).  It stops before
+ * the first frame that is anything else (another tag, a gap, a large segment, a bad
+ * checksum, an abort, the end of a budget), which the Python reader and session then
+ * handle with their precise errors.  So it accepts only what they would accept, and
+ * what it returns is what they would have done: the new in_seq, the highest ack_seq
+ * seen (applying it once is what applying each one does), the messages accepted, and
+ * the frames and body bytes charged to the budgets (duplicates included, as the
+ * reader charges them).  stop: 0 read more, 1 a frame for the slow path. */
+static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "message_scan() takes 11 arguments");
+        return NULL;
+    }
+    if (!capi) {
+        PyErr_SetString(PyExc_RuntimeError, "copyless._core's C API is missing");
+        return NULL;
+    }
+    PyObject *base = args[0], *conn = args[9], *out = args[10];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t max_segment = PyLong_AsSsize_t(args[3]), direct = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t budget_frames = PyLong_AsSsize_t(args[5]), budget_bytes = PyLong_AsSsize_t(args[6]);
+    int lossless = PyObject_IsTrue(args[7]);
+    uint64_t in_seq = PyLong_AsUnsignedLongLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a list");
+        return NULL;
+    }
+    Py_buffer vb;
+    if (PyObject_GetBuffer(base, &vb, PyBUF_SIMPLE) < 0) return NULL;
+    if (start < 0 || end > vb.len || start > end) {
+        PyBuffer_Release(&vb);
+        PyErr_SetString(PyExc_ValueError, "bad scan range");
+        return NULL;
+    }
+    const uint8_t *buf = vb.buf;
+    Py_ssize_t pos = start, used_frames = 0, used_bytes = 0, accepted = 0;
+    uint64_t ack = 0;
+    int stop = SCAN_WAIT;
+    for (;;) {
+        Py_ssize_t avail = end - pos;
+        if (avail < PREAMBLE_SIZE) break;
+        const uint8_t *p = buf + pos;
+        stop = SCAN_SLOW;
+        if (p[0] != TAG_MESSAGE || p[1] != 3 || (get16(p + 2) & ~FLAG_NO_DATA_CRC)) break;
+        if (crc32c_update(0, p, 28) != get32(p + 28)) break;
+        uint32_t len[3];
+        int ok = get32(p + 4 + 18) == 0 && get16(p + 8 + 18) == 0; /* the unused fourth slot */
+        Py_ssize_t total = PREAMBLE_SIZE + 4 * 3 + 4;
+        for (int i = 0; i < 3; i++) {
+            len[i] = get32(p + 4 + 6 * i);
+            if ((Py_ssize_t)len[i] >= direct || (Py_ssize_t)len[i] > max_segment) ok = 0;
+            total += (Py_ssize_t)len[i];
+        }
+        if (!ok || len[0] != MSG_HEADER_SIZE) break;
+        Py_ssize_t body = (Py_ssize_t)len[1] + (Py_ssize_t)len[2];
+        if (budget_frames >= 0 && used_frames + 1 > budget_frames) break;
+        if (budget_bytes >= 0 && used_bytes + body > budget_bytes) break;
+        Py_ssize_t off = pos + PREAMBLE_SIZE, offs[3];
+        uint32_t chain = get32(p + 28);
+        int data_crc = !(get16(p + 2) & FLAG_NO_DATA_CRC);
+        /* The segments (of a frame not all here yet: those that are), as the Python
+         * reader checks them, so a bad one is an error as soon as it would be there. */
+        for (int i = 0; i < 3 && ok && off + (Py_ssize_t)len[i] + 4 <= end; i++) {
+            offs[i] = off;
+            if (data_crc || i != 2) {
+                chain = crc32c_update(chain, buf + off, len[i]);
+                if (chain != get32(buf + off + len[i])) ok = 0;
+            }
+            off += (Py_ssize_t)len[i] + 4;
+        }
+        if (!ok) break;
+        if (avail < total) {
+            stop = SCAN_WAIT; /* a small frame, good so far, not all here yet: read on */
+            break;
+        }
+        if (get32(buf + off) != LATE_COMPLETE) break;
+        const uint8_t *h = buf + offs[0];
+        uint64_t seq = get64(h + 12), a = get64(h + 20);
+        if (seq > in_seq && lossless && seq != in_seq + 1) break; /* a gap: the session says so */
+        if (seq > in_seq) {
+            PyObject *front = sub_view(base, offs[1], len[1]);
+            PyObject *data = front ? sub_view(base, offs[2], len[2]) : NULL;
+            PyObject *msg = data ? capi->received(get16(h), front, data, get64(h + 4), h[2], seq, h[3] & MSG_FLAG_REPLY,
+                                                  conn)
+                                 : NULL;
+            Py_XDECREF(front);
+            Py_XDECREF(data);
+            if (!msg || PyList_Append(out, msg) < 0) {
+                Py_XDECREF(msg);
+                goto fail;
+            }
+            Py_DECREF(msg);
+            in_seq = seq;
+            accepted++;
+        } /* else a replayed duplicate, already delivered: only its ack counts */
+        if (a > ack) ack = a;
+        used_frames++;
+        used_bytes += body;
+        pos = off + 4;
+        stop = SCAN_WAIT;
+    }
+    PyBuffer_Release(&vb);
+    return Py_BuildValue("nnnKKni", pos, used_frames, used_bytes, (unsigned long long)in_seq, (unsigned long long)ack,
+                         accepted, stop);
+fail:
+    PyBuffer_Release(&vb);
+    return NULL;
+}
+
 static int cpu_sse42;
 
 static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover both paths */
@@ -397,6 +552,8 @@ static PyMethodDef codec_methods[] = {
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, value=0) -> int (Castagnoli, as the crc32c package)"},
     {"frame_encode", py_frame_encode, METH_VARARGS, "One frame as a list of buffers (see frames.encode_frame)."},
     {"frame_scan", py_frame_scan, METH_VARARGS, "Complete small valid frames in a buffer (see frames.FrameReader)."},
+    {"message_scan", (PyCFunction)(void (*)(void))py_message_scan, METH_FASTCALL,
+     "The run of steady-state MESSAGE frames in a buffer, as received Messages (see session.SessionConnection)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -405,6 +562,12 @@ static struct PyModuleDef codecmodule = {PyModuleDef_HEAD_INIT, "copyless._codec
 PyMODINIT_FUNC PyInit__codec(void) {
     crc_init();
     cpu_sse42 = have_sse42;
+    capi = PyCapsule_Import(COPYLESS_CAPI_NAME, 0);
+    if (!capi) return NULL;
+    if (capi->version != COPYLESS_CAPI_VERSION) {
+        PyErr_SetString(PyExc_ImportError, "copyless._core and copyless._codec are from different builds: rebuild");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&codecmodule);
     if (!m) return NULL;
     PyModule_AddIntConstant(m, "HAVE_SSE42", have_sse42 != 0);

@@ -16,6 +16,21 @@ def frame_scan(
     budget_frames: int,
     budget_bytes: int,
     frame_type: type[Any],
+    max_frames: int = -1,
     /,
 ) -> tuple[list[Any], int, int, int]: ...
+def message_scan(
+    view: memoryview,
+    start: int,
+    end: int,
+    max_segment: int,
+    direct: int,
+    budget_frames: int,
+    budget_bytes: int,
+    lossless: bool,
+    in_seq: int,
+    connection: Any,
+    out: list[Any],
+    /,
+) -> tuple[int, int, int, int, int, int, int]: ...
 def _use_hardware_crc(on: bool, /) -> bool: ...

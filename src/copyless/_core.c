@@ -19,6 +19,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_capi.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
@@ -1803,6 +1805,44 @@ static PyObject *Message_received(PyObject *cls, PyObject *const *args, Py_ssize
     return (PyObject *)m;
 }
 
+/* ---------------------------------------------------------------- the C API (_capi.h) */
+static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, uint64_t tid, int priority, uint64_t seq,
+                               int is_reply, PyObject *connection) {
+    MessageObject *m = msg_alloc();
+    if (!m) return NULL;
+    m->type = type;
+    m->tag = tid;
+    m->priority = priority;
+    m->seq = seq;
+    m->is_reply = is_reply;
+    m->front = Py_NewRef(front);
+    m->data = Py_NewRef(data);
+    m->connection = connection == NULL || connection == Py_None ? NULL : Py_NewRef(connection);
+    PyObject_GC_Track(m);
+    return (PyObject *)m;
+}
+
+static PyObject *Message_get_buffers(MessageObject *m, void *c);
+
+static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
+    if (!PyObject_TypeCheck(o, &MessageType)) {
+        PyErr_Format(PyExc_TypeError, "send() takes a copyless.Message, not %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    MessageObject *m = (MessageObject *)o;
+    PyObject *bufs = Message_get_buffers(m, NULL); /* raises if released */
+    if (!bufs) return -1;
+    out->type = m->type;
+    out->priority = m->priority;
+    out->is_reply = m->is_reply;
+    out->tid = m->tag;
+    out->front = Py_NewRef(m->sub ? empty_bytes : m->front);
+    out->buffers = bufs;
+    return 0;
+}
+
+static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType, capi_received, capi_outgoing};
+
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
 
@@ -2780,6 +2820,11 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyModule_AddObjectRef(m, "Loan", (PyObject *)&LoanType) < 0 ||
         PyModule_AddObjectRef(m, "IpcChannel", (PyObject *)&IpcChannelType) < 0)
         return NULL;
+    PyObject *cap = PyCapsule_New(&capi, COPYLESS_CAPI_NAME, NULL);
+    if (!cap || PyModule_AddObject(m, "_CAPI", cap) < 0) {
+        Py_XDECREF(cap);
+        return NULL;
+    }
     PyModule_AddIntConstant(m, "WIRE_VERSION", WIRE_VERSION);
     PyModule_AddIntConstant(m, "CTL_MAGIC", CTL_MAGIC);
     PyModule_AddIntConstant(m, "CTL_DESC_TAIL", CTL_DESC_TAIL);

@@ -44,7 +44,7 @@ from .protocol.session import (
     MSG_HEADER,
     Closed,
     Established,
-    MessageReceived,
+    MessagesReceived,
     OutMessage,
     Role,
     Session,
@@ -541,8 +541,8 @@ class Connection:
                 self._pump()
 
     def _on_event(self, ev: object) -> None:
-        if isinstance(ev, MessageReceived):
-            self.messenger._deliver(self, ev)
+        if type(ev) is MessagesReceived:
+            self.messenger._deliver(self, ev.messages)
         elif isinstance(ev, Established):
             self.peer_name = ev.peer_name
             self._backoff = 0.01
@@ -767,9 +767,10 @@ class Messenger:
         def sink(pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
             return self._sink(conn._adopted_by or conn, pre, index, earlier)
 
-        return SessionConnection(
+        machine = SessionConnection(
             role,
             self.name,
+            messages=True,  # received: copyless.Message objects, a run per event, parsed in C
             secret=self._secret,
             data_crc=self._data_crc,
             sink=sink,
@@ -779,6 +780,8 @@ class Messenger:
             keepalive_interval=ka,
             **kw,
         )
+        machine.owner = conn  # the connection of what it receives (_deliver corrects it after an _adopt)
+        return machine
 
     def _policy_for(self, peer_name: str) -> Policy:
         return self.policies.get(peer_name.split(".", 1)[0], self.default_policy)
@@ -873,25 +876,43 @@ class Messenger:
                 return view[:n]
         return None
 
-    def _deliver(self, conn: Connection, ev: MessageReceived) -> None:
-        # received: data is one memoryview, not a list of buffers
-        msg = Message._received(ev.type, ev.front, ev.data, ev.tid, ev.priority, ev.seq, ev.is_reply, conn)
-        if ev.is_reply:
-            pending = self._calls.get(ev.tid)
-            if pending is not None:
-                into, n = pending.into, len(ev.data)
-                if into is not None and ev.data.obj is not into.obj and n <= len(into):
-                    into[:n] = ev.data  # a small reply came in the prefetch buffer: one copy
-                    msg.data = into[:n]
-                pending.finish(reply=msg)
-                return
-        for d in self._dispatchers:
-            if d.can_fast_dispatch(msg):
-                d.fast_dispatch(msg)
-                return
-        conn._queued[0] += 1
-        conn._queued[1] += len(ev.front) + len(ev.data)
-        self._queue.put((-ev.priority, next(self._arrival), msg))
+    def _deliver(self, conn: Connection, msgs: list[Message]) -> None:
+        """Hand a run of received messages out, in order: a reply to the call waiting for it,
+        else to the first dispatcher that fast-dispatches it, else to the dispatch queue.
+        The per-message work here is all there is in Python between the core's parse and
+        the application, so it is kept to lookups and calls."""
+        if msgs[0].connection is not conn:
+            # parsed before an _adopt moved the transport into the session's Connection
+            for msg in msgs:
+                msg.connection = conn
+            if conn._machine is not None:
+                conn._machine.owner = conn
+        calls, ds = self._calls, self._dispatchers
+        fast = [(d.can_fast_dispatch, d.fast_dispatch) for d in ds]
+        for msg in msgs:
+            if msg.is_reply and calls and self._reply(msg):
+                continue
+            for can, go in fast:
+                if can(msg):
+                    go(msg)
+                    break
+            else:
+                conn._queued[0] += 1
+                conn._queued[1] += len(msg.front) + len(msg.data)
+                self._queue.put((-msg.priority, next(self._arrival), msg))
+
+    def _reply(self, msg: Message) -> bool:
+        """A reply to a posted call finishes it (True); else it is dispatched as any message."""
+        pending = self._calls.get(msg.tid)
+        if pending is None:
+            return False
+        into, data = pending.into, msg.data
+        n = len(data)
+        if into is not None and data.obj is not into.obj and n <= len(into):
+            into[:n] = data  # a small reply came in the prefetch buffer: one copy
+            msg.data = into[:n]
+        pending.finish(reply=msg)
+        return True
 
     def _dispatch_loop(self) -> None:
         msgs, nbytes, queued = self._throttles

@@ -20,9 +20,10 @@ import enum
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .._codec import crc32c, frame_encode, frame_scan
+from .._codec import crc32c, frame_encode, frame_scan, message_scan
+from .._core import Message
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 Buffer = bytes | bytearray | memoryview
@@ -235,18 +236,53 @@ class FrameReader:
         """The budget was raised: a held frame may go on."""
         self._held = False
 
-    def next_frame(self) -> Frame | FrameAborted | None:
-        """The next frame completed by what was read so far, or None."""
+    def next_frame(self, single: bool = False) -> Frame | FrameAborted | None:
+        """The next frame completed by what was read so far, or None.  single: parse
+        only this one (the caller takes the frames after it another way)."""
         if self._ready:
             return self._ready.pop()
         if self._phase == _PREAMBLE and self._end - self._start > PREAMBLE.size and not self._held:
-            self._scan()
+            self._scan(1 if single else -1)
             if self._ready:
                 return self._ready.pop()
         return self._slow()
 
+    @property
+    def at_frame(self) -> bool:
+        """Between frames, with nothing parsed and not handed out: take_messages() may run."""
+        return self._phase == _PREAMBLE and not self._ready and not self._held and self._target is None
+
+    def take_messages(
+        self, lossless: bool, in_seq: int, connection: Any, out: list[Message]
+    ) -> tuple[int, int, int, bool]:
+        """The compiled steady state of a session (only when `at_frame`): the run of
+        complete, small, valid MESSAGE frames at hand whose seq follows in_seq
+        (lossless: in_seq + 1; lossy: any higher one; lower ones are replayed
+        duplicates and dropped) becomes received Messages appended to out, charged to
+        the budgets like any frame.  Returns (new in_seq, highest ack_seq seen or 0,
+        messages accepted, more): more=True means a frame is at hand that
+        next_frame() must take (another tag, a gap, a large segment, bad input);
+        False, that the rest is an incomplete frame or nothing."""
+        bf, bb = self.budget_frames, self.budget_bytes
+        self._start, nf, nb, in_seq, ack, n, stop = message_scan(
+            self._view,
+            self._start,
+            self._end,
+            self.max_segment,
+            self.direct,
+            UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
+            UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
+            lossless,
+            in_seq,
+            connection,
+            out,
+        )
+        self.taken_frames += nf
+        self.taken_bytes += nb
+        return in_seq, ack, n, stop != 0
+
     # ------------------------------------------------------------------ internals
-    def _scan(self) -> None:
+    def _scan(self, max_frames: int = -1) -> None:
         """Let the core parse the run of complete, small, valid frames at hand."""
         bf, bb = self.budget_frames, self.budget_bytes
         frames, self._start, nf, nb = frame_scan(
@@ -258,6 +294,7 @@ class FrameReader:
             UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
             UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
             Frame,
+            max_frames,
         )
         self.taken_frames += nf
         self.taken_bytes += nb

@@ -1,0 +1,262 @@
+"""The compiled steady state against the Python path it stands in for.
+
+The core's message scan (FrameReader.take_messages) may only ever accept what the
+Python reader and session would accept, and must leave everything else to them, so
+the same byte stream, valid or corrupted, cut anywhere, under any budget, must give
+the same messages, the same errors and the same session state either way."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from copyless._codec import message_scan
+from copyless.protocol.frames import UNLIMITED, Frame, FrameReader, Tag, encode_frame
+from copyless.protocol.session import (
+    MSG_HEADER,
+    U64,
+    Closed,
+    MessagesReceived,
+    OutMessage,
+    Role,
+    Session,
+    SessionConnection,
+    SessionRegistry,
+    State,
+)
+
+
+def drain(conn: SessionConnection) -> bytes:
+    return b"".join(bytes(b) for b in conn.data_to_send())
+
+
+def ready_servers(lossless: bool, sent: int) -> tuple[list[SessionConnection], bytes]:
+    """Two READY server machines that saw the same bytes from one client, one with the
+    compiled steady state and one without; each has `sent` messages out, unacked.
+    Returns them and the client's bytes so far."""
+    client = SessionConnection(Role.CLIENT, "client.1", session=Session(lossless=lossless), lossless=lossless)
+    servers = [
+        SessionConnection(
+            Role.SERVER, "store.1", registry=SessionRegistry(), lossless=lossless, messages=True, compiled=c
+        )
+        for c in (True, False)
+    ]
+    wire = b""
+    for _ in range(10):
+        out = drain(client)
+        wire += out
+        for s in servers:
+            s.receive_data(out)
+        client.receive_data(drain(servers[0]))
+        drain(servers[1])
+    for s in servers:
+        assert s.state is State.READY
+        s.next_events()
+        for i in range(sent):
+            s.send_message(OutMessage(1, [b"out %d" % i], []))
+        drain(s)
+    return servers, wire
+
+
+def message(rng: random.Random, seq: int, ack: int, *, big: bool = False) -> bytes:
+    header = MSG_HEADER.pack(
+        rng.randrange(1 << 16), rng.randrange(256), rng.randrange(256), rng.randrange(1 << 64), seq, ack
+    )
+    front = rng.randbytes(rng.choice([0, 1, 7, 100]))
+    data = rng.randbytes(rng.choice([0, 64, 1500, 4096 if big else 300]))
+    return b"".join(
+        bytes(b) for b in encode_frame(Tag.MESSAGE, [[header], [front], [data]], data_crc=rng.random() < 0.8)
+    )
+
+
+def stream(rng: random.Random, n: int, corrupt: float) -> bytes:
+    """n frames a peer might send a READY session: mostly messages in order, with
+    duplicates, gaps, acks, keepalives, large segments, aborts and malformed frames;
+    then perhaps flipped bits and garbage."""
+    out, seq = [], 0
+    for _ in range(n):
+        ack = rng.randrange(8)
+        kind = rng.choices(
+            ["next", "dup", "gap", "big", "ack", "keepalive", "aborted", "short", "segs", "hello", "flags"],
+            [60, 8, 3, 3, 5, 3, 2, 1, 1, 1, 1],
+        )[0]
+        if kind in ("next", "big"):
+            seq += 1
+            out.append(message(rng, seq, ack, big=kind == "big"))
+        elif kind == "dup":
+            out.append(message(rng, rng.randint(0, seq), ack))
+        elif kind == "gap":
+            seq += rng.randint(2, 4)
+            out.append(message(rng, seq, ack))
+        elif kind == "ack":
+            out.append(b"".join(bytes(b) for b in encode_frame(Tag.ACK, [[U64.pack(ack)]])))
+        elif kind == "keepalive":
+            out.append(b"".join(bytes(b) for b in encode_frame(Tag.KEEPALIVE, [[U64.pack(rng.randrange(1 << 40))]])))
+        elif kind == "aborted":
+            frame = encode_frame(Tag.MESSAGE, [[MSG_HEADER.pack(1, 0, 0, 0, seq + 1, 0)], [b""], [b"x"]], aborted=True)
+            out.append(b"".join(bytes(b) for b in frame))
+        elif kind == "short":  # a header one byte short
+            seq += 1
+            out.append(b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE, [[bytes(27)], [b""], [b""]])))
+        elif kind == "segs":  # two segments
+            seq += 1
+            out.append(b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE, [[MSG_HEADER.pack(1, 0, 0, 0, seq, 0)]])))
+        elif kind == "hello":  # not in the READY table
+            out.append(b"".join(bytes(b) for b in encode_frame(Tag.HELLO, [[b"\x00client.1"]])))
+        else:  # an unknown preamble flag, with a valid crc
+            f = bytearray(b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE, [[bytes(28)], [b""], [b""]])))
+            f[2] |= 0x4
+            struct.pack_into("<I", f, 28, __import__("copyless._codec")._codec.crc32c(bytes(f[:28])))
+            out.append(bytes(f))
+    wire = bytearray(b"".join(out))
+    if wire and rng.random() < corrupt:
+        for _ in range(rng.randint(1, 3)):
+            wire[rng.randrange(len(wire))] ^= 1 << rng.randrange(8)
+    if rng.random() < corrupt / 4:
+        pos = rng.randrange(len(wire) + 1)
+        wire[pos:pos] = rng.randbytes(rng.randint(1, 40))
+    return bytes(wire)
+
+
+def observe(s: SessionConnection, into: list) -> None:
+    for ev in s.next_events():
+        if isinstance(ev, MessagesReceived):
+            into += [
+                (m.type, m.tid, m.seq, bytes(m.front), bytes(m.data), m.is_reply, m.priority, m.connection)
+                for m in ev.messages
+            ]
+        elif isinstance(ev, Closed):
+            into.append(("closed", type(ev.error), str(ev.error)))
+        else:
+            into.append(type(ev).__name__)
+
+
+def state(s: SessionConnection) -> tuple:
+    """What the two paths must agree on.  The reader's own counts only while the
+    connection is open: after an error, the Python reader may have parsed frames
+    beyond the bad one that nobody will look at."""
+    r, sess = s.reader, s.session
+    assert sess is not None
+    common = (s.state, sess.in_seq, [m.seq for m in sess.sent], s._unacked_in, s._ack_due, drain(s))
+    if s.state is State.CLOSED:
+        return common
+    # a frame the Python reader has started is charged; the core charges it once it is all here
+    return common + (r.taken_frames - r.open_charge[0], r.taken_bytes - r.open_charge[1], r.paused, r.partial)
+
+
+def agree(seen: list[list], pos: list[int]) -> None:
+    """Both saw the same so far: one may have read (and so seen) more than the other."""
+    short, long = sorted(seen, key=len)
+    assert long[: len(short)] == short
+    if pos[0] == pos[1]:
+        assert seen[0] == seen[1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 40),
+    lossless=st.booleans(),
+    corrupt=st.sampled_from([0.0, 0.3, 1.0]),
+    budget=st.sampled_from([None, (1, 10**9), (3, 400), (10**9, 100)]),
+)
+def test_compiled_and_python_paths_agree(seed, n, lossless, corrupt, budget):
+    rng = random.Random(seed)
+    machines = ready_servers(lossless, sent=rng.randint(0, 8))[0]
+    owner = object()
+    for s in machines:
+        s.owner = owner
+        if budget is not None:
+            s.reader.budget_frames, s.reader.budget_bytes = budget
+    wire = stream(rng, n, corrupt)
+    if rng.random() < 0.3:
+        wire = wire[: rng.randrange(len(wire) + 1)]
+    seen: list[list] = [[], []]
+    pos = [0, 0]  # what each has taken: a reader held by a budget reads ahead as its buffer allows
+    while min(pos) < len(wire) and machines[0].state is not State.CLOSED:
+        target = max(pos) + rng.randint(1, 600)
+        for i, s in enumerate(machines):
+            pos[i] += s.receive_data(wire[pos[i] : target])
+            s.ack_if_needed()
+            observe(s, seen[i])
+        agree(seen, pos)
+        if pos[0] == pos[1]:
+            assert state(machines[0]) == state(machines[1])
+        if any(s.reader.paused for s in machines):  # the owner grants more, the same to both
+            assert all(s.reader.paused for s in machines)
+            more = rng.randint(1, 5), rng.randint(1, 3000)
+            for i, s in enumerate(machines):
+                s.reader.budget_frames += more[0]
+                s.reader.budget_bytes += more[1]
+                s.resume_reading()
+                observe(s, seen[i])
+            agree(seen, pos)
+    assert seen[0] == seen[1]
+    assert state(machines[0]) == state(machines[1])
+    for i, s in enumerate(machines):  # the peer goes: between frames, or in the middle of one
+        s.connection_lost()
+        observe(s, seen[i])
+    assert seen[0] == seen[1]
+
+
+def test_a_clean_run_is_all_taken_by_the_core():
+    rng = random.Random(1)
+    wire = b"".join(message(rng, seq, ack=min(seq, 3)) for seq in range(1, 101))
+    r = FrameReader(prefetch=len(wire))
+    buf = r.next_read()
+    buf[: len(wire)] = wire
+    r.bytes_read(len(wire))
+    out: list = []
+    in_seq, ack, n, more = r.take_messages(True, 0, None, out)
+    assert (in_seq, ack, n, more) == (100, 3, 100, False)
+    assert [m.seq for m in out] == list(range(1, 101))
+    assert r.taken_frames == 100 and not r.partial
+
+
+@pytest.mark.parametrize(
+    "why, frame",
+    [
+        ("an ACK", encode_frame(Tag.ACK, [[U64.pack(1)]])),
+        ("a gap", encode_frame(Tag.MESSAGE, [[MSG_HEADER.pack(1, 0, 0, 0, 3, 0)], [b""], [b""]])),
+        ("a large segment", encode_frame(Tag.MESSAGE, [[MSG_HEADER.pack(1, 0, 0, 0, 2, 0)], [b""], [bytes(4096)]])),
+        ("a short header", encode_frame(Tag.MESSAGE, [[bytes(27)], [b""], [b""]])),
+        ("an abort", encode_frame(Tag.MESSAGE, [[MSG_HEADER.pack(1, 0, 0, 0, 2, 0)], [b""], [b""]], aborted=True)),
+    ],
+)
+def test_the_core_stops_before_what_it_does_not_take(why, frame):
+    first = b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE, [[MSG_HEADER.pack(1, 0, 0, 0, 1, 0)], [b"a"], [b""]]))
+    wire = first + b"".join(bytes(b) for b in frame)
+    r = FrameReader()
+    buf = r.next_read()
+    buf[: len(wire)] = wire
+    r.bytes_read(len(wire))
+    out: list = []
+    assert r.take_messages(True, 0, None, out) == (1, 0, 1, True), why
+    assert r._start == len(first)
+    f = r.next_frame(single=True)
+    assert f is not None and not isinstance(f, Frame) or f.tag in (Tag.ACK, Tag.MESSAGE)
+
+
+def test_budgets_stop_the_core_before_the_frame_that_does_not_fit():
+    rng = random.Random(2)
+    wire = b"".join(message(rng, seq, 0) for seq in range(1, 6))
+    r = FrameReader()
+    buf = r.next_read()
+    buf[: len(wire)] = wire
+    r.bytes_read(len(wire))
+    r.budget_frames, r.budget_bytes = 2, UNLIMITED
+    out: list = []
+    assert r.take_messages(True, 0, None, out)[2:] == (2, True)
+    assert r.taken_frames == 2
+    assert r.next_frame(single=True) is None and r.paused  # the Python reader holds it
+
+
+def test_message_scan_checks_its_arguments():
+    with pytest.raises(TypeError):
+        message_scan(memoryview(bytearray(8)), 0, 8, 1, 1, -1, -1, True, 0, None, ())
+    with pytest.raises(ValueError):
+        message_scan(memoryview(bytearray(8)), 0, 9, 1, 1, -1, -1, True, 0, None, [])
