@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._codec import Writer
 from ._core import Message  # the one Message type, shared with pub/sub (docs/design.md)
 from ._ioloop import IOLoop, Timer
 from .errors import ClosedError, ConfigurationError, CopylessError, PeerLost, RemoteProtocolError, Timeout
@@ -54,7 +55,7 @@ from .protocol.session import (
     State,
     Waiting,
 )
-from .transports import Listener, SendQueue, Stream, connect, listen
+from .transports import Listener, Stream, connect, listen
 
 __all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
 
@@ -228,7 +229,7 @@ class Connection:
         self.session: Session | None = Session(lossless=not policy.lossy) if not policy.server else None
         self._machine: SessionConnection | None = None
         self._stream: Stream | None = None
-        self._sendq = SendQueue()
+        self._sendq = Writer()  # the core's send queue (docs/design.md, "Send path")
         self._timer: Timer | None = None
         self._closed = False
         self._backoff = 0.01
@@ -250,32 +251,29 @@ class Connection:
     def send(self, msg: Message) -> None:
         """Send a message (scatter-gather: the data buffers are not joined or copied).
 
-        The calling thread writes to the socket itself when it can; a message sent
-        while the session is (re)connecting waits in the session's queue, in order."""
+        The calling thread writes to the socket itself when it is idle; a send that
+        follows another closely is batched with it (the I/O loop writes the batch, see
+        docs/design.md, "Send path"); a message sent while the session is (re)connecting
+        waits in the session's queue, in order."""
         if self._closed:
             raise ClosedError(f"connection to {self.peer_name or self.address} is closed")
-        if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
-            raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
-        # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
-        out = OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply)
         with self._lock:
-            m, st = self._machine, self._stream
-            if m is None or st is None or m.state is not State.READY:
-                if self.session is None:
-                    raise ClosedError("no session with the peer yet")
-                self.session.queue(out)
+            m = self._machine
+            if m is not None and self._stream is not None and m.state is State.READY:
+                w = self._sendq
+                m.write_message(msg, w)  # encoded by the core, written now or batched
+                if w.stalled:  # a stream (TLS, ipc) took less than all of it: the loop goes on
+                    if self.loop.in_loop():
+                        self._pump()
+                    else:
+                        self.loop.call_soon_threadsafe(self._locked, self._pump)
                 return
-            m.send_message(out)
-            self._sendq.add(m.data_to_send())
-            try:
-                done = self._sendq.flush(st)
-            except OSError:
-                done = False  # the loop sees the fault and tears the transport down
-            if not done:
-                if self.loop.in_loop():
-                    self._pump()
-                else:
-                    self.loop.call_soon_threadsafe(self._locked, self._pump)
+            if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
+                raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
+            if self.session is None:
+                raise ClosedError("no session with the peer yet")
+            # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
+            self.session.queue(OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply))
 
     def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply; the reply's data is read straight into `into`."""
@@ -428,6 +426,9 @@ class Connection:
         self._stream, self._machine = stream, machine
         self._paused = False  # a new reader: fresh budgets
         self._sendq.clear()
+        # a plain socket is written by the core (its fd, batching with this loop's flusher);
+        # TLS and ipc streams through their own send_buffers
+        self._sendq.bind(stream, stream.fileno() if type(stream) is Stream else -1, self.loop.flusher)
         self.loop.add_reader(stream, self._on_readable)
         self._pump()
 
@@ -881,6 +882,7 @@ class Messenger:
         else to the first dispatcher that fast-dispatches it, else to the dispatch queue.
         The per-message work here is all there is in Python between the core's parse and
         the application, so it is kept to lookups and calls."""
+        conn._sendq.read = 1  # a send after this answers it: not part of a burst
         if msgs[0].connection is not conn:
             # parsed before an _adopt moved the transport into the session's Connection
             for msg in msgs:

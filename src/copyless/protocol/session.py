@@ -25,12 +25,13 @@ import hmac
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from .._codec import OutMessage as OutMessage  # re-exported: the record the session API takes
 from .._core import Message
-from ..errors import AccessDenied, LocalProtocolError, PeerLost, RemoteProtocolError, Timeout
+from ..errors import AccessDenied, ConfigurationError, LocalProtocolError, PeerLost, RemoteProtocolError, Timeout
 from .frames import Buffer, Frame, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
@@ -131,15 +132,17 @@ class Closed:
 Event = Established | MessageReceived | MessagesReceived | SessionReset | Waiting | KeepaliveAck | Closed
 
 
-@dataclass
-class OutMessage:
-    type: int
-    front: Sequence[Buffer]
-    data: Sequence[Buffer]
-    tid: int = 0
-    priority: int = 0
-    is_reply: bool = False
-    seq: int = 0  # assigned when first written
+# OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0): what a session
+# sends and keeps until it is acknowledged (front and data are sequences of buffers; seq is
+# assigned when first written).  A plain record, compiled so that the send path can make one
+# in a few tens of ns (docs/design.md, "Send path").
+
+
+class MessageWriter(Protocol):
+    """Where write_message puts a message: copyless._codec.Writer."""
+
+    def message(self, msg: Message, seq: int, ack: int, data_crc: bool, lossless: bool, /) -> OutMessage | None: ...
+    def send(self, buffers: list[Buffer], /) -> None: ...
 
 
 # ---------------------------------------------------------------- session state
@@ -327,6 +330,26 @@ class SessionConnection:
         self.session.queue(msg)
         if self.state is State.READY:
             self._flush()
+
+    def write_message(self, msg: Message, out: MessageWriter) -> None:
+        """Send a copyless.Message: the steady-state twin of send_message for an owner
+        that writes through a compiled send queue (`out`, a copyless._codec.Writer).  On
+        a READY connection with nothing queued before it, the seq and ack are assigned
+        here and the core encodes the frame straight into `out` (which writes it now or
+        batches it); otherwise it goes through send_message and data_to_send into `out`."""
+        s = self.session
+        if self.state is not State.READY or s is None or s.unsent or self._out:
+            if msg.type >= 1 << 16:
+                raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
+            self.send_message(OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply))
+            out.send(self.data_to_send())
+            return
+        seq = s.out_seq + 1
+        kept = out.message(msg, seq, s.in_seq, self.data_crc, s.lossless)
+        s.out_seq = seq
+        if kept is not None:
+            s.sent.append(kept)
+        self._unacked_in, self._ack_due = 0, None  # the header carried our ack
 
     def flush(self) -> None:
         """Write what was queued on the session while no connection carried it."""
