@@ -69,9 +69,8 @@ def ready_servers(lossless: bool, sent: int) -> tuple[list[SessionConnection], b
 
 
 def message(rng: random.Random, seq: int, ack: int, *, big: bool = False) -> bytes:
-    header = MSG_HEADER.pack(
-        rng.randrange(1 << 16), rng.randrange(256), rng.randrange(256), rng.randrange(1 << 64), seq, ack
-    )
+    tid = rng.choice([1, 2, 3, rng.randrange(1 << 64)])  # 1 and 2 may be calls that posted a buffer
+    header = MSG_HEADER.pack(rng.randrange(1 << 16), rng.randrange(256), rng.randrange(256), tid, seq, ack)
     front = rng.randbytes(rng.choice([0, 1, 7, 100]))
     data = rng.randbytes(rng.choice([0, 64, 1500, 4096 if big else 300]))
     return b"".join(
@@ -169,13 +168,19 @@ def agree(seen: list[list], pos: list[int]) -> None:
     lossless=st.booleans(),
     corrupt=st.sampled_from([0.0, 0.3, 1.0]),
     budget=st.sampled_from([None, (1, 10**9), (3, 400), (10**9, 100)]),
+    claims=st.sampled_from([None, ({}, False), ({1: None, 2: None}, False), ({}, True)]),
 )
-def test_compiled_and_python_paths_agree(seed, n, lossless, corrupt, budget):
+def test_compiled_and_python_paths_agree(seed, n, lossless, corrupt, budget, claims):
     rng = random.Random(seed)
     machines = ready_servers(lossless, sent=rng.randint(0, 8))[0]
     owner = object()
-    for s in machines:
+    asked: list[list] = [[], []]  # the large data segments each sink was asked for: (tid, reply)
+    for i, s in enumerate(machines):
         s.owner = owner
+        s.reader.sink_claims = claims
+        s.reader.sink = lambda pre, index, earlier, i=i: asked[i].append(MSG_HEADER.unpack(earlier[0])[3:1:-1]) if (
+            index == 2 and len(earlier[0]) == MSG_HEADER.size
+        ) else None
         if budget is not None:
             s.reader.budget_frames, s.reader.budget_bytes = budget
     wire = stream(rng, n, corrupt)
@@ -203,6 +208,12 @@ def test_compiled_and_python_paths_agree(seed, n, lossless, corrupt, budget):
             agree(seen, pos)
     assert seen[0] == seen[1]
     assert state(machines[0]) == state(machines[1])
+    # The Python reader asks its sink for every large data segment; the core leaves to it
+    # those that someone may claim, and no others.
+    calls, hooks = claims if claims is not None else ({}, True)
+    claimed = [a for a in asked[1] if hooks or (a[1] & MSG_FLAG_REPLY and a[0] in calls)]
+    if machines[0].state is not State.CLOSED:  # (after an error the two read different amounts)
+        assert asked[0] == claimed
     for i, s in enumerate(machines):  # the peer goes: between frames, or in the middle of one
         s.connection_lost()
         observe(s, seen[i])
@@ -400,3 +411,32 @@ def test_a_burst_arrives_while_the_sender_keeps_the_gil(child, tmp_path, transpo
     assert got == n, "everything arrived while the sending thread held the GIL"
     # (how many messages a batch holds depends on timing; that there are batches does not)
     assert stats["sendmsg"] < n and stats["written_by_sender"] < n // 2, f"a burst goes out in batches: {stats}"
+
+
+def test_unclaimed_large_data_stays_in_the_read_buffer_and_claimed_data_is_asked_for():
+    rng = random.Random(3)
+    frames = []
+    for seq in range(1, 7):  # replies to tids 1 and 2; 2 posted a buffer
+        header = MSG_HEADER.pack(1, 0, MSG_FLAG_REPLY, 1 + seq % 2, seq, 0)
+        data = rng.randbytes(5000)
+        frames.append((data, b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE, [[header], [b""], [data]]))))
+    wire = b"".join(f for _, f in frames)
+    asked = []
+    r = FrameReader(prefetch=64 << 10, sink=lambda pre, i, earlier: asked.append(i))
+    r.sink_claims = ({2: None}, False)
+    buf = r.next_read()
+    buf[: len(wire)] = wire
+    r.bytes_read(len(wire))
+    out: list = []
+    in_seq = 0
+    while True:
+        in_seq, _, _, more = r.take_messages(True, in_seq, None, out)
+        if not more:
+            break
+        f = r.next_frame(single=True)  # a claimed one: the Python reader asks the sink
+        assert f is not None and isinstance(f, Frame)
+        in_seq += 1
+    assert [m.seq for m in out] == [2, 4, 6] and asked == [2, 2, 2]
+    assert [bytes(m.data) for m in out] == [frames[i][0] for i in (1, 3, 5)]
+    assert all(m.data.obj is out[0].data.obj for m in out), "views into the read buffer: not copied"
+    assert r.copied == 3 * 5000, "only the claimed ones were copied (into the buffers the sink gave)"

@@ -12,7 +12,7 @@
  *   frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type, max_frames=-1)
  *       -> (frames, new_start, frames_used, bytes_used)
  *   message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, lossless, in_seq,
- *                connection, out) -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
+ *                connection, out[, calls, hooks, room]) -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,7 +50,16 @@ static uint32_t crc_table[8][256];
 static int have_sse42;
 #define LANE 4096
 static uint32_t lane_shift; /* x^(8 * LANE) mod P */
+#define SMALL_LANE 512
+static uint32_t small_lane_shift; /* x^(8 * SMALL_LANE) mod P: a 4 KiB message's data in three lanes too */
+/* Multiplying by a fixed power of x is linear, so it is four table lookups (instead of
+ * multmodp's 32 steps): shift_tab[k][j][v] = that power times (v << 8j). */
+static uint32_t shift_tab[2][4][256];
+static inline uint32_t shift_by(const uint32_t t[4][256], uint32_t c) {
+    return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^ t[3][c >> 24];
+}
 static uint32_t xpow8n(size_t n);
+static uint32_t multmodp(uint32_t a, uint32_t b);
 
 static void crc_init(void) {
     for (uint32_t i = 0; i < 256; i++) {
@@ -61,6 +70,12 @@ static void crc_init(void) {
     for (uint32_t i = 0; i < 256; i++)
         for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
     lane_shift = xpow8n(LANE);
+    small_lane_shift = xpow8n(SMALL_LANE);
+    for (int j = 0; j < 4; j++)
+        for (uint32_t v = 0; v < 256; v++) {
+            shift_tab[0][j][v] = multmodp(lane_shift, v << (8 * j));
+            shift_tab[1][j][v] = multmodp(small_lane_shift, v << (8 * j));
+        }
 #if defined(__x86_64__)
     __builtin_cpu_init();
     have_sse42 = __builtin_cpu_supports("sse4.2");
@@ -124,9 +139,25 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uin
             c1 = _mm_crc32_u64(c1, v1);
             c2 = _mm_crc32_u64(c2, v2);
         }
-        c = multmodp(lane_shift, multmodp(lane_shift, (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
+        c = shift_by(shift_tab[0], shift_by(shift_tab[0], (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
         p += 3 * LANE;
         n -= 3 * LANE;
+    }
+    while (n >= 3 * SMALL_LANE) {
+        uint64_t c1 = 0, c2 = 0;
+        const uint8_t *q = p;
+        for (size_t i = 0; i < SMALL_LANE; i += 8, q += 8) {
+            uint64_t v0, v1, v2;
+            memcpy(&v0, q, 8);
+            memcpy(&v1, q + SMALL_LANE, 8);
+            memcpy(&v2, q + 2 * SMALL_LANE, 8);
+            c = _mm_crc32_u64(c, v0);
+            c1 = _mm_crc32_u64(c1, v1);
+            c2 = _mm_crc32_u64(c2, v2);
+        }
+        c = shift_by(shift_tab[1], shift_by(shift_tab[1], (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
+        p += 3 * SMALL_LANE;
+        n -= 3 * SMALL_LANE;
     }
     while (n >= 8) {
         uint64_t v;
@@ -433,11 +464,13 @@ static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
 static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
 /* message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes,
- *              lossless, in_seq, connection, out)
+ *              lossless, in_seq, connection, out[, calls, hooks, room])
  *     -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
  *
  * The steady state of a READY session, compiled: for the run of MESSAGE frames at
- * view[start:end] that are complete, small (every segment under `direct`), valid
+ * view[start:end] that are complete, small (every segment under `direct`; or, given
+ * calls, hooks and room: any frame of at most `room` bytes whose large segment nobody
+ * claims, see below), valid
  * (checksums, epilogue, a 28-byte header, three segments) and within the budgets,
  * drop replayed duplicates (seq <= in_seq), accept the next seq (lossless: exactly
  * in_seq + 1; lossy: any higher one), and append a received Message for each
@@ -450,8 +483,8 @@ static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); r
  * the frames and body bytes charged to the budgets (duplicates included, as the
  * reader charges them).  stop: 0 read more, 1 a frame for the slow path. */
 static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, "message_scan() takes 11 arguments");
+    if (nargs != 11 && nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "message_scan() takes 11 or 14 arguments");
         return NULL;
     }
     if (!capi) {
@@ -464,7 +497,15 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
     Py_ssize_t budget_frames = PyLong_AsSsize_t(args[5]), budget_bytes = PyLong_AsSsize_t(args[6]);
     int lossless = PyObject_IsTrue(args[7]);
     uint64_t in_seq = PyLong_AsUnsignedLongLong(args[8]);
+    /* claims: who may want a segment of `direct` bytes or more in a buffer of its own */
+    PyObject *calls = nargs == 14 ? args[11] : Py_None;
+    int hooks = nargs == 14 ? PyObject_IsTrue(args[12]) : 1;
+    Py_ssize_t room = nargs == 14 ? PyLong_AsSsize_t(args[13]) : 0;
     if (PyErr_Occurred()) return NULL;
+    if (calls != Py_None && !PyDict_Check(calls)) {
+        PyErr_SetString(PyExc_TypeError, "calls must be a dict or None");
+        return NULL;
+    }
     if (!PyList_Check(out)) {
         PyErr_SetString(PyExc_TypeError, "out must be a list");
         return NULL;
@@ -489,16 +530,39 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
         if (crc32c_update(0, p, 28) != get32(p + 28)) break;
         uint32_t len[3];
         int ok = get32(p + 4 + 18) == 0 && get16(p + 8 + 18) == 0; /* the unused fourth slot */
+        int large = 0;
         Py_ssize_t total = PREAMBLE_SIZE + 4 * 3 + 4;
         for (int i = 0; i < 3; i++) {
             len[i] = get32(p + 4 + 6 * i);
-            if ((Py_ssize_t)len[i] >= direct || (Py_ssize_t)len[i] > max_segment) ok = 0;
+            if ((Py_ssize_t)len[i] > max_segment) ok = 0;
+            if ((Py_ssize_t)len[i] >= direct) large = 1;
             total += (Py_ssize_t)len[i];
         }
         if (!ok || len[0] != MSG_HEADER_SIZE) break;
         Py_ssize_t body = (Py_ssize_t)len[1] + (Py_ssize_t)len[2];
         if (budget_frames >= 0 && used_frames + 1 > budget_frames) break;
         if (budget_bytes >= 0 && used_bytes + body > budget_bytes) break;
+        if (large) {
+            /* A large segment is read into a buffer of its own when someone wants it there:
+             * the call a reply answers, if it posted one, or a dispatcher's data_buffer().
+             * Nobody does (the caller says so: no hooks, and the calls that posted buffers),
+             * and the frame fits the read buffer: it stays there, a view like a small one's
+             * (the Python reader would allocate a buffer and copy it in).  Else the Python
+             * reader takes it, and asks. */
+            if (hooks || total > room) break;
+            if (avail < PREAMBLE_SIZE + MSG_HEADER_SIZE) {
+                stop = SCAN_WAIT; /* its header says whose it is: read on */
+                break;
+            }
+            const uint8_t *h = p + PREAMBLE_SIZE;
+            if ((h[3] & MSG_FLAG_REPLY) && calls != Py_None) {
+                PyObject *tid = PyLong_FromUnsignedLongLong(get64(h + 4));
+                int posted = tid ? PyDict_Contains(calls, tid) : -1;
+                Py_XDECREF(tid);
+                if (posted < 0) goto fail;
+                if (posted) break;
+            }
+        }
         Py_ssize_t off = pos + PREAMBLE_SIZE, offs[3];
         uint32_t chain = get32(p + 28);
         int data_crc = !(get16(p + 2) & FLAG_NO_DATA_CRC);

@@ -31,6 +31,9 @@ def message_scan(
     in_seq: int,
     connection: Any,
     out: list[Any],
+    calls: dict[int, Any] | None = None,
+    hooks: bool = True,
+    room: int = 0,
     /,
 ) -> tuple[int, int, int, int, int, int, int]: ...
 def _use_hardware_crc(on: bool, /) -> bool: ...

@@ -663,6 +663,7 @@ class Messenger:
         self._connections: set[Connection] = set()
         self._by_session: dict[int, Connection] = {}
         self._calls: dict[int, _Call] = {}
+        self._claims: tuple[dict[int, Any], bool] = (self._calls, False)
         self._tids = itertools.count(1)
         # queued dispatch: most urgent first (higher priority), then arrival order
         self._queue: queue.PriorityQueue[tuple[float, int, Message | None]] = queue.PriorityQueue()
@@ -681,6 +682,10 @@ class Messenger:
     # ------------------------------------------------------------ setup
     def add_dispatcher(self, d: Dispatcher) -> None:
         self._dispatchers.append(d)
+        # who may want an incoming message's data in a buffer of its own (see _sink): the
+        # calls that posted one, and dispatchers that choose one (data_buffer)
+        hooks = any(getattr(x.data_buffer, "__func__", None) is not Dispatcher.data_buffer for x in self._dispatchers)
+        self._claims = (self._calls, hooks)
 
     def bind(self, address: str) -> str:
         """Listen on an address (tcp://host:port, unix:///path, ipc://name); returns the bound address."""
@@ -935,6 +940,7 @@ class Messenger:
     def _grant(self, reader: FrameReader) -> tuple[int, int, int]:
         """Reserve what the throttles have free and make it the reader's budget."""
         need = reader.held_bytes if reader.paused else 0
+        reader.sink_claims = self._claims  # (and what the sink may want this round)
         msgs, nbytes, queued = self._throttles
         g = (msgs.reserve(1), nbytes.reserve(need), queued.reserve(need))
         reader.budget_frames = UNLIMITED if g[0] == UNLIMITED else reader.taken_frames + g[0]
