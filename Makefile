@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-SRC    := pyproject.toml setup.py src/copyless/_core.c src/copyless/_codec.c
+SRC    := pyproject.toml setup.py src/copyless/_core.c src/copyless/_codec.c src/copyless/_capi.h
 
 .PHONY: demo test bench lint debug asan clean deps
 demo: $(VENV)/.bench

@@ -18,7 +18,19 @@ if os.environ.get("COPYLESS_ASAN"):
 
 setup(
     ext_modules=[
-        Extension("copyless._core", ["src/copyless/_core.c"], extra_compile_args=flags, extra_link_args=link),
-        Extension("copyless._codec", ["src/copyless/_codec.c"], extra_compile_args=flags, extra_link_args=link),
+        Extension(
+            "copyless._core",
+            ["src/copyless/_core.c"],
+            depends=["src/copyless/_capi.h"],
+            extra_compile_args=flags,
+            extra_link_args=link,
+        ),
+        Extension(
+            "copyless._codec",
+            ["src/copyless/_codec.c"],
+            depends=["src/copyless/_capi.h"],
+            extra_compile_args=flags,
+            extra_link_args=link,
+        ),
     ]
 )

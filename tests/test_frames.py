@@ -242,7 +242,9 @@ def _crc32c_reference(data: bytes, value: int = 0) -> int:
 
 
 @pytest.mark.parametrize("hardware", [True, False])
-@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4095, 3 * 4096 - 1, 3 * 4096, 3 * 4096 + 1, 2 * 3 * 4096 + 13])
+@pytest.mark.parametrize(
+    "n", [0, 1, 7, 8, 9, 3 * 512 - 1, 3 * 512, 4095, 4096, 3 * 4096 - 1, 3 * 4096, 3 * 4096 + 1, 2 * 3 * 4096 + 13]
+)
 def test_crc32c_matches_the_bitwise_definition(n, hardware):
     from copyless._codec import _use_hardware_crc, crc32c
 

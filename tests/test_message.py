@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import gc
 import threading
+import time
 import weakref
 
 import pytest
@@ -289,6 +290,10 @@ def test_round_trip_over_unix_with_scatter_gather(keep_server):
     assert first.released and second.released
     assert first.seq + 1 == second.seq and first.connection is second.connection
     assert isinstance(first.connection, Connection) and first.connection.messenger is server
+    # dispatch() sets `done` before the dispatch thread gives the throttles back: wait for that
+    deadline = time.monotonic() + 5
+    while server._throttles[1].used and time.monotonic() < deadline:
+        time.sleep(0.001)
     assert server._throttles[1].used == 0, "the dispatch thread accounted for released messages"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 try:
-    from . import _core
+    from . import _codec, _core
 except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
         "copyless's compiled core is not built. Install the package with `pip install .` "
@@ -68,6 +68,7 @@ def __dir__() -> list[str]:
 
 
 _core._set_errors(WouldBlock, Timeout, RemoteProtocolError, ClosedError, ConfigurationError)
+_codec._set_errors(LocalProtocolError, ConfigurationError)
 
 __version__ = "0.1.0"
 __all__ = [

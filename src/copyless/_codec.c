@@ -9,14 +9,31 @@
  *
  *   crc32c(data, value=0) -> int          SSE4.2 when the CPU has it
  *   frame_encode(tag, segments, data_crc, aborted, coalesce) -> list of buffers
- *   frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type)
+ *   frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type, max_frames=-1)
  *       -> (frames, new_start, frames_used, bytes_used)
+ *   message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, lossless, in_seq,
+ *                connection, out[, calls, hooks, room]) -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <structmember.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "_capi.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -33,7 +50,16 @@ static uint32_t crc_table[8][256];
 static int have_sse42;
 #define LANE 4096
 static uint32_t lane_shift; /* x^(8 * LANE) mod P */
+#define SMALL_LANE 512
+static uint32_t small_lane_shift; /* x^(8 * SMALL_LANE) mod P: a 4 KiB message's data in three lanes too */
+/* Multiplying by a fixed power of x is linear, so it is four table lookups (instead of
+ * multmodp's 32 steps): shift_tab[k][j][v] = that power times (v << 8j). */
+static uint32_t shift_tab[2][4][256];
+static inline uint32_t shift_by(const uint32_t t[4][256], uint32_t c) {
+    return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^ t[3][c >> 24];
+}
 static uint32_t xpow8n(size_t n);
+static uint32_t multmodp(uint32_t a, uint32_t b);
 
 static void crc_init(void) {
     for (uint32_t i = 0; i < 256; i++) {
@@ -44,6 +70,12 @@ static void crc_init(void) {
     for (uint32_t i = 0; i < 256; i++)
         for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
     lane_shift = xpow8n(LANE);
+    small_lane_shift = xpow8n(SMALL_LANE);
+    for (int j = 0; j < 4; j++)
+        for (uint32_t v = 0; v < 256; v++) {
+            shift_tab[0][j][v] = multmodp(lane_shift, v << (8 * j));
+            shift_tab[1][j][v] = multmodp(small_lane_shift, v << (8 * j));
+        }
 #if defined(__x86_64__)
     __builtin_cpu_init();
     have_sse42 = __builtin_cpu_supports("sse4.2");
@@ -107,9 +139,25 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uin
             c1 = _mm_crc32_u64(c1, v1);
             c2 = _mm_crc32_u64(c2, v2);
         }
-        c = multmodp(lane_shift, multmodp(lane_shift, (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
+        c = shift_by(shift_tab[0], shift_by(shift_tab[0], (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
         p += 3 * LANE;
         n -= 3 * LANE;
+    }
+    while (n >= 3 * SMALL_LANE) {
+        uint64_t c1 = 0, c2 = 0;
+        const uint8_t *q = p;
+        for (size_t i = 0; i < SMALL_LANE; i += 8, q += 8) {
+            uint64_t v0, v1, v2;
+            memcpy(&v0, q, 8);
+            memcpy(&v1, q + SMALL_LANE, 8);
+            memcpy(&v2, q + 2 * SMALL_LANE, 8);
+            c = _mm_crc32_u64(c, v0);
+            c1 = _mm_crc32_u64(c1, v1);
+            c2 = _mm_crc32_u64(c2, v2);
+        }
+        c = shift_by(shift_tab[1], shift_by(shift_tab[1], (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
+        p += 3 * SMALL_LANE;
+        n -= 3 * SMALL_LANE;
     }
     while (n >= 8) {
         uint64_t v;
@@ -282,16 +330,17 @@ static PyObject *slice_view(PyObject *base, Py_ssize_t a, Py_ssize_t b) {
     return r;
 }
 
-/* frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type)
+/* frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type, max_frames=-1)
  * Complete, valid frames in view[start:end] whose segments are all under `direct`
- * bytes, as frame_type(tag, [segment views]) instances (a two-field tuple subclass).
+ * bytes, as frame_type(tag, [segment views]) instances (a two-field tuple subclass),
+ * at most max_frames of them (negative: no limit).
  * Frames of two or more segments count against the budgets (a message each, and
  * the bytes of the segments after the header); a negative budget is unlimited. */
 static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
     PyObject *base, *frame_type;
-    Py_ssize_t start, end, max_segment, direct, budget_frames, budget_bytes;
-    if (!PyArg_ParseTuple(args, "OnnnnnnO!", &base, &start, &end, &max_segment, &direct, &budget_frames,
-                          &budget_bytes, &PyType_Type, &frame_type))
+    Py_ssize_t start, end, max_segment, direct, budget_frames, budget_bytes, max_frames = -1;
+    if (!PyArg_ParseTuple(args, "OnnnnnnO!|n", &base, &start, &end, &max_segment, &direct, &budget_frames,
+                          &budget_bytes, &PyType_Type, &frame_type, &max_frames))
         return NULL;
     PyTypeObject *ft = (PyTypeObject *)frame_type;
     if (!PyType_IsSubtype(ft, &PyTuple_Type)) {
@@ -311,7 +360,7 @@ static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
     if (!frames) goto fail;
     for (;;) {
         Py_ssize_t avail = end - pos;
-        if (avail < PREAMBLE_SIZE) break;
+        if (avail < PREAMBLE_SIZE || (max_frames >= 0 && PyList_GET_SIZE(frames) >= max_frames)) break;
         const uint8_t *p = buf + pos;
         if (crc32c_update(0, p, 28) != get32(p + 28)) break;
         unsigned tag = p[0], nseg = p[1], flags = get16(p + 2);
@@ -383,6 +432,1344 @@ fail:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ messages */
+static const CopylessCAPI *capi; /* the core's Message constructors (_capi.h), set at import */
+
+/* base[off:off + len] as a memoryview that shares base's managed buffer (as a
+ * slice does), without the slice and index objects a slice costs.  base must be
+ * a 1-D memoryview of bytes; anything else takes the generic path. */
+static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
+    if (PyMemoryView_Check(base)) {
+        Py_buffer *b = &((PyMemoryViewObject *)base)->view;
+        if (b->ndim == 1 && b->itemsize == 1 && b->strides[0] == 1 && !b->suboffsets && off >= 0 && len >= 0 &&
+            off + len <= b->len) {
+            PyObject *v = PyMemoryView_FromObject(base); /* a new view on the same managed buffer */
+            if (!v) return NULL;
+            Py_buffer *w = &((PyMemoryViewObject *)v)->view;
+            w->buf = (char *)b->buf + off; /* what memoryview's own slicing does to a 1-D view */
+            w->len = len;
+            w->shape[0] = len;
+            return v;
+        }
+    }
+    return slice_view(base, off, off + len);
+}
+
+#define TAG_MESSAGE 16
+#define MSG_HEADER_SIZE 28 /* <HBBQQQ: type, priority, flags, tid, seq, ack_seq (session.MSG_HEADER) */
+#define MSG_FLAG_REPLY 0x1
+#define SCAN_WAIT 0 /* stopped at the end of what was read (or inside a small frame): read more */
+#define SCAN_SLOW 1 /* stopped at a frame the Python reader and session must handle */
+
+static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes,
+ *              lossless, in_seq, connection, out[, calls, hooks, room])
+ *     -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
+ *
+ * The steady state of a READY session, compiled: for the run of MESSAGE frames at
+ * view[start:end] that are complete, small (every segment under `direct`; or, given
+ * calls, hooks and room: any frame of at most `room` bytes whose large segment nobody
+ * claims, see below), valid
+ * (checksums, epilogue, a 28-byte header, three segments) and within the budgets,
+ * drop replayed duplicates (seq <= in_seq), accept the next seq (lossless: exactly
+ * in_seq + 1; lossy: any higher one), and append a received Message for each
+ * accepted one to `out` (front and data are views into `view`).  It stops before
+ * the first frame that is anything else (another tag, a gap, a large segment, a bad
+ * checksum, an abort, the end of a budget), which the Python reader and session then
+ * handle with their precise errors.  So it accepts only what they would accept, and
+ * what it returns is what they would have done: the new in_seq, the highest ack_seq
+ * seen (applying it once is what applying each one does), the messages accepted, and
+ * the frames and body bytes charged to the budgets (duplicates included, as the
+ * reader charges them).  stop: 0 read more, 1 a frame for the slow path. */
+static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11 && nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "message_scan() takes 11 or 14 arguments");
+        return NULL;
+    }
+    if (!capi) {
+        PyErr_SetString(PyExc_RuntimeError, "copyless._core's C API is missing");
+        return NULL;
+    }
+    PyObject *base = args[0], *conn = args[9], *out = args[10];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t max_segment = PyLong_AsSsize_t(args[3]), direct = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t budget_frames = PyLong_AsSsize_t(args[5]), budget_bytes = PyLong_AsSsize_t(args[6]);
+    int lossless = PyObject_IsTrue(args[7]);
+    uint64_t in_seq = PyLong_AsUnsignedLongLong(args[8]);
+    /* claims: who may want a segment of `direct` bytes or more in a buffer of its own */
+    PyObject *calls = nargs == 14 ? args[11] : Py_None;
+    int hooks = nargs == 14 ? PyObject_IsTrue(args[12]) : 1;
+    Py_ssize_t room = nargs == 14 ? PyLong_AsSsize_t(args[13]) : 0;
+    if (PyErr_Occurred()) return NULL;
+    if (calls != Py_None && !PyDict_Check(calls)) {
+        PyErr_SetString(PyExc_TypeError, "calls must be a dict or None");
+        return NULL;
+    }
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a list");
+        return NULL;
+    }
+    Py_buffer vb;
+    if (PyObject_GetBuffer(base, &vb, PyBUF_SIMPLE) < 0) return NULL;
+    if (start < 0 || end > vb.len || start > end) {
+        PyBuffer_Release(&vb);
+        PyErr_SetString(PyExc_ValueError, "bad scan range");
+        return NULL;
+    }
+    const uint8_t *buf = vb.buf;
+    Py_ssize_t pos = start, used_frames = 0, used_bytes = 0, accepted = 0;
+    uint64_t ack = 0;
+    int stop = SCAN_WAIT;
+    for (;;) {
+        Py_ssize_t avail = end - pos;
+        if (avail < PREAMBLE_SIZE) break;
+        const uint8_t *p = buf + pos;
+        stop = SCAN_SLOW;
+        if (p[0] != TAG_MESSAGE || p[1] != 3 || (get16(p + 2) & ~FLAG_NO_DATA_CRC)) break;
+        if (crc32c_update(0, p, 28) != get32(p + 28)) break;
+        uint32_t len[3];
+        int ok = get32(p + 4 + 18) == 0 && get16(p + 8 + 18) == 0; /* the unused fourth slot */
+        int large = 0;
+        Py_ssize_t total = PREAMBLE_SIZE + 4 * 3 + 4;
+        for (int i = 0; i < 3; i++) {
+            len[i] = get32(p + 4 + 6 * i);
+            if ((Py_ssize_t)len[i] > max_segment) ok = 0;
+            if ((Py_ssize_t)len[i] >= direct) large = 1;
+            total += (Py_ssize_t)len[i];
+        }
+        if (!ok || len[0] != MSG_HEADER_SIZE) break;
+        Py_ssize_t body = (Py_ssize_t)len[1] + (Py_ssize_t)len[2];
+        if (budget_frames >= 0 && used_frames + 1 > budget_frames) break;
+        if (budget_bytes >= 0 && used_bytes + body > budget_bytes) break;
+        if (large) {
+            /* A large segment is read into a buffer of its own when someone wants it there:
+             * the call a reply answers, if it posted one, or a dispatcher's data_buffer().
+             * Nobody does (the caller says so: no hooks, and the calls that posted buffers),
+             * and the frame fits the read buffer: it stays there, a view like a small one's
+             * (the Python reader would allocate a buffer and copy it in).  Else the Python
+             * reader takes it, and asks. */
+            if (hooks || total > room) break;
+            if (avail < PREAMBLE_SIZE + MSG_HEADER_SIZE) {
+                stop = SCAN_WAIT; /* its header says whose it is: read on */
+                break;
+            }
+            const uint8_t *h = p + PREAMBLE_SIZE;
+            if ((h[3] & MSG_FLAG_REPLY) && calls != Py_None) {
+                PyObject *tid = PyLong_FromUnsignedLongLong(get64(h + 4));
+                int posted = tid ? PyDict_Contains(calls, tid) : -1;
+                Py_XDECREF(tid);
+                if (posted < 0) goto fail;
+                if (posted) break;
+            }
+        }
+        Py_ssize_t off = pos + PREAMBLE_SIZE, offs[3];
+        uint32_t chain = get32(p + 28);
+        int data_crc = !(get16(p + 2) & FLAG_NO_DATA_CRC);
+        /* The segments (of a frame not all here yet: those that are), as the Python
+         * reader checks them, so a bad one is an error as soon as it would be there. */
+        for (int i = 0; i < 3 && ok && off + (Py_ssize_t)len[i] + 4 <= end; i++) {
+            offs[i] = off;
+            if (data_crc || i != 2) {
+                chain = crc32c_update(chain, buf + off, len[i]);
+                if (chain != get32(buf + off + len[i])) ok = 0;
+            }
+            off += (Py_ssize_t)len[i] + 4;
+        }
+        if (!ok) break;
+        if (avail < total) {
+            stop = SCAN_WAIT; /* a small frame, good so far, not all here yet: read on */
+            break;
+        }
+        if (get32(buf + off) != LATE_COMPLETE) break;
+        const uint8_t *h = buf + offs[0];
+        uint64_t seq = get64(h + 12), a = get64(h + 20);
+        if (seq > in_seq && lossless && seq != in_seq + 1) break; /* a gap: the session says so */
+        if (seq > in_seq) {
+            PyObject *front = sub_view(base, offs[1], len[1]);
+            PyObject *data = front ? sub_view(base, offs[2], len[2]) : NULL;
+            PyObject *msg = data ? capi->received(get16(h), front, data, get64(h + 4), h[2], seq, h[3] & MSG_FLAG_REPLY,
+                                                  conn)
+                                 : NULL;
+            Py_XDECREF(front);
+            Py_XDECREF(data);
+            if (!msg || PyList_Append(out, msg) < 0) {
+                Py_XDECREF(msg);
+                goto fail;
+            }
+            Py_DECREF(msg);
+            in_seq = seq;
+            accepted++;
+        } /* else a replayed duplicate, already delivered: only its ack counts */
+        if (a > ack) ack = a;
+        used_frames++;
+        used_bytes += body;
+        pos = off + 4;
+        stop = SCAN_WAIT;
+    }
+    PyBuffer_Release(&vb);
+    return Py_BuildValue("nnnKKni", pos, used_frames, used_bytes, (unsigned long long)in_seq, (unsigned long long)ack,
+                         accepted, stop);
+fail:
+    PyBuffer_Release(&vb);
+    return NULL;
+}
+
+/* ================================================================== sending
+ *
+ * OutMessage: what a session keeps of a message it sent, to resend it after a
+ * fault (the record the Python session queues; a C type so the fast path makes
+ * one in ~30 ns, against ~150 for a dataclass).
+ *
+ * Writer: a connection's send queue.  Small pieces (frames, small payloads) are
+ * copied into blocks, so a burst of small frames becomes a few large iovecs; a
+ * buffer of `coalesce` bytes or more is queued as it is (never copied), holding
+ * its buffer export until written.  Bound to a plain socket it writes with
+ * sendmsg itself, on a dup of the socket's fd (so a write without the GIL can
+ * never reach an fd number that was closed and reused); bound to another
+ * stream (TLS, ipc) it calls the stream's send_buffers.  message() encodes a
+ * MESSAGE frame straight into it.
+ *
+ * Flusher: one thread per I/O loop, in C, that never takes the GIL: it writes
+ * the batches the writers leave to it.  The batching ("autocork") rule, for
+ * each send (kick()):
+ *   - a send while the connection is idle (nothing sent in the last CORK_NS, or
+ *     a message received since the last send: a request after its reply) is
+ *     written at once, by the sending thread: a lone message or a call costs no
+ *     hop to another thread;
+ *   - a send that follows another within CORK_NS is left in the queue, and the
+ *     flusher is woken if it sleeps (once per batch: an eventfd write); it writes
+ *     everything queued by then in one sendmsg, and goes on while more comes,
+ *     spinning FL_SPIN_NS for more before it sleeps again;
+ *   - past HIGH_WATER queued bytes the sender writes itself.
+ * Since the flusher needs no GIL, a batch never waits for a thread that waits
+ * for the GIL: a sending thread that stops sending and computes in Python for
+ * seconds does not delay what it queued.  (A thread of the I/O loop would: the
+ * loop goes back to Python for every ACK frame, and needs the GIL then, which a
+ * busy sender holds for up to the 5 ms switch interval.  An epoll wait in C that
+ * wrote the batches while it waited was tried first: senders found the loop in
+ * Python so often that they wrote one message per sendmsg half the time.)
+ * A socket that is full (EAGAIN) is watched by the flusher's epoll and written
+ * when it has room.  Python buffers it wrote are given back with the GIL: by the
+ * next send or flush of that writer, or by the loop, which the flusher wakes for
+ * that (reap()).
+ *
+ * Locks: each writer has a mutex (its queue, its flags) and the flusher one (its
+ * list, sleeping, poked; a writer's dirty/armed flags).  Order: writer before
+ * flusher.  Neither is held while waiting for the GIL or calling Python.
+ */
+#define WR_BLOCK 65536
+#define WR_HIGH_WATER (256 << 10)
+#define WR_CORK_NS 20000
+#define WR_IOV 512
+#define FL_ROUNDS 16 /* sendmsg calls for one writer before the next one's turn */
+#define FL_SPIN_NS 30000
+#define FL_MAXEV 64
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() do {} while (0)
+#endif
+
+static PyObject *LocalProtoErr, *ConfigErr; /* copyless.errors, set by _set_errors */
+
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ OutMessage */
+/* The buffers are held in the record itself (front's, then data's), not in lists:
+ * a record is one allocation that the cyclic collector never sees.  A stream keeps
+ * thousands of records until they are acknowledged; as lists and GC objects they
+ * made the collector run every few hundred messages and walk them all (0.15-0.3 us a
+ * message).  No reference cycle can run through a record: it holds buffers, and only
+ * the session holds it.  front and data read as tuples; they are a snapshot of the
+ * message's buffers when it was sent. */
+typedef struct {
+    PyObject_VAR_HEAD
+    unsigned long long type, tid, priority, seq;
+    char is_reply;
+    Py_ssize_t nfront;
+    PyObject *item[1]; /* ob_size of them: front's buffers, then data's */
+} OutMessageObject;
+
+static PyTypeObject OutMessageType;
+
+static OutMessageObject *outmessage_alloc(Py_ssize_t n) {
+    OutMessageObject *m = PyObject_NewVar(OutMessageObject, &OutMessageType, n);
+    if (m) memset(m->item, 0, (size_t)n * sizeof(PyObject *));
+    return m;
+}
+
+static PyObject *OutMessage_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"type", "front", "data", "tid", "priority", "is_reply", "seq", NULL};
+    unsigned long long type, tid = 0, prio = 0, seq = 0;
+    PyObject *front, *data;
+    int is_reply = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KOO|KKpK:OutMessage", kwlist, &type, &front, &data, &tid, &prio,
+                                     &is_reply, &seq))
+        return NULL;
+    PyObject *f = PySequence_Fast(front, "front must be a sequence of buffers");
+    if (!f) return NULL;
+    PyObject *d = PySequence_Fast(data, "data must be a sequence of buffers");
+    if (!d) {
+        Py_DECREF(f);
+        return NULL;
+    }
+    Py_ssize_t nf = PySequence_Fast_GET_SIZE(f), nd = PySequence_Fast_GET_SIZE(d);
+    OutMessageObject *m = outmessage_alloc(nf + nd);
+    if (m) {
+        for (Py_ssize_t i = 0; i < nf; i++) m->item[i] = Py_NewRef(PySequence_Fast_GET_ITEM(f, i));
+        for (Py_ssize_t i = 0; i < nd; i++) m->item[nf + i] = Py_NewRef(PySequence_Fast_GET_ITEM(d, i));
+        m->nfront = nf;
+        m->type = type;
+        m->tid = tid;
+        m->priority = prio;
+        m->is_reply = (char)is_reply;
+        m->seq = seq;
+    }
+    Py_DECREF(f);
+    Py_DECREF(d);
+    return (PyObject *)m;
+}
+
+/* A record of one front buffer and the buffers of a list (the fast path's). */
+static PyObject *outmessage_make(uint32_t type, PyObject *front, PyObject *buffers, uint64_t tid, int prio,
+                                 int is_reply, uint64_t seq) {
+    Py_ssize_t nd = PyList_GET_SIZE(buffers);
+    OutMessageObject *m = outmessage_alloc(1 + nd);
+    if (!m) return NULL;
+    m->item[0] = Py_NewRef(front);
+    for (Py_ssize_t i = 0; i < nd; i++) m->item[1 + i] = Py_NewRef(PyList_GET_ITEM(buffers, i));
+    m->nfront = 1;
+    m->type = type;
+    m->tid = tid;
+    m->priority = (unsigned long long)prio;
+    m->is_reply = (char)is_reply;
+    m->seq = seq;
+    return (PyObject *)m;
+}
+
+static void OutMessage_dealloc(OutMessageObject *m) {
+    for (Py_ssize_t i = 0; i < Py_SIZE(m); i++) Py_XDECREF(m->item[i]);
+    PyObject_Free(m);
+}
+
+static PyObject *OutMessage_get_front(OutMessageObject *m, void *c) {
+    PyObject *t = PyTuple_New(m->nfront);
+    if (t)
+        for (Py_ssize_t i = 0; i < m->nfront; i++) PyTuple_SET_ITEM(t, i, Py_NewRef(m->item[i]));
+    return t;
+}
+
+static PyObject *OutMessage_get_data(OutMessageObject *m, void *c) {
+    Py_ssize_t n = Py_SIZE(m) - m->nfront;
+    PyObject *t = PyTuple_New(n);
+    if (t)
+        for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(t, i, Py_NewRef(m->item[m->nfront + i]));
+    return t;
+}
+
+static PyObject *OutMessage_repr(OutMessageObject *m) {
+    return PyUnicode_FromFormat("OutMessage(type=%llu, tid=%llu, seq=%llu%s)", m->type, m->tid, m->seq,
+                                m->is_reply ? ", is_reply=True" : "");
+}
+
+static PyMemberDef OutMessage_members[] = {
+    {"type", T_ULONGLONG, offsetof(OutMessageObject, type), 0, NULL},
+    {"tid", T_ULONGLONG, offsetof(OutMessageObject, tid), 0, NULL},
+    {"priority", T_ULONGLONG, offsetof(OutMessageObject, priority), 0, NULL},
+    {"is_reply", T_BOOL, offsetof(OutMessageObject, is_reply), 0, NULL},
+    {"seq", T_ULONGLONG, offsetof(OutMessageObject, seq), 0, "assigned when first written (0: not yet)"},
+    {NULL},
+};
+
+static PyGetSetDef OutMessage_getset[] = {
+    {"front", (getter)OutMessage_get_front, NULL, "the front's buffers, a tuple", NULL},
+    {"data", (getter)OutMessage_get_data, NULL, "the data's buffers, a tuple", NULL},
+    {NULL},
+};
+
+static PyTypeObject OutMessageType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._codec.OutMessage",
+    .tp_basicsize = offsetof(OutMessageObject, item),
+    .tp_itemsize = sizeof(PyObject *),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0): a message a session sends "
+              "(front and data: sequences of buffers, kept as tuples), kept until acknowledged.",
+    .tp_new = OutMessage_new,
+    .tp_dealloc = (destructor)OutMessage_dealloc,
+    .tp_repr = (reprfunc)OutMessage_repr,
+    .tp_members = OutMessage_members,
+    .tp_getset = OutMessage_getset,
+};
+
+/* ------------------------------------------------------------------ Writer */
+typedef struct Block {
+    struct Block *next;
+    size_t cap, used;
+    Py_ssize_t chunks; /* chunks that point into it */
+    uint8_t data[];
+} Block;
+
+typedef struct {
+    const uint8_t *p;
+    size_t len;
+    Block *blk;     /* copied bytes: their block; NULL: a Python buffer, held in view */
+    Py_buffer view;
+} Chunk;
+
+typedef struct FlusherObject FlusherObject;
+
+typedef struct WriterObject {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* `writing` went back to 0 */
+    Chunk *q;
+    size_t cap, rel, head, tail; /* q[rel:head] written, to release (with the GIL); q[head:tail] to write */
+    size_t pending;              /* bytes in q[head:tail] */
+    size_t py_written;           /* Python buffers in q[rel:head] */
+    Block *blocks, *last;
+    Py_ssize_t coalesce;
+    int fd;                      /* our dup of the socket, or -1 */
+    PyObject *stream;            /* bound to a stream that writes itself (send_buffers), or NULL */
+    FlusherObject *flusher;
+    int writing, blocked, closing, failed, stalled, read_since;
+    int64_t last_ns;
+    int dirty, in_ep, armed;     /* flusher->mu */
+    struct WriterObject *next_dirty;
+    unsigned long long n_kicks, n_direct, n_syscalls; /* statistics */
+} WriterObject;
+
+struct FlusherObject {
+    PyObject_HEAD
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* `busy` changed */
+    pthread_t thread;
+    int started, stop, closed;
+    int efd, ep;        /* its wake-up eventfd; its epoll: the eventfd, and full sockets (EPOLLOUT) */
+    int loop_fd;        /* the loop's eventfd, rung when Python buffers are to be given back */
+    int sleeping, poked, reap, armed;
+    unsigned long long wake_gen; /* +1 each time the events of an epoll_wait have been taken in */
+    int64_t spin_ns;
+    WriterObject *dirty_head, *dirty_tail, *busy;
+    WriterObject **members;
+    Py_ssize_t nmembers, capmembers;
+};
+
+static PyTypeObject WriterType, FlusherType;
+
+/* --- the chunk queue (w->mu held) */
+static int q_room(WriterObject *w) {
+    if (w->tail < w->cap) return 0;
+    if (w->rel > 0) {
+        memmove(w->q, w->q + w->rel, (w->tail - w->rel) * sizeof(Chunk));
+        w->head -= w->rel;
+        w->tail -= w->rel;
+        w->rel = 0;
+        if (w->tail < w->cap) return 0;
+    }
+    size_t cap = w->cap ? w->cap * 2 : 64;
+    Chunk *q = realloc(w->q, cap * sizeof(Chunk));
+    if (!q) return -1;
+    w->q = q;
+    w->cap = cap;
+    return 0;
+}
+
+static int q_bytes(WriterObject *w, const void *src, size_t n) {
+    if (!n) return 0;
+    Block *b = w->last;
+    if (!b || b->cap - b->used < n) {
+        size_t cap = n > WR_BLOCK ? n : WR_BLOCK;
+        b = malloc(sizeof(Block) + cap);
+        if (!b) return -1;
+        b->next = NULL;
+        b->cap = cap;
+        b->used = 0;
+        b->chunks = 0;
+        if (w->last)
+            w->last->next = b;
+        else
+            w->blocks = b;
+        w->last = b;
+    }
+    uint8_t *dst = b->data + b->used;
+    memcpy(dst, src, n);
+    b->used += n;
+    w->pending += n;
+    if (w->tail > w->head) { /* grow the last chunk if these bytes follow it in its block */
+        Chunk *c = &w->q[w->tail - 1];
+        if (c->blk == b && c->p + c->len == dst) {
+            c->len += n;
+            return 0;
+        }
+    }
+    if (q_room(w) < 0) {
+        w->pending -= n;
+        return -1;
+    }
+    Chunk *c = &w->q[w->tail++];
+    c->p = dst;
+    c->len = n;
+    c->blk = b;
+    c->view.obj = NULL;
+    b->chunks++;
+    return 0;
+}
+
+/* Queue a Python buffer as it is; on success the chunk owns *v. */
+static int q_view(WriterObject *w, Py_buffer *v) {
+    if (q_room(w) < 0) return -1;
+    Chunk *c = &w->q[w->tail++];
+    c->p = v->buf;
+    c->len = (size_t)v->len;
+    c->blk = NULL;
+    c->view = *v;
+    w->pending += (size_t)v->len;
+    return 0;
+}
+
+static void q_advance(WriterObject *w, size_t n) {
+    w->pending -= n;
+    while (n && w->head < w->tail) {
+        Chunk *c = &w->q[w->head];
+        if (n >= c->len) {
+            n -= c->len;
+            c->p += c->len;
+            c->len = 0;
+            if (!c->blk) w->py_written++;
+            w->head++;
+        } else {
+            c->p += n;
+            c->len -= n;
+            n = 0;
+        }
+    }
+}
+
+static void q_drop(WriterObject *w) { /* everything queued counts as written (and is released as such) */
+    while (w->head < w->tail) {
+        if (!w->q[w->head].blk) w->py_written++;
+        w->head++;
+    }
+    w->pending = 0;
+}
+
+/* With the GIL (w->mu not held): give back what was written, Python buffers outside the lock. */
+/* w->mu held: take back what was written.  Blocks are freed here; the Python buffers'
+ * views go to *views (up to max), to be released by the caller with the GIL and
+ * without the lock (a release may run a finalizer).  Returns how many; if there were
+ * more than max, the rest stay for the next call. */
+static Py_ssize_t q_reap(WriterObject *w, Py_buffer *views, Py_ssize_t max) {
+    Py_ssize_t nv = 0;
+    size_t i = w->rel;
+    for (; i < w->head; i++) {
+        Chunk *c = &w->q[i];
+        if (c->blk)
+            c->blk->chunks--;
+        else if (nv < max) {
+            views[nv++] = c->view;
+            w->py_written--;
+        } else
+            break;
+    }
+    w->rel = i;
+    if (w->rel == w->tail) w->rel = w->head = w->tail = 0;
+    while (w->blocks && w->blocks != w->last && w->blocks->chunks == 0) {
+        Block *b = w->blocks;
+        w->blocks = b->next;
+        free(b);
+    }
+    if (w->last && w->last->chunks == 0) w->last->used = 0; /* nothing points into it: reuse it */
+    return nv;
+}
+
+/* With the GIL (w->mu not held): give back everything written. */
+static void w_reap(WriterObject *w) {
+    Py_buffer views[16];
+    for (;;) {
+        pthread_mutex_lock(&w->mu);
+        int more = w->rel != w->head;
+        Py_ssize_t nv = more ? q_reap(w, views, 16) : 0;
+        more = w->rel != w->head;
+        pthread_mutex_unlock(&w->mu);
+        for (Py_ssize_t i = 0; i < nv; i++) PyBuffer_Release(&views[i]);
+        if (!more) return;
+    }
+}
+
+/* --- the flusher's list (flusher->mu held) */
+static void fl_push(FlusherObject *fl, WriterObject *w) {
+    if (w->dirty) return;
+    w->dirty = 1;
+    w->next_dirty = NULL;
+    if (fl->dirty_tail)
+        fl->dirty_tail->next_dirty = w;
+    else
+        fl->dirty_head = w;
+    fl->dirty_tail = w;
+}
+
+static void fl_remove(FlusherObject *fl, WriterObject *w) {
+    if (!w->dirty) return;
+    WriterObject **pp = &fl->dirty_head, *prev = NULL;
+    while (*pp && *pp != w) {
+        prev = *pp;
+        pp = &(*pp)->next_dirty;
+    }
+    if (*pp) *pp = w->next_dirty;
+    if (fl->dirty_tail == w) fl->dirty_tail = prev;
+    w->dirty = 0;
+}
+
+static void fl_poke(FlusherObject *fl) { /* flusher->mu held: it cannot close meanwhile */
+    uint64_t one = 1;
+    if (!fl->closed && write(fl->efd, &one, 8) < 0) { /* full: it is awake anyway */
+    }
+}
+
+/* Write what is queued, without the GIL; w->mu not held on entry.  rounds < 0: until
+ * the queue is empty, the socket is full or the writer fails.  Someone else writing
+ * already: nothing to do (a writer goes on until the queue is empty).  Returns 1 if
+ * rounds ran out with bytes still queued, plus 2 if Python buffers were written. */
+static int w_write(WriterObject *w, int rounds) {
+    struct iovec iov[WR_IOV];
+    int r = 0;
+    pthread_mutex_lock(&w->mu);
+    if (w->writing || w->closing || w->fd < 0 || w->failed) {
+        pthread_mutex_unlock(&w->mu);
+        return 0;
+    }
+    w->writing = 1;
+    w->blocked = 0;
+    while (w->head < w->tail) {
+        if (rounds == 0) {
+            r |= 1;
+            break;
+        }
+        if (rounds > 0) rounds--;
+        int k = 0;
+        for (size_t i = w->head; i < w->tail && k < WR_IOV; i++, k++) {
+            iov[k].iov_base = (void *)w->q[i].p;
+            iov[k].iov_len = w->q[i].len;
+        }
+        int fd = w->fd;
+        pthread_mutex_unlock(&w->mu);
+        struct msghdr mh;
+        memset(&mh, 0, sizeof mh);
+        mh.msg_iov = iov;
+        mh.msg_iovlen = (size_t)k;
+        ssize_t n;
+        do n = sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (n < 0 && errno == EINTR);
+        int err = errno;
+        pthread_mutex_lock(&w->mu);
+        if (n < 0) {
+            if (err == EAGAIN || err == EWOULDBLOCK)
+                w->blocked = 1;
+            else {
+                w->failed = err; /* the reader sees the fault; what was queued is dropped */
+                q_drop(w);
+            }
+            break;
+        }
+        w->n_syscalls++;
+        q_advance(w, (size_t)n);
+        if (w->closing) break;
+    }
+    if (w->py_written) r |= 2;
+    if (w->blocked && !w->closing && w->flusher) { /* the flusher writes the rest when there is room */
+        FlusherObject *fl = w->flusher;
+        pthread_mutex_lock(&fl->mu);
+        if (!fl->closed && !w->armed) {
+            struct epoll_event ev = {.events = EPOLLOUT | EPOLLONESHOT, .data.ptr = w};
+            if (epoll_ctl(fl->ep, w->in_ep ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, w->fd, &ev) == 0) {
+                w->in_ep = w->armed = 1;
+                fl->armed++;
+            }
+        }
+        pthread_mutex_unlock(&fl->mu);
+    }
+    w->writing = 0;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    return r;
+}
+
+/* With the GIL: write through the bound (or given) stream's send_buffers.  1 all
+ * written, 0 not all (the stream took less), -1 error raised. */
+static int w_pywrite(WriterObject *w, PyObject *stream) {
+    while (w->head < w->tail) {
+        size_t k = w->tail - w->head;
+        if (k > 1024) k = 1024;
+        PyObject *list = PyList_New((Py_ssize_t)k);
+        if (!list) return -1;
+        for (size_t i = 0; i < k; i++) {
+            Chunk *c = &w->q[w->head + i];
+            PyObject *v = PyMemoryView_FromMemory((char *)c->p, (Py_ssize_t)c->len, PyBUF_READ);
+            if (!v) {
+                Py_DECREF(list);
+                return -1;
+            }
+            PyList_SET_ITEM(list, (Py_ssize_t)i, v);
+        }
+        PyObject *res = PyObject_CallMethod(stream, "send_buffers", "O", list);
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        for (size_t i = 0; i < k; i++) { /* the views end here: none can outlive what they show */
+            PyObject *ok = PyObject_CallMethod(PyList_GET_ITEM(list, (Py_ssize_t)i), "release", NULL);
+            if (!ok) PyErr_Clear();
+            Py_XDECREF(ok);
+        }
+        Py_DECREF(list);
+        PyErr_Restore(et, ev, tb);
+        if (!res) return -1;
+        Py_ssize_t n = PyLong_AsSsize_t(res);
+        Py_DECREF(res);
+        if (n < 0) return PyErr_Occurred() ? -1 : 0;
+        if (n == 0) return 0;
+        pthread_mutex_lock(&w->mu);
+        q_advance(w, (size_t)n);
+        pthread_mutex_unlock(&w->mu);
+    }
+    return 1;
+}
+
+/* After an append (w->mu held, with the GIL): 1 if the sending thread is to write now;
+ * else the writer at work, the flusher or a full socket's watch takes it (see the
+ * rules at the top of this section). */
+static int w_decide(WriterObject *w, int64_t now) {
+    int recent = now - w->last_ns < WR_CORK_NS && !w->read_since;
+    w->last_ns = now;
+    w->read_since = 0;
+    w->n_kicks++;
+    if (w->writing || w->blocked || w->closing || w->failed || w->head == w->tail) return 0;
+    FlusherObject *fl = w->flusher;
+    if (!fl || !recent || w->pending >= WR_HIGH_WATER) return 1;
+    /* dirty already: the flusher writes it, and takes w->mu to do so, after this append */
+    if (__atomic_load_n(&w->dirty, __ATOMIC_RELAXED)) return 0;
+    int act = 1;
+    pthread_mutex_lock(&fl->mu);
+    if (!fl->closed) {
+        act = 0;
+        fl_push(fl, w);
+        if (fl->sleeping && !fl->poked) {
+            fl->poked = 1;
+            fl_poke(fl);
+        }
+    }
+    pthread_mutex_unlock(&fl->mu);
+    return act;
+}
+
+static void w_write_now(WriterObject *w) { /* with the GIL */
+    w->n_direct++;
+    Py_BEGIN_ALLOW_THREADS w_write(w, -1);
+    Py_END_ALLOW_THREADS
+    w_reap(w);
+}
+
+/* After an append, with the GIL: write now or batch. */
+static void w_kick(WriterObject *w) {
+    if (w->fd < 0) {
+        if (!w->stream) return;
+        int r = w_pywrite(w, w->stream);
+        w->stalled = r != 1;
+        if (r < 0) PyErr_Clear(); /* the loop's flush meets it again, and handles the fault */
+        w_reap(w);
+        return;
+    }
+    int64_t now = mono_ns();
+    pthread_mutex_lock(&w->mu);
+    int act = w_decide(w, now);
+    pthread_mutex_unlock(&w->mu);
+    if (act) w_write_now(w);
+}
+
+static int Writer_init(WriterObject *w, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"coalesce", NULL};
+    Py_ssize_t coalesce = 1024;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|n:Writer", kwlist, &coalesce)) return -1;
+    if (w->q) {
+        PyErr_SetString(PyExc_RuntimeError, "Writer already initialised");
+        return -1;
+    }
+    w->coalesce = coalesce;
+    return 0;
+}
+
+static PyObject *Writer_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
+    WriterObject *w = (WriterObject *)cls->tp_alloc(cls, 0);
+    if (!w) return NULL;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    w->fd = -1;
+    w->coalesce = 1024;
+    return (PyObject *)w;
+}
+
+/* Leave the socket (or stream) and the flusher; drop what is queued.  With the GIL,
+ * which it releases while it waits for a write under way (the writing thread may
+ * need a lock this thread would otherwise hold while waiting for the GIL). */
+static void w_unbind(WriterObject *w) {
+    FlusherObject *fl = w->flusher; /* only a thread with the GIL changes it */
+    if (fl) { /* first, so the loop's reap() (with the GIL) no longer sees it */
+        pthread_mutex_lock(&fl->mu);
+        for (Py_ssize_t i = 0; i < fl->nmembers; i++)
+            if (fl->members[i] == w) {
+                fl->members[i] = fl->members[--fl->nmembers];
+                break;
+            }
+        pthread_mutex_unlock(&fl->mu);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&w->mu);
+    w->closing = 1; /* no write starts now; one under way stops after its sendmsg */
+    while (w->writing) pthread_cond_wait(&w->cv, &w->mu);
+    pthread_mutex_unlock(&w->mu);
+    if (fl) {
+        pthread_mutex_lock(&fl->mu);
+        while (fl->busy == w) pthread_cond_wait(&fl->cv, &fl->mu); /* the flusher took it off its list */
+        if (w->in_ep && !fl->closed) {
+            epoll_ctl(fl->ep, EPOLL_CTL_DEL, w->fd, NULL);
+            if (fl->sleeping) { /* its epoll_wait may have returned our event already: let it take it in */
+                unsigned long long gen = fl->wake_gen;
+                fl_poke(fl);
+                while (fl->wake_gen == gen && fl->sleeping) pthread_cond_wait(&fl->cv, &fl->mu);
+            }
+        }
+        fl_remove(fl, w);
+        if (w->armed) fl->armed--;
+        w->in_ep = w->armed = 0;
+        pthread_mutex_unlock(&fl->mu);
+    }
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&w->mu);
+    q_drop(w);
+    int fd = w->fd;
+    w->fd = -1;
+    w->flusher = NULL;
+    PyObject *stream = w->stream;
+    w->stream = NULL;
+    w->blocked = w->failed = w->stalled = w->read_since = 0;
+    w->last_ns = 0;
+    w->closing = 0;
+    pthread_mutex_unlock(&w->mu);
+    w_reap(w);
+    if (fd >= 0) close(fd);
+    Py_XDECREF(stream);
+    Py_XDECREF(fl);
+}
+
+static void Writer_dealloc(WriterObject *w) {
+    w_unbind(w);
+    for (Block *b = w->blocks, *n; b; b = n) {
+        n = b->next;
+        free(b);
+    }
+    free(w->q);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    Py_TYPE(w)->tp_free((PyObject *)w);
+}
+
+/* bind(stream, fd, flusher): write to a plain socket's fd (>= 0; it is dup'ed), with
+ * `flusher` (or None) to batch with, or (fd < 0) through stream.send_buffers. */
+static PyObject *Writer_bind(WriterObject *w, PyObject *args) {
+    PyObject *stream, *flusher;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OiO:bind", &stream, &fd, &flusher)) return NULL;
+    if (flusher != Py_None && !PyObject_TypeCheck(flusher, &FlusherType)) {
+        PyErr_SetString(PyExc_TypeError, "flusher must be a Flusher or None");
+        return NULL;
+    }
+    int dup_fd = -1;
+    if (fd >= 0 && (dup_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    w_unbind(w);
+    FlusherObject *fl = flusher == Py_None || dup_fd < 0 ? NULL : (FlusherObject *)Py_NewRef(flusher);
+    if (fl) {
+        pthread_mutex_lock(&fl->mu);
+        if (fl->nmembers == fl->capmembers) {
+            Py_ssize_t cap = fl->capmembers ? fl->capmembers * 2 : 16;
+            WriterObject **m = realloc(fl->members, (size_t)cap * sizeof(*m));
+            if (!m) {
+                pthread_mutex_unlock(&fl->mu);
+                Py_DECREF(fl);
+                close(dup_fd);
+                return PyErr_NoMemory();
+            }
+            fl->members = m;
+            fl->capmembers = cap;
+        }
+        fl->members[fl->nmembers++] = w;
+        pthread_mutex_unlock(&fl->mu);
+    }
+    pthread_mutex_lock(&w->mu);
+    w->fd = dup_fd;
+    w->stream = dup_fd < 0 ? Py_NewRef(stream) : NULL;
+    w->flusher = fl;
+    pthread_mutex_unlock(&w->mu);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Writer_clear(WriterObject *w, PyObject *unused) {
+    w_unbind(w);
+    Py_RETURN_NONE;
+}
+
+/* Queue buffers (small ones copied, large ones held); with the GIL, w->mu not held. */
+static int w_add(WriterObject *w, PyObject *buffers) {
+    PyObject *seq = PySequence_Fast(buffers, "buffers must be a sequence");
+    if (!seq) return -1;
+    int r = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && r == 0; i++) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &v, PyBUF_C_CONTIGUOUS) < 0) {
+            r = -1;
+            break;
+        }
+        pthread_mutex_lock(&w->mu);
+        int dropped = w->closing || w->failed;
+        int kept = 0;
+        if (!dropped && v.len) {
+            if (v.len < w->coalesce)
+                r = q_bytes(w, v.buf, (size_t)v.len);
+            else if ((r = q_view(w, &v)) == 0)
+                kept = 1;
+        }
+        pthread_mutex_unlock(&w->mu);
+        if (!kept) PyBuffer_Release(&v);
+        if (r < 0) PyErr_NoMemory();
+    }
+    Py_DECREF(seq);
+    return r;
+}
+
+static PyObject *Writer_add(WriterObject *w, PyObject *buffers) {
+    if (w_add(w, buffers) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* send(buffers): add, then write now or batch, as for a message. */
+static PyObject *Writer_send(WriterObject *w, PyObject *buffers) {
+    if (w_add(w, buffers) < 0) return NULL;
+    w_kick(w);
+    Py_RETURN_NONE;
+}
+
+/* flush(stream) -> bool: write what the transport takes now.  True when everything is
+ * written, or (a socket with a flusher) when the flusher will finish it when there is
+ * room.  Raises OSError if a write failed. */
+static PyObject *Writer_flush(WriterObject *w, PyObject *stream) {
+    if (w->fd < 0) {
+        int r = w_pywrite(w, w->stream ? w->stream : stream);
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb); /* the reaping may run finalizers */
+        w_reap(w);
+        PyErr_Restore(et, ev, tb);
+        if (r < 0) return NULL;
+        return PyBool_FromLong(r);
+    }
+    Py_BEGIN_ALLOW_THREADS w_write(w, -1);
+    Py_END_ALLOW_THREADS
+    w_reap(w);
+    if (w->failed) {
+        errno = w->failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(!w->blocked || (w->flusher && !w->flusher->closed));
+}
+
+/* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
+ * Encode a MESSAGE frame of msg (a copyless.Message) with this seq and ack_seq
+ * straight into the queue (the bytes frames.encode_frame would give), then write
+ * now or batch.  Returns what the session keeps to resend (lossless), else None. */
+static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "message(msg, seq, ack, data_crc, lossless)");
+        return NULL;
+    }
+    uint64_t seq = PyLong_AsUnsignedLongLong(args[1]), ack = PyLong_AsUnsignedLongLong(args[2]);
+    int data_crc = PyObject_IsTrue(args[3]), lossless = PyObject_IsTrue(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    CopylessOutFields f;
+    if (capi->outgoing(args[0], &f) < 0) return NULL;
+    PyObject *rec = NULL;
+    Py_buffer fv, stack[8], *dv = stack;
+    Py_ssize_t nb = PyList_GET_SIZE(f.buffers), got = 0;
+    int have_front = 0;
+    if (f.type > 0xFFFF) {
+        PyErr_Format(ConfigErr ? ConfigErr : PyExc_ValueError, "message type %u does not fit the messenger's u16",
+                     f.type);
+        goto done;
+    }
+    if (nb > 8 && !(dv = PyMem_Malloc((size_t)nb * sizeof(Py_buffer)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (PyObject_GetBuffer(f.front, &fv, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    have_front = 1;
+    uint64_t dlen = 0;
+    for (; got < nb; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(f.buffers, got), &dv[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        dlen += (uint64_t)dv[got].len;
+    }
+    if ((uint64_t)fv.len >= (1ull << 32) || dlen >= (1ull << 32)) {
+        PyErr_SetString(LocalProtoErr ? LocalProtoErr : PyExc_ValueError, "a segment is limited to 4 GiB - 1");
+        goto done;
+    }
+    /* preamble + header + its crc: 64 bytes, as frame_encode lays them out */
+    uint8_t head[32 + MSG_HEADER_SIZE + 4] = {0}, mid[4], tailb[8];
+    uint8_t *pre = head, *h = head + 32;
+    pre[0] = TAG_MESSAGE;
+    pre[1] = 3;
+    put16(pre + 2, data_crc ? 0 : FLAG_NO_DATA_CRC);
+    uint32_t lens[3] = {MSG_HEADER_SIZE, (uint32_t)fv.len, (uint32_t)dlen};
+    for (int i = 0; i < 3; i++) {
+        put32(pre + 4 + 6 * i, lens[i]);
+        put16(pre + 8 + 6 * i, 1);
+    }
+    uint32_t chain = crc32c_update(0, pre, 28);
+    put32(pre + 28, chain);
+    put16(h, (uint16_t)f.type);
+    h[2] = (uint8_t)f.priority;
+    h[3] = f.is_reply ? MSG_FLAG_REPLY : 0;
+    memcpy(h + 4, &f.tid, 8);
+    memcpy(h + 12, &seq, 8);
+    memcpy(h + 20, &ack, 8);
+    chain = crc32c_update(chain, h, MSG_HEADER_SIZE);
+    put32(h + MSG_HEADER_SIZE, chain);
+    chain = crc32c_update(chain, fv.buf, (size_t)fv.len);
+    put32(mid, chain);
+    uint32_t dcrc = 0;
+    if (data_crc) {
+        dcrc = chain;
+        for (Py_ssize_t i = 0; i < nb; i++) dcrc = crc32c_update(dcrc, dv[i].buf, (size_t)dv[i].len);
+    }
+    put32(tailb, dcrc);
+    put32(tailb + 4, LATE_COMPLETE);
+    if (lossless) {
+        rec = outmessage_make(f.type, f.front, f.buffers, f.tid, f.priority, f.is_reply, seq);
+        if (!rec) goto done;
+    } else
+        rec = Py_NewRef(Py_None);
+    int r = 0, act = 0;
+    Py_buffer done[4];
+    Py_ssize_t ndone = 0;
+    int64_t now = w->fd >= 0 ? mono_ns() : 0;
+    pthread_mutex_lock(&w->mu);
+    if (w->rel != w->head) ndone = q_reap(w, done, 4); /* what the flusher wrote since */
+    if (!(w->closing || w->failed)) { /* else dropped: the connection is going, the session requeues */
+        r = q_bytes(w, head, sizeof head);
+        if (r == 0 && fv.len) {
+            if (fv.len < w->coalesce)
+                r = q_bytes(w, fv.buf, (size_t)fv.len);
+            else if ((r = q_view(w, &fv)) == 0)
+                have_front = 0; /* the queue holds it now */
+        }
+        if (r == 0) r = q_bytes(w, mid, 4);
+        for (Py_ssize_t i = 0; i < nb && r == 0; i++) {
+            if (!dv[i].len) continue;
+            if (dv[i].len < w->coalesce)
+                r = q_bytes(w, dv[i].buf, (size_t)dv[i].len);
+            else if ((r = q_view(w, &dv[i])) == 0)
+                dv[i].obj = NULL, dv[i].buf = NULL; /* held by the queue */
+        }
+        if (r == 0) r = q_bytes(w, tailb, 8);
+        if (r < 0) { /* half a frame would break the stream: it fails instead */
+            w->failed = ENOMEM;
+            q_drop(w);
+        }
+    }
+    if (w->fd >= 0 && r == 0) act = w_decide(w, now);
+    pthread_mutex_unlock(&w->mu);
+    for (Py_ssize_t i = 0; i < ndone; i++) PyBuffer_Release(&done[i]);
+    if (r < 0) {
+        Py_CLEAR(rec);
+        PyErr_NoMemory();
+    }
+done:
+    if (have_front) PyBuffer_Release(&fv);
+    for (Py_ssize_t i = 0; i < got; i++)
+        if (dv[i].obj) PyBuffer_Release(&dv[i]);
+    if (dv != stack) PyMem_Free(dv);
+    Py_DECREF(f.front);
+    Py_DECREF(f.buffers);
+    if (rec) {
+        if (w->fd < 0)
+            w_kick(w); /* a stream's send_buffers */
+        else if (act)
+            w_write_now(w);
+    }
+    return rec;
+}
+
+static PyObject *Writer_get_pending(WriterObject *w, void *c) { return PyLong_FromSize_t(w->pending); }
+static PyObject *Writer_get_bound(WriterObject *w, void *c) { return PyBool_FromLong(w->fd >= 0 || w->stream); }
+static PyObject *Writer_get_statistics(WriterObject *w, void *c) {
+    return Py_BuildValue("{sKsKsK}", "sends", w->n_kicks, "written_by_sender", w->n_direct, "sendmsg", w->n_syscalls);
+}
+
+static PyMethodDef Writer_methods[] = {
+    {"bind", (PyCFunction)Writer_bind, METH_VARARGS,
+     "bind(stream, fd, flusher): write to fd (a plain socket's; dup'ed), batching with the loop's flusher, "
+     "or (fd < 0) through stream.send_buffers."},
+    {"clear", (PyCFunction)Writer_clear, METH_NOARGS, "Drop what is queued and leave the socket and the flusher."},
+    {"add", (PyCFunction)Writer_add, METH_O, "add(buffers): queue (small ones copied, large ones held as they are)."},
+    {"send", (PyCFunction)Writer_send, METH_O, "send(buffers): queue, then write now or batch."},
+    {"flush", (PyCFunction)Writer_flush, METH_O,
+     "flush(stream) -> bool: write what the transport takes now (True: all, or the flusher finishes it)."},
+    {"message", (PyCFunction)(void (*)(void))Writer_message, METH_FASTCALL,
+     "message(msg, seq, ack, data_crc, lossless) -> OutMessage | None: encode a MESSAGE frame into the queue, "
+     "then write now or batch."},
+    {NULL},
+};
+
+static PyGetSetDef Writer_getset[] = {
+    {"pending", (getter)Writer_get_pending, NULL, "bytes queued, not yet written", NULL},
+    {"bound", (getter)Writer_get_bound, NULL, "bound to a socket or a stream", NULL},
+    {"statistics", (getter)Writer_get_statistics, NULL,
+     "{sends, written_by_sender, sendmsg}: sends that went through the batching rule, those the sending thread "
+     "wrote itself, and sendmsg calls made (by anyone)",
+     NULL},
+    {NULL},
+};
+
+static PyMemberDef Writer_members[] = {
+    {"stalled", T_INT, offsetof(WriterObject, stalled), READONLY,
+     "a stream (not a socket) took less than was queued at the last send: flush it when it can take more"},
+    {"read", T_INT, offsetof(WriterObject, read_since), 0,
+     "set by the reader: a message arrived since the last send (the next send is not part of a burst)"},
+    {NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._codec.Writer",
+    .tp_basicsize = sizeof(WriterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Writer(coalesce=1024): a connection's send queue (see the top of this section in _codec.c).",
+    .tp_new = Writer_new,
+    .tp_init = (initproc)Writer_init,
+    .tp_dealloc = (destructor)Writer_dealloc,
+    .tp_methods = Writer_methods,
+    .tp_getset = Writer_getset,
+    .tp_members = Writer_members,
+};
+
+/* ------------------------------------------------------------------ Flusher */
+static void *fl_main(void *arg) {
+    FlusherObject *fl = arg;
+    struct epoll_event ev[FL_MAXEV];
+    pthread_mutex_lock(&fl->mu);
+    while (!fl->stop) {
+        if (fl->armed && fl->dirty_head) { /* full sockets with room again get their turn too */
+            int n = epoll_wait(fl->ep, ev, FL_MAXEV, 0);
+            for (int i = 0; i < n; i++) {
+                WriterObject *w = ev[i].data.ptr;
+                if (!w) continue;
+                w->armed = 0;
+                fl->armed--;
+                fl_push(fl, w);
+            }
+        }
+        if (!fl->dirty_head) {
+            /* nothing to write: a stream keeps coming, so look again for a while, then sleep */
+            pthread_mutex_unlock(&fl->mu);
+            int64_t start = mono_ns();
+            unsigned i = 0;
+            while (!__atomic_load_n(&fl->dirty_head, __ATOMIC_RELAXED) && !__atomic_load_n(&fl->stop, __ATOMIC_RELAXED) &&
+                   mono_ns() - start < fl->spin_ns) {
+                cpu_relax();
+                if ((++i & 31) == 0) sched_yield(); /* the peer may need this CPU */
+            }
+            pthread_mutex_lock(&fl->mu);
+            if (fl->dirty_head || fl->stop) continue;
+            fl->sleeping = 1;
+            pthread_mutex_unlock(&fl->mu);
+            int n;
+            do n = epoll_wait(fl->ep, ev, FL_MAXEV, -1);
+            while (n < 0 && errno == EINTR);
+            pthread_mutex_lock(&fl->mu);
+            fl->sleeping = 0;
+            for (int k = 0; k < n; k++) {
+                WriterObject *w = ev[k].data.ptr;
+                if (!w) { /* the eventfd */
+                    uint64_t v;
+                    if (read(fl->efd, &v, 8) < 0) { /* already drained */
+                    }
+                    fl->poked = 0;
+                } else {
+                    w->armed = 0;
+                    fl->armed--;
+                    fl_push(fl, w);
+                }
+            }
+            fl->wake_gen++;
+            pthread_cond_broadcast(&fl->cv); /* an unbind may wait for these events to be in */
+            continue;
+        }
+        WriterObject *w = fl->dirty_head;
+        fl->dirty_head = w->next_dirty;
+        if (!fl->dirty_head) fl->dirty_tail = NULL;
+        w->dirty = 0;
+        fl->busy = w;
+        pthread_mutex_unlock(&fl->mu);
+        int r = w_write(w, FL_ROUNDS);
+        pthread_mutex_lock(&fl->mu);
+        fl->busy = NULL;
+        pthread_cond_broadcast(&fl->cv);
+        if (r & 1) fl_push(fl, w); /* more: after the others have had their turn */
+        if ((r & 2) && !fl->reap) {
+            fl->reap = 1;
+            uint64_t one = 1;
+            if (fl->loop_fd >= 0 && write(fl->loop_fd, &one, 8) < 0) { /* the loop is awake anyway */
+            }
+        }
+    }
+    pthread_mutex_unlock(&fl->mu);
+    return NULL;
+}
+
+static PyObject *Flusher_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
+    FlusherObject *fl = (FlusherObject *)cls->tp_alloc(cls, 0);
+    if (!fl) return NULL;
+    pthread_mutex_init(&fl->mu, NULL);
+    pthread_cond_init(&fl->cv, NULL);
+    fl->efd = fl->ep = fl->loop_fd = -1;
+    fl->spin_ns = FL_SPIN_NS;
+    return (PyObject *)fl;
+}
+
+/* Flusher(loop_fd=-1, spin=FL_SPIN_NS seconds): starts its thread. */
+static int Flusher_init(FlusherObject *fl, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"loop_fd", "spin", NULL};
+    int loop_fd = -1;
+    double spin = FL_SPIN_NS / 1e9;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|id:Flusher", kwlist, &loop_fd, &spin)) return -1;
+    if (fl->started || fl->efd >= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "Flusher already initialised");
+        return -1;
+    }
+    fl->loop_fd = loop_fd;
+    fl->spin_ns = spin < 0 ? 0 : (int64_t)(spin * 1e9);
+    fl->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    fl->ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event e = {.events = EPOLLIN, .data.ptr = NULL};
+    if (fl->efd < 0 || fl->ep < 0 || epoll_ctl(fl->ep, EPOLL_CTL_ADD, fl->efd, &e) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    int err = pthread_create(&fl->thread, NULL, fl_main, fl);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    fl->started = 1;
+    return 0;
+}
+
+/* Stop the thread and close the fds; writers that still hold it write themselves. */
+static void fl_close(FlusherObject *fl) {
+    pthread_mutex_lock(&fl->mu);
+    if (fl->closed) {
+        pthread_mutex_unlock(&fl->mu);
+        return;
+    }
+    fl->stop = 1;
+    fl_poke(fl);
+    pthread_mutex_unlock(&fl->mu);
+    if (fl->started) {
+        Py_BEGIN_ALLOW_THREADS pthread_join(fl->thread, NULL);
+        Py_END_ALLOW_THREADS
+    }
+    pthread_mutex_lock(&fl->mu);
+    fl->closed = 1;
+    fl->loop_fd = -1;
+    for (Py_ssize_t i = 0; i < fl->nmembers; i++) fl->members[i]->in_ep = fl->members[i]->armed = 0;
+    fl->armed = 0;
+    while (fl->dirty_head) fl_remove(fl, fl->dirty_head);
+    if (fl->efd >= 0) close(fl->efd);
+    if (fl->ep >= 0) close(fl->ep);
+    fl->efd = fl->ep = -1;
+    pthread_mutex_unlock(&fl->mu);
+}
+
+static void Flusher_dealloc(FlusherObject *fl) { /* no writer holds it (they hold a reference) */
+    fl_close(fl);
+    free(fl->members);
+    pthread_mutex_destroy(&fl->mu);
+    pthread_cond_destroy(&fl->cv);
+    Py_TYPE(fl)->tp_free((PyObject *)fl);
+}
+
+static PyObject *Flusher_close(FlusherObject *fl, PyObject *unused) {
+    fl_close(fl);
+    Py_RETURN_NONE;
+}
+
+/* reap(): give back the Python buffers the thread wrote (with the GIL). */
+static PyObject *Flusher_reap(FlusherObject *fl, PyObject *unused) {
+    pthread_mutex_lock(&fl->mu);
+    fl->reap = 0;
+    Py_ssize_t n = fl->nmembers;
+    WriterObject **m = n ? malloc((size_t)n * sizeof(*m)) : NULL;
+    if (m) {
+        memcpy(m, fl->members, (size_t)n * sizeof(*m));
+        for (Py_ssize_t i = 0; i < n; i++) Py_INCREF(m[i]); /* members are alive: they unbind first */
+    }
+    pthread_mutex_unlock(&fl->mu);
+    if (!m) Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        w_reap(m[i]);
+        Py_DECREF(m[i]);
+    }
+    free(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Flusher_get_reap(FlusherObject *fl, void *c) { return PyBool_FromLong(fl->reap); }
+
+static PyMethodDef Flusher_methods[] = {
+    {"close", (PyCFunction)Flusher_close, METH_NOARGS, "Stop the thread (its writers then write themselves)."},
+    {"reap", (PyCFunction)Flusher_reap, METH_NOARGS, "Give back the Python buffers it wrote (needs the GIL)."},
+    {NULL},
+};
+
+static PyGetSetDef Flusher_getset[] = {
+    {"reap_wanted", (getter)Flusher_get_reap, NULL, "Python buffers were written: call reap()", NULL},
+    {NULL},
+};
+
+static PyTypeObject FlusherType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._codec.Flusher",
+    .tp_basicsize = sizeof(FlusherObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Flusher(loop_fd=-1, spin=3e-05): a thread that writes its writers' batches without the GIL.",
+    .tp_new = Flusher_new,
+    .tp_init = (initproc)Flusher_init,
+    .tp_dealloc = (destructor)Flusher_dealloc,
+    .tp_methods = Flusher_methods,
+    .tp_getset = Flusher_getset,
+};
+
+static PyObject *py_set_errors(PyObject *self, PyObject *args) {
+    PyObject *lp, *cf;
+    if (!PyArg_ParseTuple(args, "OO", &lp, &cf)) return NULL;
+    Py_XSETREF(LocalProtoErr, Py_NewRef(lp));
+    Py_XSETREF(ConfigErr, Py_NewRef(cf));
+    Py_RETURN_NONE;
+}
+
 static int cpu_sse42;
 
 static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover both paths */
@@ -394,9 +1781,12 @@ static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover
 
 static PyMethodDef codec_methods[] = {
     {"_use_hardware_crc", py_use_hardware, METH_O, "Use SSE4.2 for crc32c if the CPU has it (True) or not."},
+    {"_set_errors", py_set_errors, METH_VARARGS, "_set_errors(LocalProtocolError, ConfigurationError)"},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, value=0) -> int (Castagnoli, as the crc32c package)"},
     {"frame_encode", py_frame_encode, METH_VARARGS, "One frame as a list of buffers (see frames.encode_frame)."},
     {"frame_scan", py_frame_scan, METH_VARARGS, "Complete small valid frames in a buffer (see frames.FrameReader)."},
+    {"message_scan", (PyCFunction)(void (*)(void))py_message_scan, METH_FASTCALL,
+     "The run of steady-state MESSAGE frames in a buffer, as received Messages (see session.SessionConnection)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -405,8 +1795,28 @@ static struct PyModuleDef codecmodule = {PyModuleDef_HEAD_INIT, "copyless._codec
 PyMODINIT_FUNC PyInit__codec(void) {
     crc_init();
     cpu_sse42 = have_sse42;
+    /* the module itself, not PyCapsule_Import's attribute walk from the package, which
+     * fails while `copyless` is still being imported */
+    PyObject *core = PyImport_ImportModule("copyless._core");
+    PyObject *cap = core ? PyObject_GetAttrString(core, "_CAPI") : NULL;
+    Py_XDECREF(core);
+    capi = cap ? PyCapsule_GetPointer(cap, COPYLESS_CAPI_NAME) : NULL;
+    Py_XDECREF(cap); /* the core module keeps the capsule, and the struct is static there */
+    if (!capi) return NULL;
+    if (capi->version != COPYLESS_CAPI_VERSION) {
+        PyErr_SetString(PyExc_ImportError, "copyless._core and copyless._codec are from different builds: rebuild");
+        return NULL;
+    }
+    if (PyType_Ready(&OutMessageType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&FlusherType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&codecmodule);
     if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "OutMessage", (PyObject *)&OutMessageType) < 0 ||
+        PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0 ||
+        PyModule_AddObjectRef(m, "Flusher", (PyObject *)&FlusherType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     PyModule_AddIntConstant(m, "HAVE_SSE42", have_sse42 != 0);
     return m;
 }

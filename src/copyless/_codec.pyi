@@ -16,6 +16,76 @@ def frame_scan(
     budget_frames: int,
     budget_bytes: int,
     frame_type: type[Any],
+    max_frames: int = -1,
     /,
 ) -> tuple[list[Any], int, int, int]: ...
+def message_scan(
+    view: memoryview,
+    start: int,
+    end: int,
+    max_segment: int,
+    direct: int,
+    budget_frames: int,
+    budget_bytes: int,
+    lossless: bool,
+    in_seq: int,
+    connection: Any,
+    out: list[Any],
+    calls: dict[int, Any] | None = None,
+    hooks: bool = True,
+    room: int = 0,
+    /,
+) -> tuple[int, int, int, int, int, int, int]: ...
 def _use_hardware_crc(on: bool, /) -> bool: ...
+def _set_errors(local_protocol: type, configuration: type, /) -> None: ...
+
+class OutMessage:
+    """What a session sends and keeps until it is acknowledged (a compiled record)."""
+
+    type: int
+    tid: int
+    priority: int
+    is_reply: bool
+    seq: int
+    @property
+    def front(self) -> tuple[Any, ...]: ...
+    @property
+    def data(self) -> tuple[Any, ...]: ...
+    def __init__(
+        self,
+        type: int,
+        front: Sequence[Any],
+        data: Sequence[Any],
+        tid: int = 0,
+        priority: int = 0,
+        is_reply: bool = False,
+        seq: int = 0,
+    ) -> None: ...
+
+class Flusher:
+    """A thread (in C, never taking the GIL) that writes its writers' batches."""
+
+    def __init__(self, loop_fd: int = -1, spin: float = 3e-05) -> None: ...
+    @property
+    def reap_wanted(self) -> bool: ...
+    def reap(self) -> None: ...
+    def close(self) -> None: ...
+
+class Writer:
+    """A connection's send queue: batches small frames, writes without the GIL."""
+
+    stalled: int
+    read: int
+    def __init__(self, coalesce: int = 1024) -> None: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def bound(self) -> bool: ...
+    @property
+    def statistics(self) -> dict[str, int]: ...
+    def bind(self, stream: Any, fd: int, flusher: Flusher | None, /) -> None: ...
+    def clear(self) -> None: ...
+    def add(self, buffers: Sequence[Any], /) -> None: ...
+    def send(self, buffers: Sequence[Any], /) -> None: ...
+    def flush(self, stream: Any, /) -> bool: ...
+    def message(self, msg: Any, seq: int, ack: int, data_crc: bool, lossless: bool, /) -> OutMessage | None: ...

@@ -19,6 +19,8 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_capi.h"
+
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
@@ -1770,6 +1772,52 @@ static PyObject *Message_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
     return msg_make((uint32_t)type, front, data, tid, (int)prio, 0);
 }
 
+/* The same, called without an args tuple and a kwargs dict (the type's vectorcall):
+ * a small message's construction is half argument parsing otherwise. */
+static PyObject *Message_vectorcall(PyObject *cls, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    static const char *names[5] = {"type", "front", "data", "tid", "priority"};
+    PyObject *v[5] = {NULL, NULL, NULL, NULL, NULL};
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs > 5) {
+        PyErr_Format(PyExc_TypeError, "Message() takes at most 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) v[i] = args[i];
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, k);
+        int j = 0;
+        while (j < 5 && !_PyUnicode_EqualToASCIIString(name, names[j])) j++;
+        if (j == 5) {
+            PyErr_Format(PyExc_TypeError, "'%U' is an invalid keyword argument for Message()", name);
+            return NULL;
+        }
+        if (v[j]) {
+            PyErr_Format(PyExc_TypeError, "argument for Message() given by name ('%s') and position (%d)", names[j],
+                         j + 1);
+            return NULL;
+        }
+        v[j] = args[nargs + k];
+    }
+    if (!v[0]) {
+        PyErr_SetString(PyExc_TypeError, "Message() missing required argument 'type' (pos 1)");
+        return NULL;
+    }
+    uint64_t type, tid = 0, prio = 0;
+    if (PyLong_CheckExact(v[0])) { /* the common case, without PyNumber_Index */
+        unsigned long t = PyLong_AsUnsignedLong(v[0]);
+        if (t == (unsigned long)-1 && PyErr_Occurred()) PyErr_Clear(), t = ULONG_MAX;
+        if (t > UINT32_MAX) {
+            if (msg_uint(v[0], UINT32_MAX, "type", &type) < 0) return NULL;
+        }
+        type = t;
+    } else if (msg_uint(v[0], UINT32_MAX, "type", &type) < 0)
+        return NULL;
+    if (v[3] && msg_uint(v[3], UINT64_MAX, "tid", &tid) < 0) return NULL;
+    if (v[4] && msg_uint(v[4], 255, "priority", &prio) < 0) return NULL;
+    return msg_make((uint32_t)type, v[1] ? v[1] : empty_bytes, v[2], tid, (int)prio, 0);
+}
+
 /* Message._received(type, front, data, tid, priority, seq, is_reply, connection):
  * the messenger's received message in one call, from fields its session has
  * already verified (ints from the header, front and data as memoryviews).
@@ -1802,6 +1850,44 @@ static PyObject *Message_received(PyObject *cls, PyObject *const *args, Py_ssize
     PyObject_GC_Track(m);
     return (PyObject *)m;
 }
+
+/* ---------------------------------------------------------------- the C API (_capi.h) */
+static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, uint64_t tid, int priority, uint64_t seq,
+                               int is_reply, PyObject *connection) {
+    MessageObject *m = msg_alloc();
+    if (!m) return NULL;
+    m->type = type;
+    m->tag = tid;
+    m->priority = priority;
+    m->seq = seq;
+    m->is_reply = is_reply;
+    m->front = Py_NewRef(front);
+    m->data = Py_NewRef(data);
+    m->connection = connection == NULL || connection == Py_None ? NULL : Py_NewRef(connection);
+    PyObject_GC_Track(m);
+    return (PyObject *)m;
+}
+
+static PyObject *Message_get_buffers(MessageObject *m, void *c);
+
+static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
+    if (!PyObject_TypeCheck(o, &MessageType)) {
+        PyErr_Format(PyExc_TypeError, "send() takes a copyless.Message, not %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    MessageObject *m = (MessageObject *)o;
+    PyObject *bufs = Message_get_buffers(m, NULL); /* raises if released */
+    if (!bufs) return -1;
+    out->type = m->type;
+    out->priority = m->priority;
+    out->is_reply = m->is_reply;
+    out->tid = m->tag;
+    out->front = Py_NewRef(m->sub ? empty_bytes : m->front);
+    out->buffers = bufs;
+    return 0;
+}
+
+static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType, capi_received, capi_outgoing};
 
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
@@ -2098,6 +2184,7 @@ static PyTypeObject MessageType = {
               "Made for a Connection, data is a list of buffers sent as they are (scatter-gather).\n"
               "tag and tid are two names of the same u64 field.",
     .tp_new = Message_new,
+    .tp_vectorcall = Message_vectorcall,
     .tp_dealloc = (destructor)Message_dealloc,
     .tp_traverse = (traverseproc)Message_traverse,
     .tp_clear = (inquiry)Message_clear,
@@ -2780,6 +2867,11 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyModule_AddObjectRef(m, "Loan", (PyObject *)&LoanType) < 0 ||
         PyModule_AddObjectRef(m, "IpcChannel", (PyObject *)&IpcChannelType) < 0)
         return NULL;
+    PyObject *cap = PyCapsule_New(&capi, COPYLESS_CAPI_NAME, NULL);
+    if (!cap || PyModule_AddObject(m, "_CAPI", cap) < 0) {
+        Py_XDECREF(cap);
+        return NULL;
+    }
     PyModule_AddIntConstant(m, "WIRE_VERSION", WIRE_VERSION);
     PyModule_AddIntConstant(m, "CTL_MAGIC", CTL_MAGIC);
     PyModule_AddIntConstant(m, "CTL_DESC_TAIL", CTL_DESC_TAIL);

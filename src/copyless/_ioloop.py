@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._codec import Flusher
 from ._core import ipc_spin
 
 Callback = Callable[[], Any]
@@ -50,6 +51,9 @@ class IOLoop:
         self.name = name
         self._ep = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # a C thread that writes the batches of this loop's send queues (copyless._codec.Writer)
+        # without the GIL; it rings _wake when written Python buffers are to be given back
+        self.flusher = Flusher(self._wake)
         self._ep.register(self._wake, _IN)
         self._lock = threading.Lock()  # handlers, registrations, calls and timers
         self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
@@ -209,6 +213,8 @@ class IOLoop:
                 if ready:
                     seen = {fd for fd, _ in events}
                     events += [(fd, _IN) for fd in ready if fd not in seen]
+                if self.flusher.reap_wanted:
+                    self.flusher.reap()
                 for fd, mask in events:
                     if fd == self._wake:
                         try:
@@ -241,6 +247,7 @@ class IOLoop:
                     if not t.cancelled:
                         self._guard(t.fn)
         finally:
+            self.flusher.close()
             self._ep.close()
             os.close(self._wake)
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._codec import Writer
 from ._core import Message  # the one Message type, shared with pub/sub (docs/design.md)
 from ._ioloop import IOLoop, Timer
 from .errors import ClosedError, ConfigurationError, CopylessError, PeerLost, RemoteProtocolError, Timeout
@@ -45,7 +46,7 @@ from .protocol.session import (
     MSG_HEADER,
     Closed,
     Established,
-    MessageReceived,
+    MessagesReceived,
     OutMessage,
     Role,
     Session,
@@ -56,7 +57,7 @@ from .protocol.session import (
     Waiting,
     WrongPeer,
 )
-from .transports import Listener, SendQueue, Stream, connect, listen
+from .transports import Listener, Stream, connect, listen
 
 __all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
 
@@ -230,7 +231,7 @@ class Connection:
         self.session: Session | None = Session(lossless=not policy.lossy) if not policy.server else None
         self._machine: SessionConnection | None = None
         self._stream: Stream | None = None
-        self._sendq = SendQueue()
+        self._sendq = Writer()  # the core's send queue (docs/design.md, "Send path")
         self._timer: Timer | None = None
         self._closed = False
         self._backoff = 0.01
@@ -252,32 +253,29 @@ class Connection:
     def send(self, msg: Message) -> None:
         """Send a message (scatter-gather: the data buffers are not joined or copied).
 
-        The calling thread writes to the socket itself when it can; a message sent
-        while the session is (re)connecting waits in the session's queue, in order."""
+        The calling thread writes to the socket itself when it is idle; a send that
+        follows another closely is batched with it (the I/O loop writes the batch, see
+        docs/design.md, "Send path"); a message sent while the session is (re)connecting
+        waits in the session's queue, in order."""
         if self._closed:
             raise ClosedError(f"connection to {self.peer_name or self.address} is closed")
-        if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
-            raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
-        # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
-        out = OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply)
         with self._lock:
-            m, st = self._machine, self._stream
-            if m is None or st is None or m.state is not State.READY:
-                if self.session is None:
-                    raise ClosedError("no session with the peer yet")
-                self.session.queue(out)
+            m = self._machine
+            if m is not None and self._stream is not None and m.state is State.READY:
+                w = self._sendq
+                m.write_message(msg, w)  # encoded by the core, written now or batched
+                if w.stalled:  # a stream (TLS, ipc) took less than all of it: the loop goes on
+                    if self.loop.in_loop():
+                        self._pump()
+                    else:
+                        self.loop.call_soon_threadsafe(self._locked, self._pump)
                 return
-            m.send_message(out)
-            self._sendq.add(m.data_to_send())
-            try:
-                done = self._sendq.flush(st)
-            except OSError:
-                done = False  # the loop sees the fault and tears the transport down
-            if not done:
-                if self.loop.in_loop():
-                    self._pump()
-                else:
-                    self.loop.call_soon_threadsafe(self._locked, self._pump)
+            if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
+                raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
+            if self.session is None:
+                raise ClosedError("no session with the peer yet")
+            # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
+            self.session.queue(OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply))
 
     def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply; the reply's data is read straight into `into`."""
@@ -434,6 +432,9 @@ class Connection:
         self._stream, self._machine = stream, machine
         self._paused = False  # a new reader: fresh budgets
         self._sendq.clear()
+        # a plain socket is written by the core (its fd, batching with this loop's flusher);
+        # TLS and ipc streams through their own send_buffers
+        self._sendq.bind(stream, stream.fileno() if type(stream) is Stream else -1, self.loop.flusher)
         self.loop.add_reader(stream, self._on_readable)
         self._pump()
 
@@ -547,8 +548,8 @@ class Connection:
                 self._pump()
 
     def _on_event(self, ev: object) -> None:
-        if isinstance(ev, MessageReceived):
-            self.messenger._deliver(self, ev)
+        if type(ev) is MessagesReceived:
+            self.messenger._deliver(self, ev.messages)
         elif isinstance(ev, Established):
             self.peer_name = ev.peer_name
             self._backoff = 0.01
@@ -677,6 +678,7 @@ class Messenger:
         self._connections: set[Connection] = set()
         self._by_session: dict[int, Connection] = {}
         self._calls: dict[int, _Call] = {}
+        self._claims: tuple[dict[int, Any], bool] = (self._calls, False)
         self._tids = itertools.count(1)
         # queued dispatch: most urgent first (higher priority), then arrival order
         self._queue: queue.PriorityQueue[tuple[float, int, Message | None]] = queue.PriorityQueue()
@@ -695,6 +697,10 @@ class Messenger:
     # ------------------------------------------------------------ setup
     def add_dispatcher(self, d: Dispatcher) -> None:
         self._dispatchers.append(d)
+        # who may want an incoming message's data in a buffer of its own (see _sink): the
+        # calls that posted one, and dispatchers that choose one (data_buffer)
+        hooks = any(getattr(x.data_buffer, "__func__", None) is not Dispatcher.data_buffer for x in self._dispatchers)
+        self._claims = (self._calls, hooks)
 
     def bind(self, address: str) -> str:
         """Listen on an address (tcp://host:port, unix:///path, ipc://name); returns the bound address."""
@@ -784,10 +790,11 @@ class Messenger:
         def sink(pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
             return self._sink(conn._adopted_by or conn, pre, index, earlier)
 
-        return SessionConnection(
+        machine = SessionConnection(
             role,
             self.name,
             incarnation=self._incarnation,
+            messages=True,  # received: copyless.Message objects, a run per event, parsed in C
             secret=self._secret,
             data_crc=self._data_crc,
             sink=sink,
@@ -797,6 +804,8 @@ class Messenger:
             keepalive_interval=ka,
             **kw,
         )
+        machine.owner = conn  # the connection of what it receives (_deliver corrects it after an _adopt)
+        return machine
 
     def _policy_for(self, peer_name: str) -> Policy:
         named = self._named.get(peer_name)
@@ -895,25 +904,44 @@ class Messenger:
                 return view[:n]
         return None
 
-    def _deliver(self, conn: Connection, ev: MessageReceived) -> None:
-        # received: data is one memoryview, not a list of buffers
-        msg = Message._received(ev.type, ev.front, ev.data, ev.tid, ev.priority, ev.seq, ev.is_reply, conn)
-        if ev.is_reply:
-            pending = self._calls.get(ev.tid)
-            if pending is not None:
-                into, n = pending.into, len(ev.data)
-                if into is not None and ev.data.obj is not into.obj and n <= len(into):
-                    into[:n] = ev.data  # a small reply came in the prefetch buffer: one copy
-                    msg.data = into[:n]
-                pending.finish(reply=msg)
-                return
-        for d in self._dispatchers:
-            if d.can_fast_dispatch(msg):
-                d.fast_dispatch(msg)
-                return
-        conn._queued[0] += 1
-        conn._queued[1] += len(ev.front) + len(ev.data)
-        self._queue.put((-ev.priority, next(self._arrival), msg))
+    def _deliver(self, conn: Connection, msgs: list[Message]) -> None:
+        """Hand a run of received messages out, in order: a reply to the call waiting for it,
+        else to the first dispatcher that fast-dispatches it, else to the dispatch queue.
+        The per-message work here is all there is in Python between the core's parse and
+        the application, so it is kept to lookups and calls."""
+        conn._sendq.read = 1  # a send after this answers it: not part of a burst
+        if msgs[0].connection is not conn:
+            # parsed before an _adopt moved the transport into the session's Connection
+            for msg in msgs:
+                msg.connection = conn
+            if conn._machine is not None:
+                conn._machine.owner = conn
+        calls, ds = self._calls, self._dispatchers
+        fast = [(d.can_fast_dispatch, d.fast_dispatch) for d in ds]
+        for msg in msgs:
+            if msg.is_reply and calls and self._reply(msg):
+                continue
+            for can, go in fast:
+                if can(msg):
+                    go(msg)
+                    break
+            else:
+                conn._queued[0] += 1
+                conn._queued[1] += len(msg.front) + len(msg.data)
+                self._queue.put((-msg.priority, next(self._arrival), msg))
+
+    def _reply(self, msg: Message) -> bool:
+        """A reply to a posted call finishes it (True); else it is dispatched as any message."""
+        pending = self._calls.get(msg.tid)
+        if pending is None:
+            return False
+        into, data = pending.into, msg.data
+        n = len(data)
+        if into is not None and data.obj is not into.obj and n <= len(into):
+            into[:n] = data  # a small reply came in the prefetch buffer: one copy
+            msg.data = into[:n]
+        pending.finish(reply=msg)
+        return True
 
     def _dispatch_loop(self) -> None:
         msgs, nbytes, queued = self._throttles
@@ -934,6 +962,7 @@ class Messenger:
     def _grant(self, reader: FrameReader) -> tuple[int, int, int]:
         """Reserve what the throttles have free and make it the reader's budget."""
         need = reader.held_bytes if reader.paused else 0
+        reader.sink_claims = self._claims  # (and what the sink may want this round)
         msgs, nbytes, queued = self._throttles
         g = (msgs.reserve(1), nbytes.reserve(need), queued.reserve(need))
         reader.budget_frames = UNLIMITED if g[0] == UNLIMITED else reader.taken_frames + g[0]

@@ -20,9 +20,10 @@ import enum
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from .._codec import crc32c, frame_encode, frame_scan
+from .._codec import crc32c, frame_encode, frame_scan, message_scan
+from .._core import Message
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 Buffer = bytes | bytearray | memoryview
@@ -144,11 +145,16 @@ class FrameReader:
     overwritten, so views stay valid).  Runs of complete small frames are
     parsed and verified by the compiled core.  A segment of `direct` bytes or
     more is read straight into its own buffer: only what a bulk read had
-    already fetched of it (less than `prefetch` bytes) is copied.
+    already fetched of it (less than one buffer: `prefetch` bytes, or
+    `stream_prefetch` once reads fill whole buffers) is copied.
 
     `sink(preamble, index, earlier_segments)` is asked for the buffer of each
     direct segment once the earlier segments (the header first) are verified:
     that is how large data lands in a caller's buffer.  None means "allocate".
+    An owner that can say in advance which MESSAGE data its sink may want
+    (`sink_claims`) lets take_messages() keep unclaimed large data of a frame
+    that fits the buffer in the buffer, as a view, like a small segment: no
+    sink call, no buffer of its own, no copy.
 
     Budgets: `budget_frames` and `budget_bytes` (UNLIMITED by default) bound
     the frames of two or more segments (messages) and the bytes after their
@@ -167,11 +173,23 @@ class FrameReader:
         *,
         prefetch: int = 16 << 10,
         direct: int = 4 << 10,
+        stream_prefetch: int | None = None,
     ) -> None:
         if direct > prefetch // 2:
             raise LocalProtocolError("direct threshold must be at most half the prefetch size")
         self.max_segment, self.sink = max_segment, sink
         self.prefetch, self.direct = prefetch, direct
+        # A read that fills all the buffer offered it means a stream is coming: the next
+        # buffer is this big, so one read carries more of it.  Otherwise buffers stay at
+        # `prefetch`, since a message kept by the application keeps its buffer alive.
+        self.stream_prefetch = max(prefetch, stream_prefetch if stream_prefetch is not None else 4 * prefetch)
+        self._filled = False
+        # What the sink may claim, for take_messages: None, it may want any direct segment
+        # (the core leaves every frame with one to the Python reader); or (calls, hooks): a
+        # MESSAGE's data is wanted only by the call a reply answers, if its tid is in
+        # `calls` (a dict), or by anyone if `hooks` is true.  Unclaimed, a large segment of
+        # a frame that fits half the prefetch buffer is read there, as a small one is.
+        self.sink_claims: tuple[dict[int, Any], bool] | None = None
         self.budget_frames = self.budget_bytes = UNLIMITED
         self.taken_frames = self.taken_bytes = 0
         self.copied = 0  # bytes of direct segments copied out of the prefetch buffer
@@ -226,6 +244,7 @@ class FrameReader:
             if self._end + n > len(self._buf):
                 raise LocalProtocolError("bytes_read() does not match the last next_read()")
             self._end += n
+            self._filled = self._end == len(self._buf)
 
     def take(self, n: int) -> memoryview | None:
         """n raw bytes from the stream (before any frame: the banner), or None if not here yet."""
@@ -235,18 +254,55 @@ class FrameReader:
         """The budget was raised: a held frame may go on."""
         self._held = False
 
-    def next_frame(self) -> Frame | FrameAborted | None:
-        """The next frame completed by what was read so far, or None."""
+    def next_frame(self, single: bool = False) -> Frame | FrameAborted | None:
+        """The next frame completed by what was read so far, or None.  single: parse
+        only this one (the caller takes the frames after it another way)."""
         if self._ready:
             return self._ready.pop()
         if self._phase == _PREAMBLE and self._end - self._start > PREAMBLE.size and not self._held:
-            self._scan()
+            self._scan(1 if single else -1)
             if self._ready:
                 return self._ready.pop()
         return self._slow()
 
+    @property
+    def at_frame(self) -> bool:
+        """Between frames, with nothing parsed and not handed out: take_messages() may run."""
+        return self._phase == _PREAMBLE and not self._ready and not self._held and self._target is None
+
+    def take_messages(
+        self, lossless: bool, in_seq: int, connection: Any, out: list[Message]
+    ) -> tuple[int, int, int, bool]:
+        """The compiled steady state of a session (only when `at_frame`): the run of
+        complete, small, valid MESSAGE frames at hand whose seq follows in_seq
+        (lossless: in_seq + 1; lossy: any higher one; lower ones are replayed
+        duplicates and dropped) becomes received Messages appended to out, charged to
+        the budgets like any frame.  Returns (new in_seq, highest ack_seq seen or 0,
+        messages accepted, more): more=True means a frame is at hand that
+        next_frame() must take (another tag, a gap, a large segment, bad input);
+        False, that the rest is an incomplete frame or nothing."""
+        bf, bb = self.budget_frames, self.budget_bytes
+        claims = self.sink_claims
+        self._start, nf, nb, in_seq, ack, n, stop = message_scan(
+            self._view,
+            self._start,
+            self._end,
+            self.max_segment,
+            self.direct,
+            UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
+            UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
+            lossless,
+            in_seq,
+            connection,
+            out,
+            *((claims[0], claims[1], self.stream_prefetch // 2) if claims is not None else ()),
+        )
+        self.taken_frames += nf
+        self.taken_bytes += nb
+        return in_seq, ack, n, stop != 0
+
     # ------------------------------------------------------------------ internals
-    def _scan(self) -> None:
+    def _scan(self, max_frames: int = -1) -> None:
         """Let the core parse the run of complete, small, valid frames at hand."""
         bf, bb = self.budget_frames, self.budget_bytes
         frames, self._start, nf, nb = frame_scan(
@@ -258,6 +314,7 @@ class FrameReader:
             UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
             UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
             Frame,
+            max_frames,
         )
         self.taken_frames += nf
         self.taken_bytes += nb
@@ -265,10 +322,11 @@ class FrameReader:
         self._ready = frames
 
     def _renew(self) -> None:
-        """A fresh prefetch buffer; the unparsed tail (less than one small item) moves over.
-        The old buffer lives on as long as segments handed out still point into it."""
+        """A fresh prefetch buffer; the unparsed tail (part of one frame that fits a buffer)
+        moves over.  The old buffer lives on as long as segments handed out still point
+        into it."""
         tail = self._end - self._start
-        size = max(self.prefetch, tail * 2)
+        size = max(self.stream_prefetch if self._filled else self.prefetch, tail * 2)
         buf = bytearray(size)
         buf[:tail] = self._view[self._start : self._end]
         self._buf, self._view = buf, memoryview(buf)

@@ -25,10 +25,13 @@ import hmac
 import os
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ..errors import AccessDenied, LocalProtocolError, PeerLost, RemoteProtocolError, Timeout
+from .._codec import OutMessage as OutMessage  # re-exported: the record the session API takes
+from .._core import Message
+from ..errors import AccessDenied, ConfigurationError, LocalProtocolError, PeerLost, RemoteProtocolError, Timeout
 from .frames import Buffer, Frame, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
@@ -96,6 +99,15 @@ class MessageReceived:
 
 
 @dataclass
+class MessagesReceived:
+    """Received messages, in order (a SessionConnection made with messages=True): one
+    event for a run of them, each a copyless.Message whose connection is the machine's
+    `owner`; front and data are memoryviews into the read buffer."""
+
+    messages: list[Message]
+
+
+@dataclass
 class SessionReset:
     """The peer no longer knows our session (it restarted): queued messages were dropped."""
 
@@ -121,18 +133,20 @@ class Closed:
     error: Exception | None
 
 
-Event = Established | MessageReceived | SessionReset | Waiting | KeepaliveAck | Closed
+Event = Established | MessageReceived | MessagesReceived | SessionReset | Waiting | KeepaliveAck | Closed
 
 
-@dataclass
-class OutMessage:
-    type: int
-    front: Sequence[Buffer]
-    data: Sequence[Buffer]
-    tid: int = 0
-    priority: int = 0
-    is_reply: bool = False
-    seq: int = 0  # assigned when first written
+# OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0): what a session
+# sends and keeps until it is acknowledged (front and data are sequences of buffers; seq is
+# assigned when first written).  A plain record, compiled so that the send path can make one
+# in a few tens of ns (docs/design.md, "Send path").
+
+
+class MessageWriter(Protocol):
+    """Where write_message puts a message: copyless._codec.Writer."""
+
+    def message(self, msg: Message, seq: int, ack: int, data_crc: bool, lossless: bool, /) -> OutMessage | None: ...
+    def send(self, buffers: list[Buffer], /) -> None: ...
 
 
 # ---------------------------------------------------------------- session state
@@ -259,6 +273,8 @@ class SessionConnection:
         keepalive_interval: float | None = None,
         ack_delay: float = 0.005,
         ack_every: int = 64,
+        messages: bool = False,
+        compiled: bool = True,
     ) -> None:
         if role is Role.CLIENT and session is None:
             raise LocalProtocolError("a client connection needs its Session")
@@ -281,6 +297,13 @@ class SessionConnection:
         self.peer_name = ""
         self.peer_features = 0
         self.reader = FrameReader(max_segment=max_segment, sink=sink)  # budgets: the owner's throttles
+        # messages=True: what arrives is handed out as copyless.Message objects, a run of them
+        # per MessagesReceived event, each with `owner` as its connection; and, with compiled
+        # (the default), the steady state (runs of small MESSAGE frames in READY) is parsed,
+        # checked and sequenced by the core in one call (FrameReader.take_messages).  Else one
+        # MessageReceived event per message, all in Python.
+        self.messages, self.compiled = messages, compiled
+        self.owner: Any = None  # a messenger Connection
         self._out: list[Buffer] = []
         self._events: list[Event] = []
         self._nonce = b""
@@ -315,6 +338,26 @@ class SessionConnection:
         self.session.queue(msg)
         if self.state is State.READY:
             self._flush()
+
+    def write_message(self, msg: Message, out: MessageWriter) -> None:
+        """Send a copyless.Message: the steady-state twin of send_message for an owner
+        that writes through a compiled send queue (`out`, a copyless._codec.Writer).  On
+        a READY connection with nothing queued before it, the seq and ack are assigned
+        here and the core encodes the frame straight into `out` (which writes it now or
+        batches it); otherwise it goes through send_message and data_to_send into `out`."""
+        s = self.session
+        if self.state is not State.READY or s is None or s.unsent or self._out:
+            if msg.type >= 1 << 16:
+                raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
+            self.send_message(OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply))
+            out.send(self.data_to_send())
+            return
+        seq = s.out_seq + 1
+        kept = out.message(msg, seq, s.in_seq, self.data_crc, s.lossless)
+        s.out_seq = seq
+        if kept is not None:
+            s.sent.append(kept)
+        self._unacked_in, self._ack_due = 0, None  # the header carried our ack
 
     def flush(self) -> None:
         """Write what was queued on the session while no connection carried it."""
@@ -413,7 +456,16 @@ class SessionConnection:
                 if raw is None:
                     return
                 self._on_banner(bytes(raw))
-            while (f := reader.next_frame()) is not None:
+            fast = self.messages and self.compiled
+            while True:
+                if fast and self.state is State.READY and reader.at_frame:
+                    if not self._take_messages():
+                        break  # nothing else is complete yet
+                    f = reader.next_frame(single=True)  # one frame the core left to us
+                else:
+                    f = reader.next_frame()
+                if f is None:
+                    break
                 if isinstance(f, Frame):  # a FrameAborted is dropped: the sender gave it up
                     self._on_frame(f)
                 if self._closed():
@@ -711,6 +763,37 @@ class SessionConnection:
             if s.lossless:
                 s.sent.append(m)
 
+    def _received(self) -> list[Message]:
+        """The list the next received message goes to: that of the last event if it is a
+        MessagesReceived (so a run stays one event), else a new one's."""
+        ev = self._events
+        if ev:
+            last = ev[-1]
+            if type(last) is MessagesReceived:
+                return last.messages
+        batch = MessagesReceived([])
+        ev.append(batch)
+        return batch.messages
+
+    def _take_messages(self) -> bool:
+        """Let the core take the run of steady-state MESSAGE frames at hand (what
+        _on_message would do to each of them, in one call).  True: a frame it left
+        is at hand for the Python path."""
+        s = self.session
+        assert s is not None
+        out = self._received()
+        in_seq, ack, n, more = self.reader.take_messages(s.lossless, s.in_seq, self.owner, out)
+        if ack:
+            s.acked(ack)
+        if n:
+            s.in_seq = in_seq
+            self._unacked_in += n
+            if self._ack_due is None:
+                self._ack_due = self._now + self.ack_delay
+        elif not out:
+            self._events.pop()  # the batch _received() opened stayed empty
+        return more
+
     def _on_message(self, f: Frame) -> None:
         s = self.session
         assert s is not None
@@ -726,9 +809,11 @@ class SessionConnection:
         self._unacked_in += 1
         if self._ack_due is None:
             self._ack_due = self._now + self.ack_delay
-        self._events.append(
-            MessageReceived(mtype, tid, seq, f.segments[1], f.segments[2], bool(flags & MSG_FLAG_REPLY), prio)
-        )
+        front, data, reply = f.segments[1], f.segments[2], bool(flags & MSG_FLAG_REPLY)
+        if self.messages:
+            self._received().append(Message._received(mtype, front, data, tid, prio, seq, reply, self.owner))
+        else:
+            self._events.append(MessageReceived(mtype, tid, seq, front, data, reply, prio))
 
     def _on_ack(self, f: Frame) -> None:
         assert self.session is not None

@@ -1,0 +1,34 @@
+/* The core's C API for the codec, passed from copyless._core to copyless._codec
+ * in a capsule (the numpy way): the codec builds received Messages and reads
+ * outgoing ones with a C call instead of a Python one.  The Message struct stays
+ * private to _core.c; this is the whole of what the codec may do with one. */
+#ifndef COPYLESS_CAPI_H
+#define COPYLESS_CAPI_H
+
+#include <Python.h>
+#include <stdint.h>
+
+#define COPYLESS_CAPI_NAME "copyless._core._CAPI"
+#define COPYLESS_CAPI_VERSION 1
+
+/* What a sender needs of an outgoing Message. */
+typedef struct {
+    uint32_t type;
+    int priority, is_reply;
+    uint64_t tid;
+    PyObject *front;   /* new reference: one buffer */
+    PyObject *buffers; /* new reference: the data as a list of buffers (Message._buffers) */
+} CopylessOutFields;
+
+typedef struct {
+    int version;
+    PyTypeObject *message_type;
+    /* A received messenger message (Message._received), new reference; front and
+     * data are kept as they are (memoryviews), connection may be NULL or None. */
+    PyObject *(*received)(uint32_t type, PyObject *front, PyObject *data, uint64_t tid, int priority, uint64_t seq,
+                          int is_reply, PyObject *connection);
+    /* The fields of any Message; -1 with an error set (not a Message, released). */
+    int (*outgoing)(PyObject *msg, CopylessOutFields *out);
+} CopylessCAPI;
+
+#endif
