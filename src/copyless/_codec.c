@@ -435,26 +435,6 @@ fail:
 /* ------------------------------------------------------------------ messages */
 static const CopylessCAPI *capi; /* the core's Message constructors (_capi.h), set at import */
 
-/* base[off:off + len] as a memoryview that shares base's managed buffer (as a
- * slice does), without the slice and index objects a slice costs.  base must be
- * a 1-D memoryview of bytes; anything else takes the generic path. */
-static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
-    if (PyMemoryView_Check(base)) {
-        Py_buffer *b = &((PyMemoryViewObject *)base)->view;
-        if (b->ndim == 1 && b->itemsize == 1 && b->strides[0] == 1 && !b->suboffsets && off >= 0 && len >= 0 &&
-            off + len <= b->len) {
-            PyObject *v = PyMemoryView_FromObject(base); /* a new view on the same managed buffer */
-            if (!v) return NULL;
-            Py_buffer *w = &((PyMemoryViewObject *)v)->view;
-            w->buf = (char *)b->buf + off; /* what memoryview's own slicing does to a 1-D view */
-            w->len = len;
-            w->shape[0] = len;
-            return v;
-        }
-    }
-    return slice_view(base, off, off + len);
-}
-
 #define TAG_MESSAGE 16
 #define MSG_HEADER_SIZE 28 /* <HBBQQQ: type, priority, flags, tid, seq, ack_seq (session.MSG_HEADER) */
 #define MSG_FLAG_REPLY 0x1
@@ -586,13 +566,8 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
         uint64_t seq = get64(h + 12), a = get64(h + 20);
         if (seq > in_seq && lossless && seq != in_seq + 1) break; /* a gap: the session says so */
         if (seq > in_seq) {
-            PyObject *front = sub_view(base, offs[1], len[1]);
-            PyObject *data = front ? sub_view(base, offs[2], len[2]) : NULL;
-            PyObject *msg = data ? capi->received(get16(h), front, data, get64(h + 4), h[2], seq, h[3] & MSG_FLAG_REPLY,
-                                                  conn)
-                                 : NULL;
-            Py_XDECREF(front);
-            Py_XDECREF(data);
+            PyObject *msg = capi->received_lazy(get16(h), base, offs[1], len[1], offs[2], len[2], get64(h + 4), h[2],
+                                                seq, h[3] & MSG_FLAG_REPLY, conn);
             if (!msg || PyList_Append(out, msg) < 0) {
                 Py_XDECREF(msg);
                 goto fail;
@@ -1770,6 +1745,20 @@ static PyObject *py_set_errors(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* sole_view(view) -> bool: the read buffer's own memoryview, called as
+ * sole_view(reader._view), is the only thing that holds it (the attribute and the
+ * argument: two references) and the only view of its buffer: no message or segment
+ * handed out, made yet or to be made (a received message holds the view until it
+ * makes its own), points into the buffer, which may then be written again. */
+static PyObject *py_sole_view(PyObject *self, PyObject *arg) {
+    if (!PyMemoryView_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "sole_view() takes a memoryview");
+        return NULL;
+    }
+    PyMemoryViewObject *v = (PyMemoryViewObject *)arg;
+    return PyBool_FromLong(Py_REFCNT(arg) == 2 && v->mbuf && v->mbuf->exports == 1 && v->exports == 0);
+}
+
 static int cpu_sse42;
 
 static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover both paths */
@@ -1782,6 +1771,7 @@ static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover
 static PyMethodDef codec_methods[] = {
     {"_use_hardware_crc", py_use_hardware, METH_O, "Use SSE4.2 for crc32c if the CPU has it (True) or not."},
     {"_set_errors", py_set_errors, METH_VARARGS, "_set_errors(LocalProtocolError, ConfigurationError)"},
+    {"sole_view", py_sole_view, METH_O, "sole_view(reader._view) -> bool: nothing else points into its buffer."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, value=0) -> int (Castagnoli, as the crc32c package)"},
     {"frame_encode", py_frame_encode, METH_VARARGS, "One frame as a list of buffers (see frames.encode_frame)."},
     {"frame_scan", py_frame_scan, METH_VARARGS, "Complete small valid frames in a buffer (see frames.FrameReader)."},

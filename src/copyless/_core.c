@@ -1218,6 +1218,11 @@ typedef struct {
     int released;
     int is_reply, priority;                    /* messenger: reply flag, dispatch priority (u8) */
     PyObject *front, *data, *connection;       /* messenger: NULL for pub/sub (front reads b"") */
+    /* a received messenger message: front and data are base[off:off+len], made the first
+     * time they are asked for (most messages are dispatched without looking at them,
+     * and two memoryviews were two thirds of a message's objects) */
+    PyObject *base;
+    Py_ssize_t foff, flen, doff, dlen;
     PyObject *weakreflist;
 } MessageObject;
 
@@ -1423,7 +1428,7 @@ static PyObject *sub_pop(SubCoreObject *self) {
     m->released = 0;
     m->is_reply = 0;
     m->priority = 0;
-    m->front = m->data = m->connection = NULL;
+    m->front = m->data = m->connection = m->base = NULL;
     m->weakreflist = NULL;
     if (seq != self->last_seq + 1) self->st_gaps++;
     self->last_seq = seq;
@@ -1629,6 +1634,35 @@ static PyObject *msg_closed(void) {
     return NULL;
 }
 
+/* base[off:off + len] as a memoryview that shares base's managed buffer (as a slice
+ * does), without the slice and index objects a slice costs: what memoryview's own
+ * slicing does to a 1-D byte view.  Anything else takes the generic path. */
+static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
+    if (PyMemoryView_Check(base)) {
+        Py_buffer *b = &((PyMemoryViewObject *)base)->view;
+        if (b->ndim == 1 && b->itemsize == 1 && b->strides[0] == 1 && !b->suboffsets && off >= 0 && len >= 0 &&
+            off + len <= b->len) {
+            PyObject *v = PyMemoryView_FromObject(base); /* a new view on the same managed buffer */
+            if (!v) return NULL;
+            Py_buffer *w = &((PyMemoryViewObject *)v)->view;
+            w->buf = (char *)b->buf + off;
+            w->len = len;
+            w->shape[0] = len;
+            return v;
+        }
+    }
+    return PySequence_GetSlice(base, off, off + len);
+}
+
+/* A received message's front and data, made on first use (see MessageObject). */
+static int msg_lazy(MessageObject *m) {
+    if (!m->base) return 0;
+    if (!m->front && !(m->front = sub_view(m->base, m->foff, m->flen))) return -1;
+    if (!m->data && !(m->data = sub_view(m->base, m->doff, m->dlen))) return -1;
+    Py_CLEAR(m->base);
+    return 0;
+}
+
 /* An int in [0, max] (anything with __index__), else ConfigurationError naming the field. */
 static int msg_uint(PyObject *v, uint64_t max, const char *what, uint64_t *out) {
     PyObject *i = PyNumber_Index(v);
@@ -1717,6 +1751,7 @@ static Py_ssize_t data_nbytes(PyObject *data) {
 }
 
 static Py_ssize_t msg_nbytes(MessageObject *m) {
+    if (m->base && !m->data && !m->released) return m->dlen;
     return m->sub || m->released ? (Py_ssize_t)m->len : data_nbytes(m->data);
 }
 
@@ -1724,7 +1759,8 @@ static Py_ssize_t msg_nbytes(MessageObject *m) {
  * still has to send (or resend) it holds by its own references. */
 static int msgr_release(MessageObject *m) {
     if (m->released) return 0;
-    Py_ssize_t n = data_nbytes(m->data);
+    Py_ssize_t n = m->base && !m->data ? m->dlen : data_nbytes(m->data);
+    Py_CLEAR(m->base);
     if (n < 0) { PyErr_Clear(); n = 0; } /* a non-buffer set into a data list: nothing to count */
     m->len = (uint64_t)n;
     m->released = 1;
@@ -1868,6 +1904,42 @@ static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, u
     return (PyObject *)m;
 }
 
+/* A received message whose front and data are views of base made on first use, not yet
+ * tracked by the collector: its receiver tracks it if it outlives its dispatch
+ * (capi_track_kept).  Until then it is only in the receiver's list, so it cannot be
+ * part of a cycle the collector would need to see. */
+static PyObject *capi_received_lazy(uint32_t type, PyObject *base, Py_ssize_t foff, Py_ssize_t flen, Py_ssize_t doff,
+                                    Py_ssize_t dlen, uint64_t tid, int priority, uint64_t seq, int is_reply,
+                                    PyObject *connection) {
+    MessageObject *m = msg_alloc();
+    if (!m) return NULL;
+    m->type = type;
+    m->tag = tid;
+    m->priority = priority;
+    m->seq = seq;
+    m->is_reply = is_reply;
+    m->base = Py_NewRef(base);
+    m->foff = foff;
+    m->flen = flen;
+    m->doff = doff;
+    m->dlen = dlen;
+    m->connection = connection == NULL || connection == Py_None ? NULL : Py_NewRef(connection);
+    return (PyObject *)m;
+}
+
+/* _track_kept(messages): track those that something besides the list still holds. */
+static PyObject *mod_track_kept(PyObject *mod, PyObject *list) {
+    if (!PyList_Check(list)) {
+        PyErr_SetString(PyExc_TypeError, "_track_kept() takes a list");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *o = PyList_GET_ITEM(list, i);
+        if (Py_REFCNT(o) > 1 && Py_IS_TYPE(o, &MessageType) && !PyObject_GC_IsTracked(o)) PyObject_GC_Track(o);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Message_get_buffers(MessageObject *m, void *c);
 
 static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
@@ -1876,7 +1948,7 @@ static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
         return -1;
     }
     MessageObject *m = (MessageObject *)o;
-    PyObject *bufs = Message_get_buffers(m, NULL); /* raises if released */
+    PyObject *bufs = Message_get_buffers(m, NULL); /* raises if released; makes lazy views */
     if (!bufs) return -1;
     out->type = m->type;
     out->priority = m->priority;
@@ -1887,7 +1959,7 @@ static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
     return 0;
 }
 
-static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType, capi_received, capi_outgoing};
+static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType, capi_received, capi_outgoing, capi_received_lazy};
 
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
@@ -1910,6 +1982,7 @@ static void Message_dealloc(MessageObject *m) {
     Py_XDECREF(m->front);
     Py_XDECREF(m->data);
     Py_XDECREF(m->connection);
+    Py_XDECREF(m->base);
     PyObject_GC_Del(m);
 }
 
@@ -1917,6 +1990,7 @@ static int Message_traverse(MessageObject *m, visitproc visit, void *arg) {
     Py_VISIT(m->front);
     Py_VISIT(m->data);
     Py_VISIT(m->connection);
+    Py_VISIT(m->base);
     return 0;
 }
 
@@ -1925,6 +1999,7 @@ static int Message_clear(MessageObject *m) {
     Py_CLEAR(m->front);
     Py_CLEAR(m->data);
     Py_CLEAR(m->connection);
+    Py_CLEAR(m->base);
     return 0;
 }
 
@@ -1932,6 +2007,10 @@ static int Message_clear(MessageObject *m) {
  * itself, or the only item of a list or tuple.  NULL, no error set, when it
  * has none or several (*count says how many, -1 for neither kind). */
 static PyObject *msg_single(MessageObject *m, Py_ssize_t *count) {
+    if (msg_lazy(m) < 0) {
+        *count = -2;
+        return NULL;
+    }
     PyObject *d = m->data;
     if (PyObject_CheckBuffer(d)) { *count = 1; return Py_NewRef(d); }
     if (PyList_Check(d) || PyTuple_Check(d)) {
@@ -1951,6 +2030,7 @@ static int Message_getbuffer(MessageObject *m, Py_buffer *view, int flags) {
     Py_ssize_t count;
     PyObject *one = msg_single(m, &count);
     if (!one) {
+        if (count == -2) return -1; /* making its views failed */
         if (count < 0)
             PyErr_SetString(PyExc_TypeError, "this message's data is not a buffer or a sequence of buffers");
         else
@@ -1975,7 +2055,7 @@ static PyBufferProcs Message_as_buffer = {(getbufferproc)Message_getbuffer, NULL
 
 static PyObject *Message_get_data(MessageObject *m, void *c) {
     if (m->released) return msg_closed();
-    if (!m->sub) return Py_NewRef(m->data);
+    if (!m->sub) return msg_lazy(m) < 0 ? NULL : Py_NewRef(m->data);
     /* The message exports the view, so the view keeps it alive and the slot
      * goes back only when release() is called or no view is left.  Not
      * cached: a cached view would make a reference cycle. */
@@ -1986,6 +2066,7 @@ static PyObject *Message_get_data(MessageObject *m, void *c) {
  * of message it is: a received message can be sent on. */
 static PyObject *Message_get_buffers(MessageObject *m, void *c) {
     if (m->released) return msg_closed();
+    if (msg_lazy(m) < 0) return NULL;
     PyObject *one;
     if (m->sub) {
         if (!(one = PyMemoryView_FromObject((PyObject *)m))) return NULL;
@@ -2004,6 +2085,7 @@ static PyObject *Message_get_buffers(MessageObject *m, void *c) {
 
 static PyObject *Message_get_front(MessageObject *m, void *c) {
     if (m->released) return msg_closed();
+    if (msg_lazy(m) < 0) return NULL;
     return Py_NewRef(m->sub ? empty_bytes : m->front);
 }
 
@@ -2025,6 +2107,7 @@ static int msg_settable(MessageObject *m, PyObject *v, const char *name) {
 static int Message_set_data(MessageObject *m, PyObject *v, void *c) {
     if (msg_settable(m, v, "data") < 0) return -1;
     if (m->released) { msg_closed(); return -1; }
+    if (msg_lazy(m) < 0) return -1;
     if (!PyObject_CheckBuffer(v)) {
         if (!PyList_Check(v) && !PyTuple_Check(v)) {
             PyErr_Format(PyExc_TypeError, "data must be a buffer or a list of buffers, not %.100s", Py_TYPE(v)->tp_name);
@@ -2039,6 +2122,7 @@ static int Message_set_data(MessageObject *m, PyObject *v, void *c) {
 static int Message_set_front(MessageObject *m, PyObject *v, void *c) {
     if (msg_settable(m, v, "front") < 0) return -1;
     if (m->released) { msg_closed(); return -1; }
+    if (msg_lazy(m) < 0) return -1;
     if (msg_check_front(v) < 0) return -1;
     Py_SETREF(m->front, Py_NewRef(v));
     return 0;
@@ -2098,6 +2182,7 @@ static PyObject *Message_exit(MessageObject *m, PyObject *args) {
 static PyObject *Message_bytes(MessageObject *m, PyObject *unused) {
     if (m->released) return msg_closed();
     if (m->sub) return PyBytes_FromStringAndSize((const char *)m->ptr, (Py_ssize_t)m->len);
+    if (msg_lazy(m) < 0) return NULL;
     if (PyObject_CheckBuffer(m->data)) return PyBytes_FromObject(m->data);
     return PyObject_CallMethod(empty_bytes, "join", "O", m->data);
 }
@@ -2844,6 +2929,8 @@ static PyObject *mod_ctl_size(PyObject *mod, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"_set_errors", mod_set_errors, METH_VARARGS, NULL},
+    {"_track_kept", mod_track_kept, METH_O,
+     "_track_kept(messages): let the collector see the received messages still held after their dispatch."},
     {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
     {"ipc_spin", mod_ipc_spin, METH_VARARGS,
      "ipc_spin(channels, seconds) -> [index]: spin (GIL released) until some channel has something to do."},
