@@ -7,9 +7,10 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #define COPYLESS_CAPI_NAME "copyless._core._CAPI"
-#define COPYLESS_CAPI_VERSION 2
+#define COPYLESS_CAPI_VERSION 3
 
 /* What a sender needs of an outgoing Message. */
 typedef struct {
@@ -36,6 +37,10 @@ typedef struct {
     PyObject *(*received_lazy)(uint32_t type, PyObject *base, Py_ssize_t foff, Py_ssize_t flen, Py_ssize_t doff,
                                Py_ssize_t dlen, uint64_t tid, int priority, uint64_t seq, int is_reply,
                                PyObject *connection);
+    /* An ipc:// stream's channel (copyless._core.IpcChannel), and its send from iovecs,
+     * with the GIL: what IpcChannel.send(buffers) does, without the buffer objects. */
+    PyTypeObject *ipc_channel_type;
+    Py_ssize_t (*ipc_send)(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
 } CopylessCAPI;
 
 #endif

@@ -814,6 +814,7 @@ typedef struct WriterObject {
     Py_ssize_t coalesce;
     int fd;                      /* our dup of the socket, or -1 */
     PyObject *stream;            /* bound to a stream that writes itself (send_buffers), or NULL */
+    PyObject *chan;              /* an ipc:// stream's IpcChannel: written through the core's C API */
     FlusherObject *flusher;
     int writing, blocked, closing, failed, stalled, read_since;
     int64_t last_ns;
@@ -1117,6 +1118,30 @@ static int w_pywrite(WriterObject *w, PyObject *stream) {
     return 1;
 }
 
+/* With the GIL: write into an ipc:// channel's ring, as its send_buffers would, without
+ * making buffer objects.  1 all written, 0 not all (the ring is full: the channel then
+ * waits for room, and its fd turns readable when there is), -1 error raised. */
+static int w_ipcwrite(WriterObject *w) {
+    struct iovec iov[WR_IOV];
+    while (w->head < w->tail) {
+        int k = 0;
+        size_t want = 0;
+        for (size_t i = w->head; i < w->tail && k < WR_IOV; i++, k++) {
+            iov[k].iov_base = (void *)w->q[i].p;
+            iov[k].iov_len = w->q[i].len;
+            want += w->q[i].len;
+        }
+        Py_ssize_t n = capi->ipc_send(w->chan, iov, k);
+        if (n < 0) return -1;
+        w->n_syscalls++; /* (a publish, not a system call: one per write all the same) */
+        pthread_mutex_lock(&w->mu);
+        q_advance(w, (size_t)n);
+        pthread_mutex_unlock(&w->mu);
+        if ((size_t)n < want) return 0;
+    }
+    return 1;
+}
+
 /* After an append (w->mu held, with the GIL): 1 if the sending thread is to write now;
  * else the writer at work, the flusher or a full socket's watch takes it (see the
  * rules at the top of this section). */
@@ -1154,8 +1179,8 @@ static void w_write_now(WriterObject *w) { /* with the GIL */
 /* After an append, with the GIL: write now or batch. */
 static void w_kick(WriterObject *w) {
     if (w->fd < 0) {
-        if (!w->stream) return;
-        int r = w_pywrite(w, w->stream);
+        if (!w->stream && !w->chan) return;
+        int r = w->chan ? w_ipcwrite(w) : w_pywrite(w, w->stream);
         w->stalled = r != 1;
         if (r < 0) PyErr_Clear(); /* the loop's flush meets it again, and handles the fault */
         w_reap(w);
@@ -1231,8 +1256,8 @@ static void w_unbind(WriterObject *w) {
     int fd = w->fd;
     w->fd = -1;
     w->flusher = NULL;
-    PyObject *stream = w->stream;
-    w->stream = NULL;
+    PyObject *stream = w->stream, *chan = w->chan;
+    w->stream = w->chan = NULL;
     w->blocked = w->failed = w->stalled = w->read_since = 0;
     w->last_ns = 0;
     w->closing = 0;
@@ -1240,6 +1265,7 @@ static void w_unbind(WriterObject *w) {
     w_reap(w);
     if (fd >= 0) close(fd);
     Py_XDECREF(stream);
+    Py_XDECREF(chan);
     Py_XDECREF(fl);
 }
 
@@ -1286,9 +1312,18 @@ static PyObject *Writer_bind(WriterObject *w, PyObject *args) {
         fl->members[fl->nmembers++] = w;
         pthread_mutex_unlock(&fl->mu);
     }
+    PyObject *chan = NULL;
+    if (dup_fd < 0) { /* an ipc:// stream: its channel's ring is written through the core */
+        chan = PyObject_GetAttrString(stream, "channel");
+        if (!chan)
+            PyErr_Clear();
+        else if (!Py_IS_TYPE(chan, capi->ipc_channel_type))
+            Py_CLEAR(chan);
+    }
     pthread_mutex_lock(&w->mu);
     w->fd = dup_fd;
-    w->stream = dup_fd < 0 ? Py_NewRef(stream) : NULL;
+    w->stream = dup_fd < 0 && !chan ? Py_NewRef(stream) : NULL;
+    w->chan = chan;
     w->flusher = fl;
     pthread_mutex_unlock(&w->mu);
     Py_RETURN_NONE;
@@ -1344,7 +1379,7 @@ static PyObject *Writer_send(WriterObject *w, PyObject *buffers) {
  * room.  Raises OSError if a write failed. */
 static PyObject *Writer_flush(WriterObject *w, PyObject *stream) {
     if (w->fd < 0) {
-        int r = w_pywrite(w, w->stream ? w->stream : stream);
+        int r = w->chan ? w_ipcwrite(w) : w_pywrite(w, w->stream ? w->stream : stream);
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb); /* the reaping may run finalizers */
         w_reap(w);
@@ -1479,7 +1514,7 @@ done:
     Py_DECREF(f.buffers);
     if (rec) {
         if (w->fd < 0)
-            w_kick(w); /* a stream's send_buffers */
+            w_kick(w); /* an ipc ring, or a stream's send_buffers */
         else if (act)
             w_write_now(w);
     }
@@ -1487,7 +1522,7 @@ done:
 }
 
 static PyObject *Writer_get_pending(WriterObject *w, void *c) { return PyLong_FromSize_t(w->pending); }
-static PyObject *Writer_get_bound(WriterObject *w, void *c) { return PyBool_FromLong(w->fd >= 0 || w->stream); }
+static PyObject *Writer_get_bound(WriterObject *w, void *c) { return PyBool_FromLong(w->fd >= 0 || w->stream || w->chan); }
 static PyObject *Writer_get_statistics(WriterObject *w, void *c) {
     return Py_BuildValue("{sKsKsK}", "sends", w->n_kicks, "written_by_sender", w->n_direct, "sendmsg", w->n_syscalls);
 }

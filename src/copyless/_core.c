@@ -28,6 +28,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -1959,7 +1960,10 @@ static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
     return 0;
 }
 
-static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType, capi_received, capi_outgoing, capi_received_lazy};
+static Py_ssize_t capi_ipc_send(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
+static PyTypeObject IpcChannelType;
+static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType,  capi_received, capi_outgoing, capi_received_lazy,
+                            &IpcChannelType,        capi_ipc_send};
 
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
@@ -2563,27 +2567,28 @@ static PyObject *IpcChannel_recv_into(IpcChannelObject *c, PyObject *arg) {
 
 /* Copy buffers into my ring: as much as fits, with one publish of the head.
  * *rest is set when something did not fit. */
-static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, int *rest) {
-    Py_ssize_t nbufs = PySequence_Fast_GET_SIZE(seq), total = 0;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+/* Write what fits of iov[0:n] into my ring (room: what was free when last looked);
+ * *rest = 1 if not all of it fit. */
+static Py_ssize_t ipc_write_iov(IpcChannelObject *c, const struct iovec *iov, Py_ssize_t nbufs, int64_t room, int *rest) {
+    Py_ssize_t total = 0;
     uint8_t *ring = c->m + IPC_RING;
     int fresh = 0; /* room comes from the cached tail until something does not fit */
     for (Py_ssize_t i = 0; i < nbufs && room > 0; i++) {
-        Py_buffer b;
-        if (PyObject_GetBuffer(items[i], &b, PyBUF_C_CONTIGUOUS) < 0) return -1;
-        if ((uint64_t)b.len > (uint64_t)room && !fresh) {
+        const uint8_t *buf = iov[i].iov_base;
+        uint64_t len = iov[i].iov_len;
+        if (len > (uint64_t)room && !fresh) {
             fresh = 1;
             int64_t f = ipc_free(c, UINT64_MAX); /* re-read the peer's tail */
-            if (f < 0) { PyBuffer_Release(&b); return -1; }
+            if (f < 0) return -1;
             room = f - total;
         }
-        uint64_t n = (uint64_t)b.len < (uint64_t)room ? (uint64_t)b.len : (uint64_t)room;
+        uint64_t n = len < (uint64_t)room ? len : (uint64_t)room;
         if (n >= IPC_NOGIL_COPY) {
             PyObject *keep = Py_NewRef(c->mine), *keep2 = Py_NewRef(c->peer);
             uint64_t cap = c->cap, pos = c->head + (uint64_t)total;
             uint8_t *m = c->m;
             const uint8_t *p = c->p;
-            const uint8_t *src = b.buf;
+            const uint8_t *src = buf;
             c->wbusy = 1;
             Py_BEGIN_ALLOW_THREADS
             for (uint64_t done = 0; done < n;) {
@@ -2597,13 +2602,12 @@ static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, in
             Py_DECREF(keep);
             Py_DECREF(keep2);
         } else if (n) {
-            ring_copy_in(ring, c->cap, c->head + (uint64_t)total, b.buf, n);
+            ring_copy_in(ring, c->cap, c->head + (uint64_t)total, buf, n);
         }
-        PyBuffer_Release(&b);
         if (!c->m) return ipc_closed_error();
         total += (Py_ssize_t)n;
         room -= (int64_t)n;
-        if ((Py_ssize_t)n < b.len || (room == 0 && i + 1 < nbufs)) *rest = 1;
+        if (n < len || (room == 0 && i + 1 < nbufs)) *rest = 1;
     }
     if (total) {
         c->head += (uint64_t)total;
@@ -2611,6 +2615,28 @@ static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, in
         ipc_disarm_writer(c);
         ipc_published_head(c);
     }
+    return total;
+}
+
+static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, int *rest) {
+    Py_ssize_t nbufs = PySequence_Fast_GET_SIZE(seq), got = 0, total = -1;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_buffer *b = PyMem_Calloc(nbufs ? (size_t)nbufs : 1, sizeof(Py_buffer));
+    struct iovec *iov = PyMem_Calloc(nbufs ? (size_t)nbufs : 1, sizeof(struct iovec));
+    if (!b || !iov) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < nbufs; got++) {
+        if (PyObject_GetBuffer(items[got], &b[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        iov[got].iov_base = b[got].buf;
+        iov[got].iov_len = (size_t)b[got].len;
+    }
+    total = ipc_write_iov(c, iov, nbufs, room, rest);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    PyMem_Free(b);
+    PyMem_Free(iov);
     return total;
 }
 
@@ -2622,6 +2648,42 @@ static void ipc_arm_writer(IpcChannelObject *c) {
     STORE_RLX(u64_at(c->m, IPC_TX_WANT), c->cap / 2);
     STORE_REL(u32_at(c->m, IPC_TX_WAIT), c->wait_val);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* The send of IpcChannel.send, from iovecs (with the GIL): bytes written, 0 if the ring
+ * is full (the writer then waits: the fd turns readable once half the ring is free) or
+ * the peer broke the protocol (the socket is shut down, the read side raises); -1 with
+ * an error (closed). */
+static Py_ssize_t ipc_send_iov(IpcChannelObject *c, const struct iovec *iov, Py_ssize_t n) {
+    if (!c->m) return ipc_closed_error();
+    if (c->broken) return 0;
+    if (c->wbusy) {
+        PyErr_SetString(PyExc_RuntimeError, "ipc channel written from two threads at once");
+        return -1;
+    }
+    Py_ssize_t total = 0;
+    int rest = 0;
+    int64_t room = ipc_free(c, 1);
+    if (room == 0) { /* full: say we wait, then look once more */
+        ipc_arm_writer(c);
+        room = ipc_free(c, 1);
+    }
+    if (room > 0) {
+        total = ipc_write_iov(c, iov, n, room, &rest);
+        if (total > 0 && rest) ipc_arm_writer(c); /* what did not fit waits for room */
+    }
+    if (room < 0 || total < 0) {
+        if (c->broken && PyErr_ExceptionMatches(err_type(RemoteProtoErr, PyExc_ValueError))) {
+            PyErr_Clear();
+            return 0;
+        }
+        return -1;
+    }
+    return total;
+}
+
+static Py_ssize_t capi_ipc_send(PyObject *chan, const struct iovec *iov, Py_ssize_t n) {
+    return ipc_send_iov((IpcChannelObject *)chan, iov, n);
 }
 
 /* send(buffers) -> bytes written (0 if the ring is full: then the writer waits,
