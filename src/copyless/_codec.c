@@ -36,6 +36,7 @@
 #include "_capi.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -657,6 +658,45 @@ static int64_t mono_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* The batching rule reads a clock on every send: the TSC (~8 ns) where it is invariant,
+ * calibrated against CLOCK_MONOTONIC once 10 ms have passed since import; until then, and
+ * elsewhere, clock_gettime (~20 ns here).  cork_clock() returns "cork units", and
+ * cork_window is WR_CORK_NS in them (one decision may be off when the units change:
+ * a send written at once instead of batched). */
+static int64_t cork_window = WR_CORK_NS, tsc0, ns0;
+static int use_tsc; /* 0: ns; 1: calibrating; 2: TSC */
+
+static void cork_init(void) {
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (__get_cpuid(0x80000007, &a, &b, &c, &d) && (d & (1u << 8))) { /* invariant TSC */
+        tsc0 = (int64_t)__rdtsc();
+        ns0 = mono_ns();
+        use_tsc = 1;
+    }
+#endif
+}
+
+static inline int64_t cork_clock(void) { /* (senders on several threads may calibrate at once: same result) */
+#if defined(__x86_64__)
+    int mode = __atomic_load_n(&use_tsc, __ATOMIC_ACQUIRE);
+    if (mode == 2) return (int64_t)__rdtsc();
+    if (mode == 1) {
+        int64_t ns = mono_ns();
+        if (ns - ns0 >= 10000000) {
+            double per_ns = (double)((int64_t)__rdtsc() - tsc0) / (double)(ns - ns0);
+            if (per_ns > 0.1 && per_ns < 100) {
+                __atomic_store_n(&cork_window, (int64_t)(WR_CORK_NS * per_ns), __ATOMIC_RELAXED);
+                __atomic_store_n(&use_tsc, 2, __ATOMIC_RELEASE);
+            } else
+                __atomic_store_n(&use_tsc, 0, __ATOMIC_RELEASE);
+        }
+        return ns;
+    }
+#endif
+    return mono_ns();
+}
+
 /* ------------------------------------------------------------------ OutMessage */
 /* The buffers are held in the record itself (front's, then data's), not in lists:
  * a record is one allocation that the cyclic collector never sees.  A stream keeps
@@ -810,7 +850,7 @@ typedef struct WriterObject {
     size_t cap, rel, head, tail; /* q[rel:head] written, to release (with the GIL); q[head:tail] to write */
     size_t pending;              /* bytes in q[head:tail] */
     size_t py_written;           /* Python buffers in q[rel:head] */
-    Block *blocks, *last;
+    Block *blocks, *last, *spare; /* spare: a written block kept for the next one (no malloc, no page faults) */
     Py_ssize_t coalesce;
     int fd;                      /* our dup of the socket, or -1 */
     PyObject *stream;            /* bound to a stream that writes itself (send_buffers), or NULL */
@@ -859,13 +899,17 @@ static int q_room(WriterObject *w) {
     return 0;
 }
 
-static int q_bytes(WriterObject *w, const void *src, size_t n) {
-    if (!n) return 0;
+/* n contiguous bytes at the end of the queue, to be filled in by the caller (NULL: out
+ * of memory).  They extend the last chunk when they follow it in its block. */
+static uint8_t *q_reserve(WriterObject *w, size_t n) {
     Block *b = w->last;
     if (!b || b->cap - b->used < n) {
         size_t cap = n > WR_BLOCK ? n : WR_BLOCK;
-        b = malloc(sizeof(Block) + cap);
-        if (!b) return -1;
+        if (cap == WR_BLOCK && w->spare) {
+            b = w->spare;
+            w->spare = NULL;
+        } else if (!(b = malloc(sizeof(Block) + cap)))
+            return NULL;
         b->next = NULL;
         b->cap = cap;
         b->used = 0;
@@ -877,26 +921,32 @@ static int q_bytes(WriterObject *w, const void *src, size_t n) {
         w->last = b;
     }
     uint8_t *dst = b->data + b->used;
-    memcpy(dst, src, n);
-    b->used += n;
-    w->pending += n;
     if (w->tail > w->head) { /* grow the last chunk if these bytes follow it in its block */
         Chunk *c = &w->q[w->tail - 1];
         if (c->blk == b && c->p + c->len == dst) {
             c->len += n;
-            return 0;
+            b->used += n;
+            w->pending += n;
+            return dst;
         }
     }
-    if (q_room(w) < 0) {
-        w->pending -= n;
-        return -1;
-    }
+    if (q_room(w) < 0) return NULL;
     Chunk *c = &w->q[w->tail++];
     c->p = dst;
     c->len = n;
     c->blk = b;
     c->view.obj = NULL;
     b->chunks++;
+    b->used += n;
+    w->pending += n;
+    return dst;
+}
+
+static int q_bytes(WriterObject *w, const void *src, size_t n) {
+    if (!n) return 0;
+    uint8_t *dst = q_reserve(w, n);
+    if (!dst) return -1;
+    memcpy(dst, src, n);
     return 0;
 }
 
@@ -961,7 +1011,10 @@ static Py_ssize_t q_reap(WriterObject *w, Py_buffer *views, Py_ssize_t max) {
     while (w->blocks && w->blocks != w->last && w->blocks->chunks == 0) {
         Block *b = w->blocks;
         w->blocks = b->next;
-        free(b);
+        if (b->cap == WR_BLOCK && !w->spare)
+            w->spare = b;
+        else
+            free(b);
     }
     if (w->last && w->last->chunks == 0) w->last->used = 0; /* nothing points into it: reuse it */
     return nv;
@@ -1146,7 +1199,7 @@ static int w_ipcwrite(WriterObject *w) {
  * else the writer at work, the flusher or a full socket's watch takes it (see the
  * rules at the top of this section). */
 static int w_decide(WriterObject *w, int64_t now) {
-    int recent = now - w->last_ns < WR_CORK_NS && !w->read_since;
+    int recent = now - w->last_ns < __atomic_load_n(&cork_window, __ATOMIC_RELAXED) && !w->read_since;
     w->last_ns = now;
     w->read_since = 0;
     w->n_kicks++;
@@ -1186,7 +1239,7 @@ static void w_kick(WriterObject *w) {
         w_reap(w);
         return;
     }
-    int64_t now = mono_ns();
+    int64_t now = cork_clock();
     pthread_mutex_lock(&w->mu);
     int act = w_decide(w, now);
     pthread_mutex_unlock(&w->mu);
@@ -1275,6 +1328,7 @@ static void Writer_dealloc(WriterObject *w) {
         n = b->next;
         free(b);
     }
+    free(w->spare);
     free(w->q);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
@@ -1473,10 +1527,35 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
     int r = 0, act = 0;
     Py_buffer done[4];
     Py_ssize_t ndone = 0;
-    int64_t now = w->fd >= 0 ? mono_ns() : 0;
+    int64_t now = w->fd >= 0 ? cork_clock() : 0;
     pthread_mutex_lock(&w->mu);
     if (w->rel != w->head) ndone = q_reap(w, done, 4); /* what the flusher wrote since */
-    if (!(w->closing || w->failed)) { /* else dropped: the connection is going, the session requeues */
+    int small = fv.len < w->coalesce;
+    for (Py_ssize_t i = 0; i < nb && small; i++) small = dv[i].len < w->coalesce;
+    if (w->closing || w->failed) {
+        /* dropped: the connection is going, and the session requeues what it sent */
+    } else if (small) { /* the whole frame in one piece of the queue */
+        uint8_t *d = q_reserve(w, sizeof head + (size_t)fv.len + 4 + (size_t)dlen + 8);
+        if (!d)
+            r = -1;
+        else {
+            memcpy(d, head, sizeof head);
+            d += sizeof head;
+            memcpy(d, fv.buf, (size_t)fv.len);
+            d += fv.len;
+            memcpy(d, mid, 4);
+            d += 4;
+            for (Py_ssize_t i = 0; i < nb; i++) {
+                memcpy(d, dv[i].buf, (size_t)dv[i].len);
+                d += dv[i].len;
+            }
+            memcpy(d, tailb, 8);
+        }
+        if (r < 0) {
+            w->failed = ENOMEM;
+            q_drop(w);
+        }
+    } else {
         r = q_bytes(w, head, sizeof head);
         if (r == 0 && fv.len) {
             if (fv.len < w->coalesce)
@@ -1819,6 +1898,7 @@ static struct PyModuleDef codecmodule = {PyModuleDef_HEAD_INIT, "copyless._codec
 
 PyMODINIT_FUNC PyInit__codec(void) {
     crc_init();
+    cork_init();
     cpu_sse42 = have_sse42;
     /* the module itself, not PyCapsule_Import's attribute walk from the package, which
      * fails while `copyless` is still being imported */
