@@ -502,3 +502,22 @@ def test_a_read_buffer_is_used_again_only_when_nothing_points_into_it():
         del more
     assert bytes(held.data) == bytes([0]) * 100, "a kept message's bytes were not overwritten"
     assert len(buffers) < 20, "buffers nobody points into are used again"
+
+
+def test_a_send_on_an_idle_connection_is_written_at_once_by_the_sender(child, tmp_path):
+    """Only sends that follow another closely are left to the flusher: one after a pause,
+    and one that answers something received, go out from the sending thread."""
+    counter = tmp_path / "count"
+    counter.write_bytes(bytes(8))
+    kid = child(SINK, str(counter), f"unix://{tmp_path}/s.sock")
+    addr = kid.readline()
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        before = conn._sendq.statistics
+        for _ in range(5):
+            time.sleep(0.01)
+            conn.send(Message(1, data=[b"x"]))
+        after = conn._sendq.statistics
+    assert after["sends"] - before["sends"] == 5
+    assert after["written_by_sender"] - before["written_by_sender"] == 5
