@@ -440,3 +440,84 @@ def test_unclaimed_large_data_stays_in_the_read_buffer_and_claimed_data_is_asked
     assert [bytes(m.data) for m in out] == [frames[i][0] for i in (1, 3, 5)]
     assert all(m.data.obj is out[0].data.obj for m in out), "views into the read buffer: not copied"
     assert r.copied == 3 * 5000, "only the claimed ones were copied (into the buffers the sink gave)"
+
+
+def scanned(payloads: list[bytes], reader: FrameReader | None = None) -> tuple[FrameReader, list]:
+    """Messages the core made from frames carrying these payloads (front b"f<i>")."""
+    r = reader or FrameReader()
+    wire = b"".join(
+        b"".join(
+            bytes(b)
+            for b in encode_frame(Tag.MESSAGE, [[MSG_HEADER.pack(7, 1, 0, 9, i + 1, 0)], [b"f%d" % i], [p]])
+        )
+        for i, p in enumerate(payloads)
+    )
+    out: list = []
+    pos, in_seq = 0, 0
+    while pos < len(wire):
+        buf = r.next_read()
+        n = min(len(buf), len(wire) - pos)
+        buf[:n] = wire[pos : pos + n]
+        pos += n
+        r.bytes_read(n)
+        in_seq = r.take_messages(True, in_seq, None, out)[0]
+    return r, out
+
+
+def test_a_received_message_makes_its_views_when_first_asked_and_counts_its_bytes_before():
+    _, (a, b, c, d) = scanned([b"alpha", b"", b"gamma" * 10, b"delta"])
+    assert (len(a), a.nbytes, b.nbytes, len(c)) == (5, 5, 0, 50), "sizes without making views"
+    assert (bytes(a.front), bytes(a.data)) == (b"f0", b"alpha")
+    assert a.data is a.data and a.data.obj is c.data.obj, "made once, views into the read buffer"
+    assert bytes(memoryview(c)) == b"gamma" * 10 and c.tobytes() == b"gamma" * 10
+    d.release()
+    assert d.released and d.nbytes == 5, "released before its views were made"
+    w, out = Writer(), Collect()
+    w.bind(out, -1, None)
+    w.message(b, 1, 0, True, False)  # a received message can be sent on
+    assert bytes(out.wire).endswith(b"f1" + out.wire[-12:-8] + out.wire[-8:])
+
+
+def test_received_messages_are_tracked_by_the_collector_only_if_kept():
+    import gc
+
+    from copyless._core import _track_kept
+
+    _, msgs = scanned([b"x"] * 3)
+    assert not any(gc.is_tracked(m) for m in msgs)
+    kept = msgs[1]
+    _track_kept(msgs)
+    assert [gc.is_tracked(m) for m in msgs] == [False, True, False]
+    assert gc.is_tracked(kept)
+
+
+def test_a_read_buffer_is_used_again_only_when_nothing_points_into_it():
+    r = FrameReader(prefetch=4096, direct=1024)
+    r, first = scanned([bytes([i]) * 100 for i in range(100)], r)  # several buffers' worth
+    held = first[0]  # its views are not made yet: it holds the read buffer it came in
+    buffers = {id(r._buf)}
+    for _ in range(20):
+        r, more = scanned([b"z" * 100] * 30, r)
+        buffers.add(id(r._buf))
+        del more
+    assert bytes(held.data) == bytes([0]) * 100, "a kept message's bytes were not overwritten"
+    assert len(buffers) < 20, "buffers nobody points into are used again"
+
+
+def test_a_send_on_an_idle_connection_is_written_at_once_by_the_sender(child, tmp_path):
+    """Only sends that follow another closely are left to the flusher: one after a pause,
+    and one that answers something received, go out from the sending thread."""
+    counter = tmp_path / "count"
+    counter.write_bytes(bytes(8))
+    kid = child(SINK, str(counter), f"unix://{tmp_path}/s.sock")
+    addr = kid.readline()
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        before = conn._sendq.statistics
+        for _ in range(5):
+            time.sleep(0.01)
+            conn.send(Message(1, data=[b"x"]))
+        after = conn._sendq.statistics
+    assert after["sends"] - before["sends"] == 5
+    assert after["written_by_sender"] - before["written_by_sender"] == 5

@@ -7,9 +7,10 @@
 
 #include <Python.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #define COPYLESS_CAPI_NAME "copyless._core._CAPI"
-#define COPYLESS_CAPI_VERSION 1
+#define COPYLESS_CAPI_VERSION 3
 
 /* What a sender needs of an outgoing Message. */
 typedef struct {
@@ -29,6 +30,17 @@ typedef struct {
                           int is_reply, PyObject *connection);
     /* The fields of any Message; -1 with an error set (not a Message, released). */
     int (*outgoing)(PyObject *msg, CopylessOutFields *out);
+    /* A received message whose front and data are base[foff:foff+flen] and
+     * base[doff:doff+dlen] (base: a 1-D memoryview of bytes), made when first used;
+     * not yet tracked by the collector: call _core._track_kept() on what outlives
+     * its dispatch. */
+    PyObject *(*received_lazy)(uint32_t type, PyObject *base, Py_ssize_t foff, Py_ssize_t flen, Py_ssize_t doff,
+                               Py_ssize_t dlen, uint64_t tid, int priority, uint64_t seq, int is_reply,
+                               PyObject *connection);
+    /* An ipc:// stream's channel (copyless._core.IpcChannel), and its send from iovecs,
+     * with the GIL: what IpcChannel.send(buffers) does, without the buffer objects. */
+    PyTypeObject *ipc_channel_type;
+    Py_ssize_t (*ipc_send)(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
 } CopylessCAPI;
 
 #endif

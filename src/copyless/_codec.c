@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -36,6 +37,7 @@
 #include "_capi.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -435,26 +437,6 @@ fail:
 /* ------------------------------------------------------------------ messages */
 static const CopylessCAPI *capi; /* the core's Message constructors (_capi.h), set at import */
 
-/* base[off:off + len] as a memoryview that shares base's managed buffer (as a
- * slice does), without the slice and index objects a slice costs.  base must be
- * a 1-D memoryview of bytes; anything else takes the generic path. */
-static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
-    if (PyMemoryView_Check(base)) {
-        Py_buffer *b = &((PyMemoryViewObject *)base)->view;
-        if (b->ndim == 1 && b->itemsize == 1 && b->strides[0] == 1 && !b->suboffsets && off >= 0 && len >= 0 &&
-            off + len <= b->len) {
-            PyObject *v = PyMemoryView_FromObject(base); /* a new view on the same managed buffer */
-            if (!v) return NULL;
-            Py_buffer *w = &((PyMemoryViewObject *)v)->view;
-            w->buf = (char *)b->buf + off; /* what memoryview's own slicing does to a 1-D view */
-            w->len = len;
-            w->shape[0] = len;
-            return v;
-        }
-    }
-    return slice_view(base, off, off + len);
-}
-
 #define TAG_MESSAGE 16
 #define MSG_HEADER_SIZE 28 /* <HBBQQQ: type, priority, flags, tid, seq, ack_seq (session.MSG_HEADER) */
 #define MSG_FLAG_REPLY 0x1
@@ -586,13 +568,8 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
         uint64_t seq = get64(h + 12), a = get64(h + 20);
         if (seq > in_seq && lossless && seq != in_seq + 1) break; /* a gap: the session says so */
         if (seq > in_seq) {
-            PyObject *front = sub_view(base, offs[1], len[1]);
-            PyObject *data = front ? sub_view(base, offs[2], len[2]) : NULL;
-            PyObject *msg = data ? capi->received(get16(h), front, data, get64(h + 4), h[2], seq, h[3] & MSG_FLAG_REPLY,
-                                                  conn)
-                                 : NULL;
-            Py_XDECREF(front);
-            Py_XDECREF(data);
+            PyObject *msg = capi->received_lazy(get16(h), base, offs[1], len[1], offs[2], len[2], get64(h + 4), h[2],
+                                                seq, h[3] & MSG_FLAG_REPLY, conn);
             if (!msg || PyList_Append(out, msg) < 0) {
                 Py_XDECREF(msg);
                 goto fail;
@@ -638,9 +615,13 @@ fail:
  *     written at once, by the sending thread: a lone message or a call costs no
  *     hop to another thread;
  *   - a send that follows another within CORK_NS is left in the queue, and the
- *     flusher is woken if it sleeps (once per batch: an eventfd write); it writes
- *     everything queued by then in one sendmsg, and goes on while more comes,
- *     spinning FL_SPIN_NS for more before it sleeps again;
+ *     flusher is woken if it sleeps (an eventfd write, once per batch).  It lets the
+ *     batch grow for FL_HOLD_NS (asleep) unless FL_BATCH bytes are there sooner, then
+ *     writes all of it with one sendmsg; what came meanwhile is the next batch.  It
+ *     looks for more for FL_SPIN_NS before it sleeps.  Writing at once what was
+ *     there gave batches of 2-10 small messages (as many as arrive during one
+ *     sendmsg); holding them 25 us gives ~100 at 1.5 M msgs/s, and costs a burst's
+ *     messages at most that much latency (never a lone message's);
  *   - past HIGH_WATER queued bytes the sender writes itself.
  * Since the flusher needs no GIL, a batch never waits for a thread that waits
  * for the GIL: a sending thread that stops sending and computes in Python for
@@ -662,8 +643,9 @@ fail:
 #define WR_HIGH_WATER (256 << 10)
 #define WR_CORK_NS 20000
 #define WR_IOV 512
-#define FL_ROUNDS 16 /* sendmsg calls for one writer before the next one's turn */
-#define FL_SPIN_NS 30000
+#define FL_HOLD_NS 25000 /* a batch left to the flusher may grow this long after it was left */
+#define FL_BATCH (16 << 10) /* ... unless it is this large already */
+#define FL_SPIN_NS 10000
 #define FL_MAXEV 64
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -680,6 +662,46 @@ static int64_t mono_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* The batching rule reads a clock on every send: the TSC (~8 ns) where it is invariant,
+ * calibrated against CLOCK_MONOTONIC once 10 ms have passed since import; until then, and
+ * elsewhere, clock_gettime (~20 ns here).  cork_clock() returns "cork units", and
+ * cork_window is WR_CORK_NS in them (one decision may be off when the units change:
+ * a send written at once instead of batched). */
+static int64_t cork_window = WR_CORK_NS, hold_window = FL_HOLD_NS, tsc0, ns0;
+static int use_tsc; /* 0: ns; 1: calibrating; 2: TSC */
+
+static void cork_init(void) {
+#if defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (__get_cpuid(0x80000007, &a, &b, &c, &d) && (d & (1u << 8))) { /* invariant TSC */
+        tsc0 = (int64_t)__rdtsc();
+        ns0 = mono_ns();
+        use_tsc = 1;
+    }
+#endif
+}
+
+static inline int64_t cork_clock(void) { /* (senders on several threads may calibrate at once: same result) */
+#if defined(__x86_64__)
+    int mode = __atomic_load_n(&use_tsc, __ATOMIC_ACQUIRE);
+    if (mode == 2) return (int64_t)__rdtsc();
+    if (mode == 1) {
+        int64_t ns = mono_ns();
+        if (ns - ns0 >= 10000000) {
+            double per_ns = (double)((int64_t)__rdtsc() - tsc0) / (double)(ns - ns0);
+            if (per_ns > 0.1 && per_ns < 100) {
+                __atomic_store_n(&cork_window, (int64_t)(WR_CORK_NS * per_ns), __ATOMIC_RELAXED);
+                __atomic_store_n(&hold_window, (int64_t)(FL_HOLD_NS * per_ns), __ATOMIC_RELAXED);
+                __atomic_store_n(&use_tsc, 2, __ATOMIC_RELEASE);
+            } else
+                __atomic_store_n(&use_tsc, 0, __ATOMIC_RELEASE);
+        }
+        return ns;
+    }
+#endif
+    return mono_ns();
 }
 
 /* ------------------------------------------------------------------ OutMessage */
@@ -835,14 +857,16 @@ typedef struct WriterObject {
     size_t cap, rel, head, tail; /* q[rel:head] written, to release (with the GIL); q[head:tail] to write */
     size_t pending;              /* bytes in q[head:tail] */
     size_t py_written;           /* Python buffers in q[rel:head] */
-    Block *blocks, *last;
+    Block *blocks, *last, *spare; /* spare: a written block kept for the next one (no malloc, no page faults) */
     Py_ssize_t coalesce;
     int fd;                      /* our dup of the socket, or -1 */
     PyObject *stream;            /* bound to a stream that writes itself (send_buffers), or NULL */
+    PyObject *chan;              /* an ipc:// stream's IpcChannel: written through the core's C API */
     FlusherObject *flusher;
     int writing, blocked, closing, failed, stalled, read_since;
     int64_t last_ns;
     int dirty, in_ep, armed;     /* flusher->mu */
+    int64_t dirty_since;         /* (cork units) when the sender left it to the flusher; 0: write at once */
     struct WriterObject *next_dirty;
     unsigned long long n_kicks, n_direct, n_syscalls; /* statistics */
 } WriterObject;
@@ -883,13 +907,17 @@ static int q_room(WriterObject *w) {
     return 0;
 }
 
-static int q_bytes(WriterObject *w, const void *src, size_t n) {
-    if (!n) return 0;
+/* n contiguous bytes at the end of the queue, to be filled in by the caller (NULL: out
+ * of memory).  They extend the last chunk when they follow it in its block. */
+static uint8_t *q_reserve(WriterObject *w, size_t n) {
     Block *b = w->last;
     if (!b || b->cap - b->used < n) {
         size_t cap = n > WR_BLOCK ? n : WR_BLOCK;
-        b = malloc(sizeof(Block) + cap);
-        if (!b) return -1;
+        if (cap == WR_BLOCK && w->spare) {
+            b = w->spare;
+            w->spare = NULL;
+        } else if (!(b = malloc(sizeof(Block) + cap)))
+            return NULL;
         b->next = NULL;
         b->cap = cap;
         b->used = 0;
@@ -901,26 +929,32 @@ static int q_bytes(WriterObject *w, const void *src, size_t n) {
         w->last = b;
     }
     uint8_t *dst = b->data + b->used;
-    memcpy(dst, src, n);
-    b->used += n;
-    w->pending += n;
     if (w->tail > w->head) { /* grow the last chunk if these bytes follow it in its block */
         Chunk *c = &w->q[w->tail - 1];
         if (c->blk == b && c->p + c->len == dst) {
             c->len += n;
-            return 0;
+            b->used += n;
+            w->pending += n;
+            return dst;
         }
     }
-    if (q_room(w) < 0) {
-        w->pending -= n;
-        return -1;
-    }
+    if (q_room(w) < 0) return NULL;
     Chunk *c = &w->q[w->tail++];
     c->p = dst;
     c->len = n;
     c->blk = b;
     c->view.obj = NULL;
     b->chunks++;
+    b->used += n;
+    w->pending += n;
+    return dst;
+}
+
+static int q_bytes(WriterObject *w, const void *src, size_t n) {
+    if (!n) return 0;
+    uint8_t *dst = q_reserve(w, n);
+    if (!dst) return -1;
+    memcpy(dst, src, n);
     return 0;
 }
 
@@ -985,7 +1019,10 @@ static Py_ssize_t q_reap(WriterObject *w, Py_buffer *views, Py_ssize_t max) {
     while (w->blocks && w->blocks != w->last && w->blocks->chunks == 0) {
         Block *b = w->blocks;
         w->blocks = b->next;
-        free(b);
+        if (b->cap == WR_BLOCK && !w->spare)
+            w->spare = b;
+        else
+            free(b);
     }
     if (w->last && w->last->chunks == 0) w->last->used = 0; /* nothing points into it: reuse it */
     return nv;
@@ -1009,6 +1046,7 @@ static void w_reap(WriterObject *w) {
 static void fl_push(FlusherObject *fl, WriterObject *w) {
     if (w->dirty) return;
     w->dirty = 1;
+    w->dirty_since = 0;
     w->next_dirty = NULL;
     if (fl->dirty_tail)
         fl->dirty_tail->next_dirty = w;
@@ -1142,11 +1180,35 @@ static int w_pywrite(WriterObject *w, PyObject *stream) {
     return 1;
 }
 
+/* With the GIL: write into an ipc:// channel's ring, as its send_buffers would, without
+ * making buffer objects.  1 all written, 0 not all (the ring is full: the channel then
+ * waits for room, and its fd turns readable when there is), -1 error raised. */
+static int w_ipcwrite(WriterObject *w) {
+    struct iovec iov[WR_IOV];
+    while (w->head < w->tail) {
+        int k = 0;
+        size_t want = 0;
+        for (size_t i = w->head; i < w->tail && k < WR_IOV; i++, k++) {
+            iov[k].iov_base = (void *)w->q[i].p;
+            iov[k].iov_len = w->q[i].len;
+            want += w->q[i].len;
+        }
+        Py_ssize_t n = capi->ipc_send(w->chan, iov, k);
+        if (n < 0) return -1;
+        w->n_syscalls++; /* (a publish, not a system call: one per write all the same) */
+        pthread_mutex_lock(&w->mu);
+        q_advance(w, (size_t)n);
+        pthread_mutex_unlock(&w->mu);
+        if ((size_t)n < want) return 0;
+    }
+    return 1;
+}
+
 /* After an append (w->mu held, with the GIL): 1 if the sending thread is to write now;
  * else the writer at work, the flusher or a full socket's watch takes it (see the
  * rules at the top of this section). */
 static int w_decide(WriterObject *w, int64_t now) {
-    int recent = now - w->last_ns < WR_CORK_NS && !w->read_since;
+    int recent = now - w->last_ns < __atomic_load_n(&cork_window, __ATOMIC_RELAXED) && !w->read_since;
     w->last_ns = now;
     w->read_since = 0;
     w->n_kicks++;
@@ -1160,6 +1222,7 @@ static int w_decide(WriterObject *w, int64_t now) {
     if (!fl->closed) {
         act = 0;
         fl_push(fl, w);
+        w->dirty_since = now;
         if (fl->sleeping && !fl->poked) {
             fl->poked = 1;
             fl_poke(fl);
@@ -1179,14 +1242,14 @@ static void w_write_now(WriterObject *w) { /* with the GIL */
 /* After an append, with the GIL: write now or batch. */
 static void w_kick(WriterObject *w) {
     if (w->fd < 0) {
-        if (!w->stream) return;
-        int r = w_pywrite(w, w->stream);
+        if (!w->stream && !w->chan) return;
+        int r = w->chan ? w_ipcwrite(w) : w_pywrite(w, w->stream);
         w->stalled = r != 1;
         if (r < 0) PyErr_Clear(); /* the loop's flush meets it again, and handles the fault */
         w_reap(w);
         return;
     }
-    int64_t now = mono_ns();
+    int64_t now = cork_clock();
     pthread_mutex_lock(&w->mu);
     int act = w_decide(w, now);
     pthread_mutex_unlock(&w->mu);
@@ -1256,8 +1319,8 @@ static void w_unbind(WriterObject *w) {
     int fd = w->fd;
     w->fd = -1;
     w->flusher = NULL;
-    PyObject *stream = w->stream;
-    w->stream = NULL;
+    PyObject *stream = w->stream, *chan = w->chan;
+    w->stream = w->chan = NULL;
     w->blocked = w->failed = w->stalled = w->read_since = 0;
     w->last_ns = 0;
     w->closing = 0;
@@ -1265,6 +1328,7 @@ static void w_unbind(WriterObject *w) {
     w_reap(w);
     if (fd >= 0) close(fd);
     Py_XDECREF(stream);
+    Py_XDECREF(chan);
     Py_XDECREF(fl);
 }
 
@@ -1274,6 +1338,7 @@ static void Writer_dealloc(WriterObject *w) {
         n = b->next;
         free(b);
     }
+    free(w->spare);
     free(w->q);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
@@ -1311,9 +1376,18 @@ static PyObject *Writer_bind(WriterObject *w, PyObject *args) {
         fl->members[fl->nmembers++] = w;
         pthread_mutex_unlock(&fl->mu);
     }
+    PyObject *chan = NULL;
+    if (dup_fd < 0) { /* an ipc:// stream: its channel's ring is written through the core */
+        chan = PyObject_GetAttrString(stream, "channel");
+        if (!chan)
+            PyErr_Clear();
+        else if (!Py_IS_TYPE(chan, capi->ipc_channel_type))
+            Py_CLEAR(chan);
+    }
     pthread_mutex_lock(&w->mu);
     w->fd = dup_fd;
-    w->stream = dup_fd < 0 ? Py_NewRef(stream) : NULL;
+    w->stream = dup_fd < 0 && !chan ? Py_NewRef(stream) : NULL;
+    w->chan = chan;
     w->flusher = fl;
     pthread_mutex_unlock(&w->mu);
     Py_RETURN_NONE;
@@ -1369,7 +1443,7 @@ static PyObject *Writer_send(WriterObject *w, PyObject *buffers) {
  * room.  Raises OSError if a write failed. */
 static PyObject *Writer_flush(WriterObject *w, PyObject *stream) {
     if (w->fd < 0) {
-        int r = w_pywrite(w, w->stream ? w->stream : stream);
+        int r = w->chan ? w_ipcwrite(w) : w_pywrite(w, w->stream ? w->stream : stream);
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb); /* the reaping may run finalizers */
         w_reap(w);
@@ -1463,10 +1537,35 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
     int r = 0, act = 0;
     Py_buffer done[4];
     Py_ssize_t ndone = 0;
-    int64_t now = w->fd >= 0 ? mono_ns() : 0;
+    int64_t now = w->fd >= 0 ? cork_clock() : 0;
     pthread_mutex_lock(&w->mu);
     if (w->rel != w->head) ndone = q_reap(w, done, 4); /* what the flusher wrote since */
-    if (!(w->closing || w->failed)) { /* else dropped: the connection is going, the session requeues */
+    int small = fv.len < w->coalesce;
+    for (Py_ssize_t i = 0; i < nb && small; i++) small = dv[i].len < w->coalesce;
+    if (w->closing || w->failed) {
+        /* dropped: the connection is going, and the session requeues what it sent */
+    } else if (small) { /* the whole frame in one piece of the queue */
+        uint8_t *d = q_reserve(w, sizeof head + (size_t)fv.len + 4 + (size_t)dlen + 8);
+        if (!d)
+            r = -1;
+        else {
+            memcpy(d, head, sizeof head);
+            d += sizeof head;
+            memcpy(d, fv.buf, (size_t)fv.len);
+            d += fv.len;
+            memcpy(d, mid, 4);
+            d += 4;
+            for (Py_ssize_t i = 0; i < nb; i++) {
+                memcpy(d, dv[i].buf, (size_t)dv[i].len);
+                d += dv[i].len;
+            }
+            memcpy(d, tailb, 8);
+        }
+        if (r < 0) {
+            w->failed = ENOMEM;
+            q_drop(w);
+        }
+    } else {
         r = q_bytes(w, head, sizeof head);
         if (r == 0 && fv.len) {
             if (fv.len < w->coalesce)
@@ -1504,7 +1603,7 @@ done:
     Py_DECREF(f.buffers);
     if (rec) {
         if (w->fd < 0)
-            w_kick(w); /* a stream's send_buffers */
+            w_kick(w); /* an ipc ring, or a stream's send_buffers */
         else if (act)
             w_write_now(w);
     }
@@ -1512,7 +1611,7 @@ done:
 }
 
 static PyObject *Writer_get_pending(WriterObject *w, void *c) { return PyLong_FromSize_t(w->pending); }
-static PyObject *Writer_get_bound(WriterObject *w, void *c) { return PyBool_FromLong(w->fd >= 0 || w->stream); }
+static PyObject *Writer_get_bound(WriterObject *w, void *c) { return PyBool_FromLong(w->fd >= 0 || w->stream || w->chan); }
 static PyObject *Writer_get_statistics(WriterObject *w, void *c) {
     return Py_BuildValue("{sKsKsK}", "sends", w->n_kicks, "written_by_sender", w->n_direct, "sendmsg", w->n_syscalls);
 }
@@ -1567,6 +1666,7 @@ static PyTypeObject WriterType = {
 /* ------------------------------------------------------------------ Flusher */
 static void *fl_main(void *arg) {
     FlusherObject *fl = arg;
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0); /* its short sleeps (the hold) end on time */
     struct epoll_event ev[FL_MAXEV];
     pthread_mutex_lock(&fl->mu);
     while (!fl->stop) {
@@ -1621,12 +1721,28 @@ static void *fl_main(void *arg) {
         if (!fl->dirty_head) fl->dirty_tail = NULL;
         w->dirty = 0;
         fl->busy = w;
+        int64_t since = w->dirty_since;
         pthread_mutex_unlock(&fl->mu);
-        int r = w_write(w, FL_ROUNDS);
+        if (since && __atomic_load_n(&w->pending, __ATOMIC_RELAXED) < FL_BATCH) {
+            /* Left by a sender in the middle of a burst: let the batch grow a little (one
+             * sendmsg for many messages, one wake-up of the reader), asleep, and never
+             * longer than the hold window, whatever the sender does. */
+            int64_t left = since + __atomic_load_n(&hold_window, __ATOMIC_RELAXED) - cork_clock();
+            if (left > 0) {
+                int64_t ns = left * FL_HOLD_NS / __atomic_load_n(&hold_window, __ATOMIC_RELAXED);
+                struct timespec ts = {0, (long)ns};
+                nanosleep(&ts, NULL);
+            }
+        }
+        /* one sendmsg: what came meanwhile waits for the next turn, and grows there */
+        int r = w_write(w, 1);
         pthread_mutex_lock(&fl->mu);
         fl->busy = NULL;
         pthread_cond_broadcast(&fl->cv);
-        if (r & 1) fl_push(fl, w); /* more: after the others have had their turn */
+        if (r & 1) { /* more: after the others have had their turn */
+            fl_push(fl, w);
+            if (since) w->dirty_since = cork_clock();
+        }
         if ((r & 2) && !fl->reap) {
             fl->reap = 1;
             uint64_t one = 1;
@@ -1770,6 +1886,20 @@ static PyObject *py_set_errors(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* sole_view(view) -> bool: the read buffer's own memoryview, called as
+ * sole_view(reader._view), is the only thing that holds it (the attribute and the
+ * argument: two references) and the only view of its buffer: no message or segment
+ * handed out, made yet or to be made (a received message holds the view until it
+ * makes its own), points into the buffer, which may then be written again. */
+static PyObject *py_sole_view(PyObject *self, PyObject *arg) {
+    if (!PyMemoryView_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "sole_view() takes a memoryview");
+        return NULL;
+    }
+    PyMemoryViewObject *v = (PyMemoryViewObject *)arg;
+    return PyBool_FromLong(Py_REFCNT(arg) == 2 && v->mbuf && v->mbuf->exports == 1 && v->exports == 0);
+}
+
 static int cpu_sse42;
 
 static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover both paths */
@@ -1782,6 +1912,7 @@ static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover
 static PyMethodDef codec_methods[] = {
     {"_use_hardware_crc", py_use_hardware, METH_O, "Use SSE4.2 for crc32c if the CPU has it (True) or not."},
     {"_set_errors", py_set_errors, METH_VARARGS, "_set_errors(LocalProtocolError, ConfigurationError)"},
+    {"sole_view", py_sole_view, METH_O, "sole_view(reader._view) -> bool: nothing else points into its buffer."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, value=0) -> int (Castagnoli, as the crc32c package)"},
     {"frame_encode", py_frame_encode, METH_VARARGS, "One frame as a list of buffers (see frames.encode_frame)."},
     {"frame_scan", py_frame_scan, METH_VARARGS, "Complete small valid frames in a buffer (see frames.FrameReader)."},
@@ -1794,6 +1925,7 @@ static struct PyModuleDef codecmodule = {PyModuleDef_HEAD_INIT, "copyless._codec
 
 PyMODINIT_FUNC PyInit__codec(void) {
     crc_init();
+    cork_init();
     cpu_sse42 = have_sse42;
     /* the module itself, not PyCapsule_Import's attribute walk from the package, which
      * fails while `copyless` is still being imported */

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -1218,6 +1219,11 @@ typedef struct {
     int released;
     int is_reply, priority;                    /* messenger: reply flag, dispatch priority (u8) */
     PyObject *front, *data, *connection;       /* messenger: NULL for pub/sub (front reads b"") */
+    /* a received messenger message: front and data are base[off:off+len], made the first
+     * time they are asked for (most messages are dispatched without looking at them,
+     * and two memoryviews were two thirds of a message's objects) */
+    PyObject *base;
+    Py_ssize_t foff, flen, doff, dlen;
     PyObject *weakreflist;
 } MessageObject;
 
@@ -1423,7 +1429,7 @@ static PyObject *sub_pop(SubCoreObject *self) {
     m->released = 0;
     m->is_reply = 0;
     m->priority = 0;
-    m->front = m->data = m->connection = NULL;
+    m->front = m->data = m->connection = m->base = NULL;
     m->weakreflist = NULL;
     if (seq != self->last_seq + 1) self->st_gaps++;
     self->last_seq = seq;
@@ -1629,6 +1635,35 @@ static PyObject *msg_closed(void) {
     return NULL;
 }
 
+/* base[off:off + len] as a memoryview that shares base's managed buffer (as a slice
+ * does), without the slice and index objects a slice costs: what memoryview's own
+ * slicing does to a 1-D byte view.  Anything else takes the generic path. */
+static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
+    if (PyMemoryView_Check(base)) {
+        Py_buffer *b = &((PyMemoryViewObject *)base)->view;
+        if (b->ndim == 1 && b->itemsize == 1 && b->strides[0] == 1 && !b->suboffsets && off >= 0 && len >= 0 &&
+            off + len <= b->len) {
+            PyObject *v = PyMemoryView_FromObject(base); /* a new view on the same managed buffer */
+            if (!v) return NULL;
+            Py_buffer *w = &((PyMemoryViewObject *)v)->view;
+            w->buf = (char *)b->buf + off;
+            w->len = len;
+            w->shape[0] = len;
+            return v;
+        }
+    }
+    return PySequence_GetSlice(base, off, off + len);
+}
+
+/* A received message's front and data, made on first use (see MessageObject). */
+static int msg_lazy(MessageObject *m) {
+    if (!m->base) return 0;
+    if (!m->front && !(m->front = sub_view(m->base, m->foff, m->flen))) return -1;
+    if (!m->data && !(m->data = sub_view(m->base, m->doff, m->dlen))) return -1;
+    Py_CLEAR(m->base);
+    return 0;
+}
+
 /* An int in [0, max] (anything with __index__), else ConfigurationError naming the field. */
 static int msg_uint(PyObject *v, uint64_t max, const char *what, uint64_t *out) {
     PyObject *i = PyNumber_Index(v);
@@ -1717,6 +1752,7 @@ static Py_ssize_t data_nbytes(PyObject *data) {
 }
 
 static Py_ssize_t msg_nbytes(MessageObject *m) {
+    if (m->base && !m->data && !m->released) return m->dlen;
     return m->sub || m->released ? (Py_ssize_t)m->len : data_nbytes(m->data);
 }
 
@@ -1724,7 +1760,8 @@ static Py_ssize_t msg_nbytes(MessageObject *m) {
  * still has to send (or resend) it holds by its own references. */
 static int msgr_release(MessageObject *m) {
     if (m->released) return 0;
-    Py_ssize_t n = data_nbytes(m->data);
+    Py_ssize_t n = m->base && !m->data ? m->dlen : data_nbytes(m->data);
+    Py_CLEAR(m->base);
     if (n < 0) { PyErr_Clear(); n = 0; } /* a non-buffer set into a data list: nothing to count */
     m->len = (uint64_t)n;
     m->released = 1;
@@ -1868,6 +1905,42 @@ static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, u
     return (PyObject *)m;
 }
 
+/* A received message whose front and data are views of base made on first use, not yet
+ * tracked by the collector: its receiver tracks it if it outlives its dispatch
+ * (capi_track_kept).  Until then it is only in the receiver's list, so it cannot be
+ * part of a cycle the collector would need to see. */
+static PyObject *capi_received_lazy(uint32_t type, PyObject *base, Py_ssize_t foff, Py_ssize_t flen, Py_ssize_t doff,
+                                    Py_ssize_t dlen, uint64_t tid, int priority, uint64_t seq, int is_reply,
+                                    PyObject *connection) {
+    MessageObject *m = msg_alloc();
+    if (!m) return NULL;
+    m->type = type;
+    m->tag = tid;
+    m->priority = priority;
+    m->seq = seq;
+    m->is_reply = is_reply;
+    m->base = Py_NewRef(base);
+    m->foff = foff;
+    m->flen = flen;
+    m->doff = doff;
+    m->dlen = dlen;
+    m->connection = connection == NULL || connection == Py_None ? NULL : Py_NewRef(connection);
+    return (PyObject *)m;
+}
+
+/* _track_kept(messages): track those that something besides the list still holds. */
+static PyObject *mod_track_kept(PyObject *mod, PyObject *list) {
+    if (!PyList_Check(list)) {
+        PyErr_SetString(PyExc_TypeError, "_track_kept() takes a list");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *o = PyList_GET_ITEM(list, i);
+        if (Py_REFCNT(o) > 1 && Py_IS_TYPE(o, &MessageType) && !PyObject_GC_IsTracked(o)) PyObject_GC_Track(o);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Message_get_buffers(MessageObject *m, void *c);
 
 static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
@@ -1876,7 +1949,7 @@ static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
         return -1;
     }
     MessageObject *m = (MessageObject *)o;
-    PyObject *bufs = Message_get_buffers(m, NULL); /* raises if released */
+    PyObject *bufs = Message_get_buffers(m, NULL); /* raises if released; makes lazy views */
     if (!bufs) return -1;
     out->type = m->type;
     out->priority = m->priority;
@@ -1887,7 +1960,10 @@ static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
     return 0;
 }
 
-static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType, capi_received, capi_outgoing};
+static Py_ssize_t capi_ipc_send(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
+static PyTypeObject IpcChannelType;
+static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType,  capi_received, capi_outgoing, capi_received_lazy,
+                            &IpcChannelType,        capi_ipc_send};
 
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
@@ -1910,6 +1986,7 @@ static void Message_dealloc(MessageObject *m) {
     Py_XDECREF(m->front);
     Py_XDECREF(m->data);
     Py_XDECREF(m->connection);
+    Py_XDECREF(m->base);
     PyObject_GC_Del(m);
 }
 
@@ -1917,6 +1994,7 @@ static int Message_traverse(MessageObject *m, visitproc visit, void *arg) {
     Py_VISIT(m->front);
     Py_VISIT(m->data);
     Py_VISIT(m->connection);
+    Py_VISIT(m->base);
     return 0;
 }
 
@@ -1925,6 +2003,7 @@ static int Message_clear(MessageObject *m) {
     Py_CLEAR(m->front);
     Py_CLEAR(m->data);
     Py_CLEAR(m->connection);
+    Py_CLEAR(m->base);
     return 0;
 }
 
@@ -1932,6 +2011,10 @@ static int Message_clear(MessageObject *m) {
  * itself, or the only item of a list or tuple.  NULL, no error set, when it
  * has none or several (*count says how many, -1 for neither kind). */
 static PyObject *msg_single(MessageObject *m, Py_ssize_t *count) {
+    if (msg_lazy(m) < 0) {
+        *count = -2;
+        return NULL;
+    }
     PyObject *d = m->data;
     if (PyObject_CheckBuffer(d)) { *count = 1; return Py_NewRef(d); }
     if (PyList_Check(d) || PyTuple_Check(d)) {
@@ -1951,6 +2034,7 @@ static int Message_getbuffer(MessageObject *m, Py_buffer *view, int flags) {
     Py_ssize_t count;
     PyObject *one = msg_single(m, &count);
     if (!one) {
+        if (count == -2) return -1; /* making its views failed */
         if (count < 0)
             PyErr_SetString(PyExc_TypeError, "this message's data is not a buffer or a sequence of buffers");
         else
@@ -1975,7 +2059,7 @@ static PyBufferProcs Message_as_buffer = {(getbufferproc)Message_getbuffer, NULL
 
 static PyObject *Message_get_data(MessageObject *m, void *c) {
     if (m->released) return msg_closed();
-    if (!m->sub) return Py_NewRef(m->data);
+    if (!m->sub) return msg_lazy(m) < 0 ? NULL : Py_NewRef(m->data);
     /* The message exports the view, so the view keeps it alive and the slot
      * goes back only when release() is called or no view is left.  Not
      * cached: a cached view would make a reference cycle. */
@@ -1986,6 +2070,7 @@ static PyObject *Message_get_data(MessageObject *m, void *c) {
  * of message it is: a received message can be sent on. */
 static PyObject *Message_get_buffers(MessageObject *m, void *c) {
     if (m->released) return msg_closed();
+    if (msg_lazy(m) < 0) return NULL;
     PyObject *one;
     if (m->sub) {
         if (!(one = PyMemoryView_FromObject((PyObject *)m))) return NULL;
@@ -2004,6 +2089,7 @@ static PyObject *Message_get_buffers(MessageObject *m, void *c) {
 
 static PyObject *Message_get_front(MessageObject *m, void *c) {
     if (m->released) return msg_closed();
+    if (msg_lazy(m) < 0) return NULL;
     return Py_NewRef(m->sub ? empty_bytes : m->front);
 }
 
@@ -2025,6 +2111,7 @@ static int msg_settable(MessageObject *m, PyObject *v, const char *name) {
 static int Message_set_data(MessageObject *m, PyObject *v, void *c) {
     if (msg_settable(m, v, "data") < 0) return -1;
     if (m->released) { msg_closed(); return -1; }
+    if (msg_lazy(m) < 0) return -1;
     if (!PyObject_CheckBuffer(v)) {
         if (!PyList_Check(v) && !PyTuple_Check(v)) {
             PyErr_Format(PyExc_TypeError, "data must be a buffer or a list of buffers, not %.100s", Py_TYPE(v)->tp_name);
@@ -2039,6 +2126,7 @@ static int Message_set_data(MessageObject *m, PyObject *v, void *c) {
 static int Message_set_front(MessageObject *m, PyObject *v, void *c) {
     if (msg_settable(m, v, "front") < 0) return -1;
     if (m->released) { msg_closed(); return -1; }
+    if (msg_lazy(m) < 0) return -1;
     if (msg_check_front(v) < 0) return -1;
     Py_SETREF(m->front, Py_NewRef(v));
     return 0;
@@ -2098,6 +2186,7 @@ static PyObject *Message_exit(MessageObject *m, PyObject *args) {
 static PyObject *Message_bytes(MessageObject *m, PyObject *unused) {
     if (m->released) return msg_closed();
     if (m->sub) return PyBytes_FromStringAndSize((const char *)m->ptr, (Py_ssize_t)m->len);
+    if (msg_lazy(m) < 0) return NULL;
     if (PyObject_CheckBuffer(m->data)) return PyBytes_FromObject(m->data);
     return PyObject_CallMethod(empty_bytes, "join", "O", m->data);
 }
@@ -2478,27 +2567,28 @@ static PyObject *IpcChannel_recv_into(IpcChannelObject *c, PyObject *arg) {
 
 /* Copy buffers into my ring: as much as fits, with one publish of the head.
  * *rest is set when something did not fit. */
-static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, int *rest) {
-    Py_ssize_t nbufs = PySequence_Fast_GET_SIZE(seq), total = 0;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+/* Write what fits of iov[0:n] into my ring (room: what was free when last looked);
+ * *rest = 1 if not all of it fit. */
+static Py_ssize_t ipc_write_iov(IpcChannelObject *c, const struct iovec *iov, Py_ssize_t nbufs, int64_t room, int *rest) {
+    Py_ssize_t total = 0;
     uint8_t *ring = c->m + IPC_RING;
     int fresh = 0; /* room comes from the cached tail until something does not fit */
     for (Py_ssize_t i = 0; i < nbufs && room > 0; i++) {
-        Py_buffer b;
-        if (PyObject_GetBuffer(items[i], &b, PyBUF_C_CONTIGUOUS) < 0) return -1;
-        if ((uint64_t)b.len > (uint64_t)room && !fresh) {
+        const uint8_t *buf = iov[i].iov_base;
+        uint64_t len = iov[i].iov_len;
+        if (len > (uint64_t)room && !fresh) {
             fresh = 1;
             int64_t f = ipc_free(c, UINT64_MAX); /* re-read the peer's tail */
-            if (f < 0) { PyBuffer_Release(&b); return -1; }
+            if (f < 0) return -1;
             room = f - total;
         }
-        uint64_t n = (uint64_t)b.len < (uint64_t)room ? (uint64_t)b.len : (uint64_t)room;
+        uint64_t n = len < (uint64_t)room ? len : (uint64_t)room;
         if (n >= IPC_NOGIL_COPY) {
             PyObject *keep = Py_NewRef(c->mine), *keep2 = Py_NewRef(c->peer);
             uint64_t cap = c->cap, pos = c->head + (uint64_t)total;
             uint8_t *m = c->m;
             const uint8_t *p = c->p;
-            const uint8_t *src = b.buf;
+            const uint8_t *src = buf;
             c->wbusy = 1;
             Py_BEGIN_ALLOW_THREADS
             for (uint64_t done = 0; done < n;) {
@@ -2512,13 +2602,12 @@ static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, in
             Py_DECREF(keep);
             Py_DECREF(keep2);
         } else if (n) {
-            ring_copy_in(ring, c->cap, c->head + (uint64_t)total, b.buf, n);
+            ring_copy_in(ring, c->cap, c->head + (uint64_t)total, buf, n);
         }
-        PyBuffer_Release(&b);
         if (!c->m) return ipc_closed_error();
         total += (Py_ssize_t)n;
         room -= (int64_t)n;
-        if ((Py_ssize_t)n < b.len || (room == 0 && i + 1 < nbufs)) *rest = 1;
+        if (n < len || (room == 0 && i + 1 < nbufs)) *rest = 1;
     }
     if (total) {
         c->head += (uint64_t)total;
@@ -2526,6 +2615,28 @@ static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, in
         ipc_disarm_writer(c);
         ipc_published_head(c);
     }
+    return total;
+}
+
+static Py_ssize_t ipc_write(IpcChannelObject *c, PyObject *seq, int64_t room, int *rest) {
+    Py_ssize_t nbufs = PySequence_Fast_GET_SIZE(seq), got = 0, total = -1;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_buffer *b = PyMem_Calloc(nbufs ? (size_t)nbufs : 1, sizeof(Py_buffer));
+    struct iovec *iov = PyMem_Calloc(nbufs ? (size_t)nbufs : 1, sizeof(struct iovec));
+    if (!b || !iov) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; got < nbufs; got++) {
+        if (PyObject_GetBuffer(items[got], &b[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        iov[got].iov_base = b[got].buf;
+        iov[got].iov_len = (size_t)b[got].len;
+    }
+    total = ipc_write_iov(c, iov, nbufs, room, rest);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+    PyMem_Free(b);
+    PyMem_Free(iov);
     return total;
 }
 
@@ -2537,6 +2648,42 @@ static void ipc_arm_writer(IpcChannelObject *c) {
     STORE_RLX(u64_at(c->m, IPC_TX_WANT), c->cap / 2);
     STORE_REL(u32_at(c->m, IPC_TX_WAIT), c->wait_val);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* The send of IpcChannel.send, from iovecs (with the GIL): bytes written, 0 if the ring
+ * is full (the writer then waits: the fd turns readable once half the ring is free) or
+ * the peer broke the protocol (the socket is shut down, the read side raises); -1 with
+ * an error (closed). */
+static Py_ssize_t ipc_send_iov(IpcChannelObject *c, const struct iovec *iov, Py_ssize_t n) {
+    if (!c->m) return ipc_closed_error();
+    if (c->broken) return 0;
+    if (c->wbusy) {
+        PyErr_SetString(PyExc_RuntimeError, "ipc channel written from two threads at once");
+        return -1;
+    }
+    Py_ssize_t total = 0;
+    int rest = 0;
+    int64_t room = ipc_free(c, 1);
+    if (room == 0) { /* full: say we wait, then look once more */
+        ipc_arm_writer(c);
+        room = ipc_free(c, 1);
+    }
+    if (room > 0) {
+        total = ipc_write_iov(c, iov, n, room, &rest);
+        if (total > 0 && rest) ipc_arm_writer(c); /* what did not fit waits for room */
+    }
+    if (room < 0 || total < 0) {
+        if (c->broken && PyErr_ExceptionMatches(err_type(RemoteProtoErr, PyExc_ValueError))) {
+            PyErr_Clear();
+            return 0;
+        }
+        return -1;
+    }
+    return total;
+}
+
+static Py_ssize_t capi_ipc_send(PyObject *chan, const struct iovec *iov, Py_ssize_t n) {
+    return ipc_send_iov((IpcChannelObject *)chan, iov, n);
 }
 
 /* send(buffers) -> bytes written (0 if the ring is full: then the writer waits,
@@ -2844,6 +2991,8 @@ static PyObject *mod_ctl_size(PyObject *mod, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"_set_errors", mod_set_errors, METH_VARARGS, NULL},
+    {"_track_kept", mod_track_kept, METH_O,
+     "_track_kept(messages): let the collector see the received messages still held after their dispatch."},
     {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
     {"ipc_spin", mod_ipc_spin, METH_VARARGS,
      "ipc_spin(channels, seconds) -> [index]: spin (GIL released) until some channel has something to do."},

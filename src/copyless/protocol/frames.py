@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .._codec import crc32c, frame_encode, frame_scan, message_scan
+from .._codec import crc32c, frame_encode, frame_scan, message_scan, sole_view
 from .._core import Message
 from ..errors import LocalProtocolError, RemoteProtocolError
 
@@ -324,11 +324,19 @@ class FrameReader:
     def _renew(self) -> None:
         """A fresh prefetch buffer; the unparsed tail (part of one frame that fits a buffer)
         moves over.  The old buffer lives on as long as segments handed out still point
-        into it."""
+        into it; if none does, it is used again (no allocation, no page faults, and the
+        memory is still in the cache)."""
         tail = self._end - self._start
         size = max(self.stream_prefetch if self._filled else self.prefetch, tail * 2)
+        old = self._buf
+        if len(old) == size and sole_view(self._view):
+            self._view.release()
+            old[:tail] = old[self._start : self._end]
+            self._view = memoryview(old)
+            self._start, self._end = 0, tail
+            return
         buf = bytearray(size)
-        buf[:tail] = self._view[self._start : self._end]
+        buf[:tail] = old[self._start : self._end]
         self._buf, self._view = buf, memoryview(buf)
         self._start, self._end = 0, tail
 
