@@ -1444,6 +1444,7 @@ static PyObject *Writer_send(WriterObject *w, PyObject *buffers) {
 static PyObject *Writer_flush(WriterObject *w, PyObject *stream) {
     if (w->fd < 0) {
         int r = w->chan ? w_ipcwrite(w) : w_pywrite(w, w->stream ? w->stream : stream);
+        w->stalled = r != 1;
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb); /* the reaping may run finalizers */
         w_reap(w);
@@ -1643,7 +1644,8 @@ static PyGetSetDef Writer_getset[] = {
 
 static PyMemberDef Writer_members[] = {
     {"stalled", T_INT, offsetof(WriterObject, stalled), READONLY,
-     "a stream (not a socket) took less than was queued at the last send: flush it when it can take more"},
+     "a stream (not a socket) took less than was queued at the last send or flush: flush it when it can take "
+     "more"},
     {"read", T_INT, offsetof(WriterObject, read_since), 0,
      "set by the reader: a message arrived since the last send (the next send is not part of a burst)"},
     {NULL},
