@@ -1462,6 +1462,18 @@ static PyObject *Writer_flush(WriterObject *w, PyObject *stream) {
     return PyBool_FromLong(!w->blocked || (w->flusher && !w->flusher->closed));
 }
 
+/* A buffer of o: a small bytes object's own memory (it is copied before anything can
+ * change it, and holds no export: v->obj is NULL), else an export. */
+static int get_small(PyObject *o, Py_buffer *v, Py_ssize_t coalesce) {
+    if (PyBytes_CheckExact(o) && PyBytes_GET_SIZE(o) < coalesce) {
+        v->buf = PyBytes_AS_STRING(o);
+        v->len = PyBytes_GET_SIZE(o);
+        v->obj = NULL;
+        return 0;
+    }
+    return PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS);
+}
+
 /* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
  * Encode a MESSAGE frame of msg (a copyless.Message) with this seq and ack_seq
  * straight into the queue (the bytes frames.encode_frame would give), then write
@@ -1489,11 +1501,11 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
         PyErr_NoMemory();
         goto done;
     }
-    if (PyObject_GetBuffer(f.front, &fv, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    have_front = 1;
+    if (get_small(f.front, &fv, w->coalesce) < 0) goto done;
+    have_front = fv.obj != NULL;
     uint64_t dlen = 0;
     for (; got < nb; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(f.buffers, got), &dv[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (get_small(PyList_GET_ITEM(f.buffers, got), &dv[got], w->coalesce) < 0) goto done;
         dlen += (uint64_t)dv[got].len;
     }
     if ((uint64_t)fv.len >= (1ull << 32) || dlen >= (1ull << 32)) {
