@@ -259,7 +259,7 @@ def main(argv=None):
     cell = iter(range(1 << 30))
     results: dict = {}
     print(f"{'cell':18s} {'sender us/msg':>14s} {'receiver us/msg':>16s} {'msg/s (or p50 us)':>18s}")
-    for t in args.transports.split(","):
+    for t in [t for t in args.transports.split(",") if t.strip()]:  # (--transports "" --inproc: only that)
         for size in [int(s) for s in args.sizes.split(",")]:
             runs = [stream(addresses[t](next(cell)), size, args.n) for _ in range(args.repeats)]
             r = {k: median([x[k] for x in runs]) for k in runs[0]}
