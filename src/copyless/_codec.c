@@ -1444,6 +1444,7 @@ static PyObject *Writer_send(WriterObject *w, PyObject *buffers) {
 static PyObject *Writer_flush(WriterObject *w, PyObject *stream) {
     if (w->fd < 0) {
         int r = w->chan ? w_ipcwrite(w) : w_pywrite(w, w->stream ? w->stream : stream);
+        w->stalled = r != 1;
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb); /* the reaping may run finalizers */
         w_reap(w);
@@ -1459,6 +1460,18 @@ static PyObject *Writer_flush(WriterObject *w, PyObject *stream) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
     return PyBool_FromLong(!w->blocked || (w->flusher && !w->flusher->closed));
+}
+
+/* A buffer of o: a small bytes object's own memory (it is copied before anything can
+ * change it, and holds no export: v->obj is NULL), else an export. */
+static int get_small(PyObject *o, Py_buffer *v, Py_ssize_t coalesce) {
+    if (PyBytes_CheckExact(o) && PyBytes_GET_SIZE(o) < coalesce) {
+        v->buf = PyBytes_AS_STRING(o);
+        v->len = PyBytes_GET_SIZE(o);
+        v->obj = NULL;
+        return 0;
+    }
+    return PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS);
 }
 
 /* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
@@ -1488,11 +1501,11 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
         PyErr_NoMemory();
         goto done;
     }
-    if (PyObject_GetBuffer(f.front, &fv, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    have_front = 1;
+    if (get_small(f.front, &fv, w->coalesce) < 0) goto done;
+    have_front = fv.obj != NULL;
     uint64_t dlen = 0;
     for (; got < nb; got++) {
-        if (PyObject_GetBuffer(PyList_GET_ITEM(f.buffers, got), &dv[got], PyBUF_C_CONTIGUOUS) < 0) goto done;
+        if (get_small(PyList_GET_ITEM(f.buffers, got), &dv[got], w->coalesce) < 0) goto done;
         dlen += (uint64_t)dv[got].len;
     }
     if ((uint64_t)fv.len >= (1ull << 32) || dlen >= (1ull << 32)) {
@@ -1643,7 +1656,8 @@ static PyGetSetDef Writer_getset[] = {
 
 static PyMemberDef Writer_members[] = {
     {"stalled", T_INT, offsetof(WriterObject, stalled), READONLY,
-     "a stream (not a socket) took less than was queued at the last send: flush it when it can take more"},
+     "a stream (not a socket) took less than was queued at the last send or flush: flush it when it can take "
+     "more"},
     {"read", T_INT, offsetof(WriterObject, read_since), 0,
      "set by the reader: a message arrived since the last send (the next send is not part of a burst)"},
     {NULL},

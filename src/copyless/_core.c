@@ -1813,6 +1813,10 @@ static PyObject *Message_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
  * a small message's construction is half argument parsing otherwise. */
 static PyObject *Message_vectorcall(PyObject *cls, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     static const char *names[5] = {"type", "front", "data", "tid", "priority"};
+    static PyObject *interned[5]; /* keyword names in code are interned: a pointer compare finds them */
+    if (!interned[0])
+        for (int j = 0; j < 5; j++)
+            if (!(interned[j] = PyUnicode_InternFromString(names[j]))) return NULL;
     PyObject *v[5] = {NULL, NULL, NULL, NULL, NULL};
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs > 5) {
@@ -1824,7 +1828,9 @@ static PyObject *Message_vectorcall(PyObject *cls, PyObject *const *args, size_t
     for (Py_ssize_t k = 0; k < nkw; k++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, k);
         int j = 0;
-        while (j < 5 && !_PyUnicode_EqualToASCIIString(name, names[j])) j++;
+        while (j < 5 && name != interned[j]) j++;
+        if (j == 5)
+            for (j = 0; j < 5 && !_PyUnicode_EqualToASCIIString(name, names[j]);) j++;
         if (j == 5) {
             PyErr_Format(PyExc_TypeError, "'%U' is an invalid keyword argument for Message()", name);
             return NULL;

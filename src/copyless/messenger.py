@@ -269,8 +269,9 @@ class Connection:
             m = self._machine
             if m is not None and m.state is _READY and self._stream is not None:
                 w = self._sendq
+                stalled = w.stalled
                 m.write_message(msg, w)  # encoded by the core, written now or batched
-                if w.stalled:  # a stream (TLS, ipc) took less than all of it: the loop goes on
+                if w.stalled and not stalled:  # a stream (TLS, ipc) took less than all: the loop goes on
                     if self.loop.in_loop():
                         self._pump()
                     else:
