@@ -250,3 +250,21 @@ def test_a_dispatcher_chooses_where_unsolicited_data_lands(address):
     assert got[0].data.obj is arena and bytes(arena[4096:14096]) == b"\x01" * 10_000, "landed in place"
     assert got[1].data.obj is not arena and bytes(got[1].data) == b"\x02" * 100
     assert got[2].data.obj is not arena and bytes(got[2].data) == b"\x03" * 10_000
+
+
+
+def test_a_loop_stopped_while_busy_still_runs_what_it_was_handed():
+    """Connection.close() hands its teardown (which closes the socket) to the loop, and
+    Messenger.shutdown() stops the loop right after: what was handed over must run."""
+    from copyless._ioloop import IOLoop
+
+    loop, gate, ran = IOLoop("t"), threading.Event(), threading.Event()
+    loop.call_soon_threadsafe(gate.wait)  # the loop thread is busy in a call ...
+    time.sleep(0.05)
+    loop.call_soon_threadsafe(ran.set)  # ... when a teardown is handed over
+    stopper = threading.Thread(target=loop.stop)
+    stopper.start()
+    time.sleep(0.05)  # stop() has asked it to stop
+    gate.set()
+    stopper.join(10)
+    assert ran.is_set()

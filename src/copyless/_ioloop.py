@@ -247,6 +247,12 @@ class IOLoop:
                     if not t.cancelled:
                         self._guard(t.fn)
         finally:
+            # what was handed over before stop() still runs: a Connection's close() hands
+            # over its teardown, which closes its socket, and stop() may come right after
+            with self._lock:
+                calls, self._calls = self._calls, deque()
+            for fn, args in calls:
+                self._guard(fn, *args)
             self.flusher.close()
             self._ep.close()
             os.close(self._wake)
