@@ -126,41 +126,37 @@ static uint32_t xpow8n(size_t n) { /* x^(8n) mod P */
 }
 
 #if defined(__x86_64__)
-/* Three independent streams hide the crc32 instruction's 3-cycle latency. */
+/* Runs of three lanes of `lane` bytes, crc'd side by side and joined with `tab`
+ * (x^(8 * lane) mod P): three independent streams hide the crc32 instruction's
+ * 3-cycle latency. */
+__attribute__((target("sse4.2"), always_inline)) static inline uint64_t crc_lanes(
+    uint64_t c, const uint8_t **pp, size_t *np, size_t lane, const uint32_t (*tab)[256]) {
+    const uint8_t *p = *pp;
+    size_t n = *np;
+    while (n >= 3 * lane) {
+        uint64_t c1 = 0, c2 = 0;
+        const uint8_t *q = p;
+        for (size_t i = 0; i < lane; i += 8, q += 8) {
+            uint64_t v0, v1, v2;
+            memcpy(&v0, q, 8);
+            memcpy(&v1, q + lane, 8);
+            memcpy(&v2, q + 2 * lane, 8);
+            c = _mm_crc32_u64(c, v0);
+            c1 = _mm_crc32_u64(c1, v1);
+            c2 = _mm_crc32_u64(c2, v2);
+        }
+        c = shift_by(tab, shift_by(tab, (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
+        p += 3 * lane;
+        n -= 3 * lane;
+    }
+    *pp = p;
+    *np = n;
+    return c;
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uint8_t *p, size_t n) {
-    uint64_t c = crc;
-    while (n >= 3 * LANE) {
-        uint64_t c1 = 0, c2 = 0;
-        const uint8_t *q = p;
-        for (size_t i = 0; i < LANE; i += 8, q += 8) {
-            uint64_t v0, v1, v2;
-            memcpy(&v0, q, 8);
-            memcpy(&v1, q + LANE, 8);
-            memcpy(&v2, q + 2 * LANE, 8);
-            c = _mm_crc32_u64(c, v0);
-            c1 = _mm_crc32_u64(c1, v1);
-            c2 = _mm_crc32_u64(c2, v2);
-        }
-        c = shift_by(shift_tab[0], shift_by(shift_tab[0], (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
-        p += 3 * LANE;
-        n -= 3 * LANE;
-    }
-    while (n >= 3 * SMALL_LANE) {
-        uint64_t c1 = 0, c2 = 0;
-        const uint8_t *q = p;
-        for (size_t i = 0; i < SMALL_LANE; i += 8, q += 8) {
-            uint64_t v0, v1, v2;
-            memcpy(&v0, q, 8);
-            memcpy(&v1, q + SMALL_LANE, 8);
-            memcpy(&v2, q + 2 * SMALL_LANE, 8);
-            c = _mm_crc32_u64(c, v0);
-            c1 = _mm_crc32_u64(c1, v1);
-            c2 = _mm_crc32_u64(c2, v2);
-        }
-        c = shift_by(shift_tab[1], shift_by(shift_tab[1], (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
-        p += 3 * SMALL_LANE;
-        n -= 3 * SMALL_LANE;
-    }
+    uint64_t c = crc_lanes(crc, &p, &n, LANE, shift_tab[0]);
+    c = crc_lanes(c, &p, &n, SMALL_LANE, shift_tab[1]);
     while (n >= 8) {
         uint64_t v;
         memcpy(&v, p, 8);
