@@ -281,7 +281,6 @@ class FrameReader:
         messages accepted, more): more=True means a frame is at hand that
         next_frame() must take (another tag, a gap, a large segment, bad input);
         False, that the rest is an incomplete frame or nothing."""
-        bf, bb = self.budget_frames, self.budget_bytes
         claims = self.sink_claims
         self._start, nf, nb, in_seq, ack, n, stop = message_scan(
             self._view,
@@ -289,8 +288,7 @@ class FrameReader:
             self._end,
             self.max_segment,
             self.direct,
-            UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
-            UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
+            *self._left(),
             lossless,
             in_seq,
             connection,
@@ -302,17 +300,23 @@ class FrameReader:
         return in_seq, ack, n, stop != 0
 
     # ------------------------------------------------------------------ internals
+    def _left(self) -> tuple[int, int]:
+        """The frames and body bytes the budgets still allow, as the core's scanners take them."""
+        bf, bb = self.budget_frames, self.budget_bytes
+        return (
+            UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
+            UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
+        )
+
     def _scan(self, max_frames: int = -1) -> None:
         """Let the core parse the run of complete, small, valid frames at hand."""
-        bf, bb = self.budget_frames, self.budget_bytes
         frames, self._start, nf, nb = frame_scan(
             self._view,
             self._start,
             self._end,
             self.max_segment,
             self.direct,
-            UNLIMITED if bf == UNLIMITED else max(0, bf - self.taken_frames),
-            UNLIMITED if bb == UNLIMITED else max(0, bb - self.taken_bytes),
+            *self._left(),
             Frame,
             max_frames,
         )
