@@ -165,3 +165,79 @@ def test_no_syscall_per_message_over_ipc(name, tmp_path, traced):
     # the load on the machine, not on the messages; every other call is counted
     others = [c for c in calls if not c.split()[1].startswith("sched_yield")]
     assert len(others) <= N // 200, f"{len(others)} system calls for {N} messages: {others[:10]}"
+
+
+# The Messenger over ipc://: a caller reads its own reply (it leases the stream from its
+# I/O loop).  Neither the lease nor the reply may cost a system call: no epoll_ctl to take
+# the stream off the loop and back, no doorbell from the server (its reply lands while
+# the caller spins), and no wake-up of the client's loop thread.
+CALL_SERVER = """
+import sys, time
+import copyless.messenger as cm
+class Echo(cm.Dispatcher):
+    def can_fast_dispatch(self, msg): return True
+    def fast_dispatch(self, msg): msg.connection.send(msg.reply(2, data=[bytes(msg.data)]))
+m = cm.Messenger("echo.1", policies={"client": cm.Policy.stateful_server()})
+m.add_dispatcher(Echo())
+m.bind(sys.argv[1])
+m.start()
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes it
+m.shutdown()
+"""
+
+CALL_CLIENT = """
+import os, sys
+import copyless.messenger as cm
+m = cm.Messenger("client.1", default_policy=cm.Policy.lossless_client(), io_loops=1)
+c = m.connect(sys.argv[1])
+c.wait_ready(10)
+buf = bytearray(64)
+def calls(n):
+    for i in range(n):
+        r = c.call(cm.Message(2, data=[i.to_bytes(64, "little")]), into=buf, timeout=10)
+        assert int.from_bytes(r.data, "little") == i
+calls(300)
+os.getppid()
+calls({N})
+os.getppid()
+m.shutdown()
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed (scripts/install-deps.sh)")
+def test_a_call_over_ipc_makes_no_system_call(name, tmp_path):
+    n = 2000
+    out = tmp_path / "trace"
+    addr = f"ipc://{name}?spin=20ms"  # longer than strace stalls the traced client at a syscall
+    server = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CALL_SERVER), addr],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        code = textwrap.dedent(CALL_CLIENT.format(N=n))
+        client = subprocess.run(["strace", "-f", "-tt", "-o", str(out), sys.executable, "-c", code, addr], timeout=120)
+        assert client.returncode == 0
+    finally:
+        server.communicate("", timeout=30)
+    lines = [line for line in out.read_text().splitlines() if line.strip() and "resumed>" not in line]
+    marks = [i for i, line in enumerate(lines) if "getppid(" in line]
+    assert len(marks) == 2, f"markers not found in trace: {marks}"
+    h0, m0, s0 = lines[marks[0]].split()[1].split(":")  # strace -tt: HH:MM:SS.micros
+    h1, m1, s1 = lines[marks[1]].split()[1].split(":")
+    elapsed = ((int(h1) - int(h0)) * 60 + int(m1) - int(m0)) * 60 + float(s1) - float(s0)
+    calls = [line.split()[2].split("(")[0] for line in lines[marks[0] + 1 : marks[1]]]  # every thread's
+    # per call, before: epoll_ctl twice (the lease), a doorbell from the server and the
+    # loop woken by it; none of these may be left
+    per_call = [c for c in calls if c in ("epoll_ctl", "sendto", "sendmsg", "recvfrom", "poll")]
+    assert len(per_call) <= n // 200, f"{len(per_call)} of {sorted(set(per_call))} for {n} calls"
+    # The session's timers wake the loop by the clock, not per call (acks are due 5 ms
+    # after a reply that the next request has not carried one for): a few per 5 ms.
+    # The caller yields while it spins and the threads take the GIL in turn: both depend
+    # on the load, not the calls.
+    counted = [c for c in calls if c not in ("sched_yield", "futex")]
+    allowed = n // 200 + 4 * int(elapsed / 0.005 + 1)
+    assert len(counted) <= allowed, f"{len(counted)} calls in {elapsed:.3f} s: {sorted(set(counted))}"

@@ -2799,6 +2799,27 @@ static PyObject *ipc_arm(IpcChannelObject *c) {
 /* arm() -> bool: what the I/O loop calls for each ipc stream before it sleeps. */
 static PyObject *IpcChannel_arm(IpcChannelObject *c, PyObject *unused) { return ipc_arm(c); }
 
+/* disarm(): a caller takes over reading from the loop and spins: the peer need not ring. */
+static PyObject *IpcChannel_disarm(IpcChannelObject *c, PyObject *unused) {
+    if (c->m) ipc_disarm_reader(c);
+    Py_RETURN_NONE;
+}
+
+/* rearm() -> bool: arm() without reading the doorbell first, for a caller that hands
+ * reading back to a loop that may sleep (a byte left in the socket costs the loop one
+ * early wake-up, in which it drains it; a recv per hand-back would cost every call). */
+static PyObject *IpcChannel_rearm(IpcChannelObject *c, PyObject *unused) {
+    if (!c->m || c->broken || c->rbusy) Py_RETURN_TRUE;
+    c->sleep_val += c->armed ? 2 : 1; /* odd, and new */
+    c->armed = 1;
+    STORE_REL(u32_at(c->m, IPC_RX_SLEEP), c->sleep_val);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int64_t a = ipc_avail(c);
+    int r = a != 0 || c->eof || LOAD_ACQ(u32_at(c->p, IPC_CLOSED)) || ipc_writer_may_go(c);
+    if (a < 0) PyErr_Clear();
+    return PyBool_FromLong(r);
+}
+
 /* before_wait() -> bool: spin for `spin` seconds (GIL released), then arm(). */
 static PyObject *IpcChannel_before_wait(IpcChannelObject *c, PyObject *unused) {
     if (!c->m || c->broken) Py_RETURN_TRUE;
@@ -2949,6 +2970,9 @@ static PyMethodDef IpcChannel_methods[] = {
      "before_wait() -> bool: spin, then arm the wake-up; True if there is something to do now."},
     {"arm", (PyCFunction)IpcChannel_arm, METH_NOARGS,
      "arm() -> bool: arm the wake-up before sleeping on the socket; True if there is something to do now."},
+    {"disarm", (PyCFunction)IpcChannel_disarm, METH_NOARGS, "disarm(): the reader is awake (spinning): no wake byte needed."},
+    {"rearm", (PyCFunction)IpcChannel_rearm, METH_NOARGS,
+     "rearm() -> bool: arm() without draining the doorbell; True if there is something to do now."},
     {"close", (PyCFunction)IpcChannel_close, METH_NOARGS, "close(): mark closed, drop the mappings."},
     {"statistics", (PyCFunction)IpcChannel_stats, METH_NOARGS, NULL},
     {NULL},

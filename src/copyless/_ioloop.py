@@ -269,9 +269,12 @@ class IOLoop:
         return [armable[i][0] for i in ipc_spin(chans, spin)]
 
     def _armable(self) -> list[tuple[int, Any]]:
-        """With the lock held: the ipc streams this loop reads, to arm before sleeping."""
+        """With the lock held: the ipc streams this loop reads, to arm before sleeping (not
+        those a caller reads for now: it spins on them itself, see IpcStream.take)."""
         return [
-            (fd, s) for fd, s in self._wwr.items() if fd not in self._detached and self._handlers[fd][0] is not None
+            (fd, s)
+            for fd, s in self._wwr.items()
+            if fd not in self._detached and self._handlers[fd][0] is not None and not s.leased
         ]
 
     @staticmethod

@@ -203,20 +203,29 @@ class Throttle:
 class _Call:
     """A call waiting for its reply; `notify` (if set) runs once it is finished."""
 
-    __slots__ = ("conn", "into", "done", "reply", "error", "notify")
+    __slots__ = ("conn", "into", "done", "_latch", "reply", "error", "notify")
 
     def __init__(self, conn: Connection, into: memoryview | None) -> None:
         self.conn, self.into = conn, into
-        self.done = threading.Event()
+        self.done = False
+        # held until the call finishes (a bare lock: a threading.Event costs ten times
+        # as much to make, and most calls never wait on it: their caller reads the reply)
+        self._latch = threading.Lock()
+        self._latch.acquire()
         self.reply: Message | None = None
         self.error: BaseException | None = None
         self.notify: Callable[[], object] | None = None
 
     def finish(self, reply: Message | None = None, error: BaseException | None = None) -> None:
         self.reply, self.error = reply, error
-        self.done.set()
+        self.done = True
+        self._latch.release()
         if self.notify is not None:
             self.notify()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until finished; False if `timeout` passed first."""
+        return self.done or self._latch.acquire(timeout=-1 if timeout is None else timeout)
 
     def result(self) -> Message:
         """The reply of a finished call, or its error raised."""
@@ -245,6 +254,7 @@ class Connection:
         self._lock = threading.RLock()
         self._adopted_by: Connection | None = None  # server: the session's connection took our transport
         self._leased = False  # a thread in call() is reading the socket instead of the loop
+        self._lease_off = False  # an ipc stream leased and then taken off its loop (see _on_readable)
         self.last_error: BaseException | None = None  # why the last transport ended, if it failed
         self._paused = False  # a throttle is full: the socket is off the loop until it frees
         self._waiting = False  # our attempt lost a race: the peer connects to us
@@ -300,7 +310,7 @@ class Connection:
                 if leased is not None:
                     self._unlease(leased)  # before waiting: the loop reads a new transport
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not pending.done.wait(left):
+            if not pending.wait(left):
                 raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
         finally:
             self.messenger._calls.pop(msg.tid, None)
@@ -320,6 +330,9 @@ class Connection:
     # as a plain blocking socket does.  One caller leases a connection at a time (the
     # others wait for it to deliver their replies); what it reads is handled exactly
     # as on the loop, under the connection's lock, in order.
+    # An ipc stream stays on its loop meanwhile (IpcStream.take: the loop skips it, and
+    # the peer rings no doorbell while the caller spins), so a call costs no epoll_ctl
+    # and never wakes the loop; a socket is taken off the loop (epoll would wake it).
     def _lease(self) -> Stream | None:
         if self.loop.in_loop():
             return None
@@ -328,35 +341,50 @@ class Connection:
             if st is None or m is None or m.state is not State.READY or self._leased or self._paused:
                 return None  # the loop reads and wakes us
             self._leased = True
-            self.loop.detach(st)  # before the request goes: the loop never sees the reply
+            if st.write_wakes_read:
+                st.take()  # type: ignore[attr-defined]
+            else:
+                self.loop.detach(st)  # before the request goes: the loop never sees the reply
             return st
 
     def _unlease(self, st: Stream) -> None:
         with self._lock:
             self._leased = False
-            if self._stream is st and not self._paused:
+            off, self._lease_off = self._lease_off, False
+            on_loop = st.write_wakes_read and not off
+            if on_loop and st.give_back() and self._stream is st and not self._paused:  # type: ignore[attr-defined]
+                self.loop.call_soon_threadsafe(self._on_readable)  # something came meanwhile
+            if self._stream is not st:
+                return
+            if on_loop and self._paused:
+                self.loop.detach(st)  # a throttle filled while we read: off until it frees
+            elif not on_loop and not self._paused:
                 self.loop.attach(st)
 
     def _read_until(self, st: Stream, pending: _Call, deadline: float | None) -> None:
-        poller, interest = select.poll(), 0
-        while not pending.done.is_set():
-            # (ipc: room to write shows as readable too)
-            want = select.POLLIN | (select.POLLOUT if self._sendq.pending and not st.write_wakes_read else 0)
-            if want != interest:
-                with self._lock:  # a teardown on the loop thread may have closed it
-                    if self._stream is not st:
+        poller, interest = None, 0
+        while not pending.done:
+            if not st.before_wait():  # TLS: decrypted bytes; ipc: spins, then arms
+                # (ipc: room to write shows as readable too)
+                want = select.POLLIN | (select.POLLOUT if self._sendq.pending and not st.write_wakes_read else 0)
+                if want != interest:
+                    with self._lock:  # a teardown on the loop thread may have closed it
+                        if self._stream is not st:
+                            return
+                        if poller is None:
+                            poller = select.poll()
+                        (poller.modify if interest else poller.register)(st.fileno(), want)
+                    interest = want
+                if deadline is None:
+                    wait = -1
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         return
-                    (poller.modify if interest else poller.register)(st.fileno(), want)
-                interest = want
-            if deadline is None:
-                wait = -1
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                wait = int(left * 1000) + 1
-            if not st.before_wait() and not poller.poll(wait):  # TLS: decrypted bytes; ipc: spins, arms
-                continue
+                    wait = int(left * 1000) + 1
+                assert poller is not None
+                if not poller.poll(wait):
+                    continue
             with self._lock:
                 if self._stream is not st:
                     return  # the transport changed: the loop owns the new one
@@ -449,8 +477,16 @@ class Connection:
 
     def _on_readable(self) -> None:
         with self._lock:
-            if not self._leased:  # else a caller is reading it (it took it off the loop)
+            if not self._leased:
                 self.__on_readable_locked()
+                return
+            # A caller reads it.  An ipc stream stays on the loop while leased; it turns
+            # readable only if the caller armed it and went to sleep: take it off the loop
+            # until the lease ends, or the loop would wake on that byte until it is read.
+            st = self._stream
+            if st is not None and st.write_wakes_read and not self._lease_off:
+                self._lease_off = True
+                self.loop.detach(st)
 
     def __on_readable_locked(self) -> None:
         m, st = self._machine, self._stream
@@ -1018,7 +1054,7 @@ class Messenger:
 
     def _fail_calls(self, conn: Connection, error: BaseException) -> None:
         for pending in list(self._calls.values()):
-            if pending.conn is conn and not pending.done.is_set():
+            if pending.conn is conn and not pending.done:
                 pending.finish(error=error)
 
     def _forget(self, conn: Connection) -> None:

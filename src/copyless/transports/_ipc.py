@@ -255,6 +255,25 @@ class IpcStream(Stream):
         chan = self.channel
         return chan.arm() if chan is not None else False
 
+    # A caller waiting for a reply reads the stream itself for a while (Connection.call).
+    # The stream stays registered with its loop (no epoll_ctl per call), but the loop
+    # neither spins on it nor arms it while `leased`, and the peer rings no doorbell
+    # while the caller spins.
+    leased = False
+
+    def take(self) -> None:
+        """A caller reads this stream from now on, spinning: the peer need not ring."""
+        self.leased = True
+        if self.channel is not None:
+            self.channel.disarm()
+
+    def give_back(self) -> bool:
+        """The loop reads it again: arm it for a loop that may be asleep.  True if there
+        is something to read already (the loop must be told)."""
+        self.leased = False
+        chan = self.channel
+        return chan.rearm() if chan is not None else False
+
     def close(self) -> None:
         if self._closed:
             return
