@@ -163,9 +163,9 @@ def _finish(fut: asyncio.Future[None]) -> None:
 class Messenger(messenger.Messenger):
     """messenger.Messenger for asyncio: make it inside the running loop.
 
-        async with aio.Messenger("client.7") as m:
-            conn = m.connect("tcp://127.0.0.1:6800")
-            reply = await conn.call(Message(1, front=b"..."), into=buf, timeout=5)
+    async with aio.Messenger("client.7") as m:
+        conn = m.connect("tcp://127.0.0.1:6800")
+        reply = await conn.call(Message(1, front=b"..."), into=buf, timeout=5)
     """
 
     def __init__(self, name: str, **kw: Any) -> None:

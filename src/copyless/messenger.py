@@ -489,16 +489,25 @@ class Connection:
                 self.loop.detach(st)
 
     def __on_readable_locked(self) -> None:
+        # A round of reads.  This runs once per message in a call (on both sides), so the
+        # steady state is kept to a few calls: throttles only when one has a limit, and
+        # the pump only when the machine has more than messages for us.
         m, st = self._machine, self._stream
         if m is None or st is None:
             return
-        grant = self.messenger._grant(m.reader)
-        before = m.reader.open_charge
-        self._queued = [0, 0]
+        messenger, reader = self.messenger, m.reader
+        limited = messenger._limited
+        if limited:
+            grant = messenger._grant(reader)
+            before = reader.open_charge
+            self._queued = [0, 0]
+        else:
+            reader.sink_claims = messenger._claims
         self._in_round = True
         try:
-            if m.reader.paused:
+            if limited and reader.paused:
                 m.resume_reading()  # a held frame, if the grant has room for it now
+            now = time.monotonic()
             for _ in range(64):  # bounded: other connections on this loop get their turn
                 buf = m.next_read()
                 if not buf:
@@ -515,11 +524,10 @@ class Connection:
                 if k == 0:
                     m.connection_lost()
                     break
-                m.bytes_read(k)
-                msgs = m.take_messages()
+                msgs = m.received(k, now)
                 if msgs:  # delivered read by read: fewer of them alive at once (see _deliver)
                     try:
-                        self.messenger._deliver(self, msgs)
+                        messenger._deliver(self, msgs)
                     finally:
                         _track_kept(msgs)
                     del msgs
@@ -527,14 +535,19 @@ class Connection:
                         break
                 if (k < len(buf) and not st.pending()) or m.state is State.CLOSED:
                     break  # a short read: the socket is drained (saves the EAGAIN round)
-            m.ack_if_needed()
-            self._pump()
+            due = m.settle_reads()
+            if due < 0:
+                self._pump()
+            elif due:
+                self._arm_timer(due)
         finally:
             self._in_round = False
-            # what the round did not queue goes back, except a frame still being read
-            now = m.reader.open_charge if m.state is not State.CLOSED else (0, 0)
-            self.messenger._settle(grant, self._queued[0] + now[0] - before[0], self._queued[1] + now[1] - before[1])
-        if self._machine is m and self._stream is st and m.reader.paused and not self._paused:
+            if limited:
+                # what the round did not queue goes back, except a frame still being read
+                left = reader.open_charge if m.state is not State.CLOSED else (0, 0)
+                q = self._queued
+                messenger._settle(grant, q[0] + left[0] - before[0], q[1] + left[1] - before[1])
+        if limited and self._machine is m and self._stream is st and reader.paused and not self._paused:
             self._paused = True
             if not self._leased:
                 self.loop.detach(st)
@@ -587,8 +600,13 @@ class Connection:
             return
         self.loop.set_writer(st, None if done else self._on_writable)
         deadline = m.next_deadline()
+        if deadline is not None:
+            self._arm_timer(deadline)
+
+    def _arm_timer(self, deadline: float) -> None:
+        """Make sure the timer fires by `deadline`."""
         t = self._timer
-        if deadline is not None and (t is None or deadline < t.when):
+        if t is None or deadline < t.when:
             # Armed only when the deadline comes earlier: a timer that fires early
             # just pumps and re-arms, which is cheaper than re-arming on every message.
             if t is not None:
@@ -635,7 +653,7 @@ class Connection:
         if self._machine is not None and not self._in_round:
             n, b = self._machine.reader.open_charge
             self._machine.reader.open_charge = (0, 0)
-            self.messenger._settle((n, b, b), 0, 0)
+            self.messenger._settle((n, [b] * len(self.messenger._limit_bytes)), 0, 0)
 
     def _teardown_locked(self, error: BaseException | None) -> None:
         self._release_open_charge()
@@ -743,6 +761,12 @@ class Messenger:
         # received messages, their bytes, and the bytes waiting for dispatch (Ceph's
         # policy throttlers and dispatch throttler), taken before a body is read
         self._throttles = (Throttle(throttle_messages), Throttle(throttle_bytes), Throttle(dispatch_throttle_bytes))
+        # what a read round reserves from: the messages throttle (for frames) if it has a
+        # limit, and those of the others that have one (for body bytes); none: it skips them
+        msgs, nbytes, queued = self._throttles
+        self._limit_frames = msgs if msgs.limit is not None else None
+        self._limit_bytes = [t for t in (nbytes, queued) if t.limit is not None]
+        self._limited = self._limit_frames is not None or bool(self._limit_bytes)
         self._dispatch_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         # One lock for all the connections a server accepts.  A reconnect's handshake runs on
@@ -935,9 +959,7 @@ class Messenger:
         if new:  # a peer's connection opened the session (it won a race, or it restarted)
             self._each(lambda d: d.handle_accept(existing))
 
-    def _sink(
-        self, conn: Connection, pre: Preamble, index: int, earlier: Sequence[memoryview]
-    ) -> memoryview | None:
+    def _sink(self, conn: Connection, pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
         """Direct receive: a large data segment goes straight from the transport into the
         buffer its call posted, or one a dispatcher chose from the verified header
         (small ones are copied into a posted buffer by _deliver)."""
@@ -1019,22 +1041,25 @@ class Messenger:
             nbytes.put(size)
 
     # ------------------------------------------------------------ throttles
-    def _grant(self, reader: FrameReader) -> tuple[int, int, int]:
-        """Reserve what the throttles have free and make it the reader's budget."""
+    def _grant(self, reader: FrameReader) -> tuple[int, list[int]]:
+        """Reserve what the throttles with a limit have free and make it the reader's budget:
+        (frames granted or UNLIMITED, bytes granted by each of _limit_bytes)."""
         need = reader.held_bytes if reader.paused else 0
         reader.sink_claims = self._claims  # (and what the sink may want this round)
-        msgs, nbytes, queued = self._throttles
-        g = (msgs.reserve(1), nbytes.reserve(need), queued.reserve(need))
-        reader.budget_frames = UNLIMITED if g[0] == UNLIMITED else reader.taken_frames + g[0]
-        room = [x for x in g[1:] if x != UNLIMITED]
+        t = self._limit_frames
+        frames = UNLIMITED if t is None else t.reserve(1)
+        reader.budget_frames = UNLIMITED if t is None else reader.taken_frames + frames
+        room = [t.reserve(need) for t in self._limit_bytes]
         reader.budget_bytes = reader.taken_bytes + min(room) if room else UNLIMITED
-        return g
+        return frames, room
 
-    def _settle(self, grant: tuple[int, int, int], kept_msgs: int, kept_bytes: int) -> None:
+    def _settle(self, grant: tuple[int, list[int]], kept_msgs: int, kept_bytes: int) -> None:
         """After a read round: everything granted but not kept goes back."""
-        for t, g, kept in zip(self._throttles, grant, (kept_msgs, kept_bytes, kept_bytes), strict=True):
-            if g != UNLIMITED:
-                t.put(g - kept)
+        frames, room = grant
+        if self._limit_frames is not None:
+            self._limit_frames.put(frames - kept_msgs)
+        for t, g in zip(self._limit_bytes, room, strict=True):
+            t.put(g - kept_bytes)
 
     def _when_free(self, cb: Callable[[], object]) -> None:
         """cb() once, when the first full throttle frees (a paused reader resumes)."""

@@ -299,6 +299,21 @@ class FrameReader:
         self.taken_bytes += nb
         return in_seq, ack, n, stop != 0
 
+    def read_messages(
+        self, n: int, lossless: bool, in_seq: int, connection: Any, out: list[Message]
+    ) -> tuple[int, int, int, bool] | None:
+        """bytes_read(n) and then take_messages(), in one call, when the reader is
+        between frames with nothing held, handed out or being read straight into a
+        target (the steady state); None, having done nothing, otherwise."""
+        if self._phase != _PREAMBLE or self._held or self._ready or self._target is not None:
+            return None
+        end = self._end + n
+        if n < 0 or end > len(self._buf):
+            raise LocalProtocolError("bytes_read() does not match the last next_read()")
+        self._end = end
+        self._filled = end == len(self._buf)
+        return self.take_messages(lossless, in_seq, connection, out)
+
     # ------------------------------------------------------------------ internals
     def _left(self) -> tuple[int, int]:
         """The frames and body bytes the budgets still allow, as the core's scanners take them."""

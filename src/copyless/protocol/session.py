@@ -416,6 +416,17 @@ class SessionConnection:
         if self._unacked_in >= self.ack_every:
             self.send_ack()
 
+    def settle_reads(self) -> float:
+        """After a round of reads whose messages the owner took (take_messages):
+        acknowledge now if ack_every of them wait for it.  Returns -1.0 if the owner must
+        pump (events, bytes to send, or not READY any more), else the time by which its
+        timer must fire for the ack owed (0.0: none owed)."""
+        if self._unacked_in >= self.ack_every:
+            self.send_ack()
+        if self._events or self._out or self.state is not _READY:
+            return -1.0
+        return self._ack_due or 0.0
+
     def send_ack(self) -> None:
         """Acknowledge everything received, now, with an ACK frame."""
         if self.state is State.READY and self.session is not None and self._unacked_in:
@@ -457,14 +468,47 @@ class SessionConnection:
             return memoryview(b"")
         return self.reader.next_read()
 
-    def bytes_read(self, n: int) -> None:
-        """Account for n bytes read into the buffer from next_read(), and act on them."""
+    def bytes_read(self, n: int, now: float | None = None) -> None:
+        """Account for n bytes read into the buffer from next_read(), and act on them
+        (`now`: the time, if the owner has it: cheaper than a tick() per read)."""
         if self.state is State.CLOSED:
             return
+        if now is not None:
+            self._now = now
         self._last_rx = self._now
+        self.reader.bytes_read(n)
+        self._parse()
+
+    def received(self, n: int, now: float) -> list[Message]:
+        """bytes_read(n, now) and then take_messages(), in one call: the steady state of a
+        read (a run of whole MESSAGE frames, parsed by the core) costs the owner one call."""
+        reader, s = self.reader, self.session
+        if self.state is _READY and self.compiled and self.messages and not self._events and s is not None:
+            out: list[Message] = []
+            got = reader.read_messages(n, s.lossless, s.in_seq, self.owner, out)
+            if got is not None:
+                self._now = self._last_rx = now
+                in_seq, ack, k, more = got
+                if ack:
+                    s.acked(ack)
+                if k:
+                    s.in_seq = in_seq
+                    self._unacked_in += k
+                    if self._ack_due is None:
+                        self._ack_due = now + self.ack_delay
+                if not more:
+                    return out
+                if out:  # a frame the core left to us comes after these
+                    self._events.append(MessagesReceived(out))
+                self._parse()
+                return self.take_messages()
+        self.bytes_read(n, now)
+        return self.take_messages()
+
+    def _parse(self) -> None:
+        """Act on what the reader has (after bytes_read)."""
         reader = self.reader
         try:
-            reader.bytes_read(n)
             if self.state is State.BANNER:
                 raw = reader.take(BANNER.size)
                 if raw is None:
