@@ -66,7 +66,8 @@ def test_message_throttle_holds_the_rest_in_the_transport(gated):
         conn = client.connect(addr)
         conn.wait_ready(5)
         for i in range(n):
-            conn.send(Message(WRITE, front=b"%06d" % i, data=[bytes(200)]))
+            # 6 MB: more than the unix socket's buffers hold (transports.UNIX_SNDBUF)
+            conn.send(Message(WRITE, front=b"%06d" % i, data=[bytes(2000)]))
         msgs = server._throttles[0]
         assert wait_for(lambda: msgs.used == 10), "the throttle filled"
         time.sleep(0.2)

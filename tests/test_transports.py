@@ -145,3 +145,21 @@ def test_stale_unix_socket_file_is_replaced(tmp_path):
 def test_bad_addresses(bad):
     with pytest.raises(ConfigurationError):
         parse_address(bad)
+
+
+def test_unix_streams_may_have_a_large_message_in_flight(tmp_path):
+    """Both ends of a unix stream get a send buffer of UNIX_SNDBUF (as far as
+    net.core.wmem_max allows): the default (208 KiB) made a 1 MiB message five rounds."""
+    from copyless.transports import UNIX_SNDBUF
+
+    with open("/proc/sys/net/core/wmem_max") as f:
+        cap = int(f.read())
+    lst, client, server = pair(f"unix://{tmp_path}/s.sock")
+    try:
+        for s in (client, server):
+            # the kernel doubles what it is given (bookkeeping overhead)
+            assert s.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * min(UNIX_SNDBUF, cap)
+    finally:
+        client.close()
+        server.close()
+        lst.close()

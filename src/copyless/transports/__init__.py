@@ -73,6 +73,9 @@ def _format(family: int, sockaddr: object) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
+UNIX_SNDBUF = 1 << 20  # the kernel caps it at net.core.wmem_max
+
+
 class Stream:
     """A connected, non-blocking byte stream."""
 
@@ -82,6 +85,11 @@ class Stream:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock.family == socket.AF_UNIX:
+            # A unix socket's send buffer (208 KiB by default) is all a sender may have in
+            # flight: a 1 MiB message took five rounds of EAGAIN, epoll and wake-up.
+            # (TCP sizes its buffers itself; setting one would turn that off.)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         self.sock = sock
         self.peer = peer
 
