@@ -268,3 +268,63 @@ def test_a_loop_stopped_while_busy_still_runs_what_it_was_handed():
     gate.set()
     stopper.join(10)
     assert ran.is_set()
+
+
+def wait_until(pred, timeout=5.0) -> bool:
+    end = time.monotonic() + timeout
+    while not pred() and time.monotonic() < end:
+        time.sleep(0.01)
+    return pred()
+
+
+class Resets(Store):
+    def __init__(self) -> None:
+        super().__init__()
+        self.resets: list[Connection] = []
+
+    def handle_reset(self, conn: Connection) -> None:
+        self.resets.append(conn)
+
+
+@pytest.mark.parametrize("policy", ["stateless", "stateful"])
+def test_a_server_forgets_clients_that_are_gone(address, policy):
+    """A stateless server drops a client's session with its connection; a stateful one
+    keeps it for the client to resume within `session_linger`, then drops it (and the
+    dispatcher hears handle_reset).  Nothing of the clients is left behind."""
+    store = Resets()
+    server_policy = Policy.stateless_server() if policy == "stateless" else Policy.stateful_server()
+    linger = 0.5
+    with Messenger("store.1", policies={"client": server_policy}, session_linger=linger) as m:
+        m.add_dispatcher(store)
+        addr = m.bind(address)
+        m.start()
+        for i in range(5):
+            client_policy = Policy.lossy_client() if policy == "stateless" else Policy.lossless_client()
+            with Messenger(f"client.{i}", default_policy=client_policy) as client:
+                conn = client.connect(addr)
+                reply = conn.call(Message(READ, front=(3).to_bytes(4, "little")), timeout=5)
+                assert bytes(reply.data) == bytes([7]) * 3
+        if policy == "stateful":
+            assert len(m._registry.by_client) == 5, "kept for the clients to come back, for a while"
+        assert wait_until(lambda: not m._registry.by_client and not m._connections and not m._by_session)
+        assert len(store.resets) == 5 and {c.peer_name for c in store.resets} == {f"client.{i}" for i in range(5)}
+
+
+def test_a_client_that_comes_back_within_the_linger_resumes_its_session(server):
+    """The linger timer of a stateful server's session stops when its client reconnects."""
+    m, store, addr = server
+    m._session_linger = 0.4
+    with Messenger("client.7", default_policy=Policy.lossless_client()) as client:
+        conn = client.connect(addr)
+        for round in range(3):
+            for i in range(50):
+                conn.send(Message(WRITE, front=(round * 50 + i).to_bytes(4, "little")))
+            store.expect = (round + 1) * 50
+            assert store.got.wait(5)
+            store.got.clear()
+            (srv,) = store.accepted
+            srv.loop.call_soon_threadsafe(lambda s=srv: s._stream and s._stream.sock.shutdown(socket.SHUT_RDWR))
+            time.sleep(0.6)  # longer than the linger: only the reconnect keeps the session
+        assert conn.call(Message(READ, front=(1).to_bytes(4, "little")), timeout=5).data == b"\x07"
+    got = [int.from_bytes(w[:4], "little") for w in store.writes]
+    assert got == list(range(150)) and len(store.accepted) == 1 and not srv._closed

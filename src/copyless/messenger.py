@@ -683,7 +683,12 @@ class Connection:
             self.messenger._forget(self)
             return
         if self.policy.server and not self.policy.lossy and not self._closed:
-            return  # standby: a stateful server keeps the session until the client reconnects
+            # standby: a stateful server keeps the session for the client to reconnect to
+            # (_adopt moves its new transport in and cancels this), for so long
+            linger = self.messenger._session_linger
+            if linger is not None and self._retry is None:
+                self._retry = self.loop.call_later(linger, lambda: self._locked(self._expire))
+            return
         if isinstance(error, WrongPeer) and not self._closed:
             self._closed = True  # not a fault that passes: that address is someone else's
             self.messenger._each(lambda d: d.handle_reset(self))
@@ -704,6 +709,17 @@ class Connection:
         if self.policy.lossy and self.session is not None:
             self.session.reset()
         self._schedule_reconnect()
+
+    def _expire(self) -> None:
+        """A stateful server's session whose client did not come back within the linger:
+        it ends as a lossy one does (the dispatcher hears handle_reset)."""
+        self._retry = None
+        if self._stream is not None or self._closed:
+            return  # it came back (and _adopt missed this timer), or it was closed meanwhile
+        self._closed = True
+        self.messenger._each(lambda d: d.handle_reset(self))
+        self.messenger._fail_calls(self, PeerLost(f"{self.peer_name} did not come back within the session linger"))
+        self.messenger._forget(self)
 
     def _schedule_reconnect(self, delay: float | None = None) -> None:
         if self._closed:
@@ -730,6 +746,7 @@ class Messenger:
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = 30.0,
         keepalive_interval: float | None = 5.0,
+        session_linger: float | None = 300.0,
         throttle_messages: int | None = None,
         throttle_bytes: int | None = None,
         dispatch_throttle_bytes: int | None = 100 << 20,
@@ -744,6 +761,11 @@ class Messenger:
         self._secret, self._data_crc = secret, data_crc
         self._tls_server, self._tls_client = tls_server, tls_client  # for tcp:// (ssl module)
         self._timeouts = (handshake_timeout, idle_timeout, keepalive_interval)
+        # How long a stateful server keeps a client's session once its connection ended,
+        # for the client to reconnect and resume it (None: until shutdown).  Without a
+        # limit, every client that went away for good left its session (and what was
+        # queued for it) behind.
+        self._session_linger = session_linger
         self._loops = [IOLoop(f"copyless-io-{name}-{i}") for i in range(io_loops)]
         self._dispatchers: list[Dispatcher] = []
         self._registry = SessionRegistry(name, self._make_peer)
@@ -1085,8 +1107,11 @@ class Messenger:
     def _forget(self, conn: Connection) -> None:
         with self._lock:
             self._connections.discard(conn)
-        if self._by_session.get(id(conn.session)) is conn:
-            del self._by_session[id(conn.session)]
-            if self._registry.by_peer.get(conn.peer_name or conn.expect) is conn.session:
+        s = conn.session
+        if s is not None and self._by_session.get(id(s)) is conn:
+            del self._by_session[id(s)]
+            if self._registry.by_peer.get(conn.peer_name or conn.expect) is s:
                 del self._registry.by_peer[conn.peer_name or conn.expect]
+            if self._registry.by_client.get(s.peer_cookie) is s:
+                del self._registry.by_client[s.peer_cookie]  # a client of ours that is gone
         conn.loop.load = max(0, conn.loop.load - 1)
