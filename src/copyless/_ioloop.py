@@ -68,6 +68,7 @@ class IOLoop:
         self._skipped = 0  # epoll_waits skipped in a row because spinning found ipc work
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        self._ident = self._thread.ident  # (start() returns once the thread runs)
 
     # ------------------------------------------------------------ any thread
     def call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -83,7 +84,7 @@ class IOLoop:
             self._thread.join(10)
 
     def in_loop(self) -> bool:
-        return threading.current_thread() is self._thread
+        return threading.get_ident() == self._ident
 
     def add_reader(self, fileobj: Any, cb: Callback) -> None:
         fd = fileobj.fileno()
