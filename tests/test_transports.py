@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from copyless._codec import Writer
 from copyless.errors import ConfigurationError
-from copyless.transports import Listener, SendQueue, Stream, connect, listen, parse_address
+from copyless.transports import Listener, Stream, connect, listen, parse_address
 
 
 @pytest.fixture(params=["tcp", "unix-path", "unix-abstract", "ipc"])
@@ -64,7 +65,7 @@ def recv_exactly(stream: Stream, n: int) -> bytes:
 def test_scatter_gather_round_trip_into_a_chosen_buffer(address):
     lst, c, s = pair(address)
     try:
-        q = SendQueue()
+        q = Writer()  # the Messenger's send queue, unbound: it writes through stream.send_buffers
         parts = [b"head", bytearray(b"-middle-"), memoryview(b"tail" * 1000)]
         q.add(parts)
         while not q.flush(c):
@@ -83,7 +84,7 @@ def test_partial_writes_resume_where_they_stopped(address):
     try:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         payload = os.urandom(4 << 20)
-        q = SendQueue()
+        q = Writer()  # the Messenger's send queue, unbound: it writes through stream.send_buffers
         q.add([payload[: 1 << 20], payload[1 << 20 :]])
         assert not q.flush(c), "4 MiB cannot fit a 4 KiB send buffer at once"
         got = bytearray()

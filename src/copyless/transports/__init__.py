@@ -4,8 +4,7 @@ nothing of frames or sequence numbers.
     listener = listen("tcp://127.0.0.1:0")      # or "unix:///path", "unix://@abstract"
     t = connect(listener.address)               # non-blocking Stream
     peer = listener.accept()                    # Stream or None
-    queue = SendQueue(); queue.add(buffers)     # scatter-gather, no concatenation
-    queue.flush(t)                              # as much as the socket takes now
+    n = t.send_buffers(buffers)                 # scatter-gather, no concatenation: bytes taken
     n = t.recv_into(buffer)                     # into a buffer the caller chose
 
 Addresses: tcp://HOST:PORT, unix:///absolute/path, unix://@name (abstract),
@@ -21,8 +20,6 @@ import errno
 import os
 import socket
 import ssl
-from collections import deque
-from collections.abc import Iterable
 
 from ..errors import ConfigurationError
 
@@ -34,7 +31,6 @@ __all__ = [
     "IpcStream",
     "Listener",
     "IpcListener",
-    "SendQueue",
     "connect",
     "listen",
     "parse_address",
@@ -279,43 +275,6 @@ def connect(address: str, tls: ssl.SSLContext | None = None) -> Stream:
         host = sockaddr[0] if isinstance(sockaddr, tuple) else None
         return TLSStream(tls.wrap_socket(sock, do_handshake_on_connect=False, server_hostname=host), address)
     return Stream(sock, address)
-
-
-class SendQueue:
-    """Buffers waiting to be written, sent with scatter-gather and never joined."""
-
-    def __init__(self) -> None:
-        self._q: deque[memoryview] = deque()
-        self.pending = 0
-
-    def add(self, buffers: Iterable[Buffer]) -> None:
-        for b in buffers:
-            v = memoryview(b).cast("B")
-            if v.nbytes:
-                self._q.append(v)
-                self.pending += v.nbytes
-
-    def flush(self, stream: Stream) -> bool:
-        """Write what the socket takes now.  True when everything is written."""
-        while self._q:
-            batch = [self._q[i] for i in range(min(len(self._q), IOV_MAX))]
-            n = stream.send_buffers(batch)
-            if n == 0:
-                return False
-            self.pending -= n
-            while n:
-                head = self._q[0]
-                if n >= head.nbytes:
-                    n -= head.nbytes
-                    self._q.popleft()
-                else:
-                    self._q[0] = head[n:]
-                    n = 0
-        return True
-
-    def clear(self) -> None:
-        self._q.clear()
-        self.pending = 0
 
 
 from ._ipc import IpcAddress, IpcListener, IpcStream, connect_ipc  # noqa: E402  (it subclasses Stream)
