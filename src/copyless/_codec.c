@@ -1470,21 +1470,18 @@ static int get_small(PyObject *o, Py_buffer *v, Py_ssize_t coalesce) {
     return PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS);
 }
 
-/* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
- * Encode a MESSAGE frame of msg (a copyless.Message) with this seq and ack_seq
- * straight into the queue (the bytes frames.encode_frame would give), then write
- * now or batch.  Returns what the session keeps to resend (lossless), else None. */
-static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "message(msg, seq, ack, data_crc, lossless)");
-        return NULL;
-    }
-    uint64_t seq = PyLong_AsUnsignedLongLong(args[1]), ack = PyLong_AsUnsignedLongLong(args[2]);
-    int data_crc = PyObject_IsTrue(args[3]), lossless = PyObject_IsTrue(args[4]);
-    if (PyErr_Occurred()) return NULL;
+/* Encode a MESSAGE frame of msg (a copyless.Message) with this seq and ack_seq
+ * straight into the queue (the bytes frames.encode_frame would give).  Returns what
+ * the session keeps to resend (lossless), else None; NULL with an error set, and
+ * nothing queued (unless the queue ran out of memory: the writer then fails, as a
+ * broken socket would).  *act: the sending thread is to write now (w_sent). */
+static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t ack, int data_crc, int lossless,
+                          int *act_out) {
+    *act_out = 0;
     CopylessOutFields f;
-    if (capi->outgoing(args[0], &f) < 0) return NULL;
+    if (capi->outgoing(msg, &f) < 0) return NULL;
     PyObject *rec = NULL;
+    int act = 0;
     Py_buffer fv, stack[8], *dv = stack;
     Py_ssize_t nb = PyList_GET_SIZE(f.buffers), got = 0;
     int have_front = 0;
@@ -1543,7 +1540,7 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
         if (!rec) goto done;
     } else
         rec = Py_NewRef(Py_None);
-    int r = 0, act = 0;
+    int r = 0;
     Py_buffer done[4];
     Py_ssize_t ndone = 0;
     int64_t now = w->fd >= 0 ? cork_clock() : 0;
@@ -1610,12 +1607,35 @@ done:
     if (dv != stack) PyMem_Free(dv);
     Py_DECREF(f.front);
     Py_DECREF(f.buffers);
-    if (rec) {
-        if (w->fd < 0)
-            w_kick(w); /* an ipc ring, or a stream's send_buffers */
-        else if (act)
-            w_write_now(w);
+    *act_out = act;
+    return rec;
+}
+
+/* After w_encode: write now, or leave it to the flusher (act says which), or to the
+ * bound stream (ipc ring, a stream's send_buffers). */
+static void w_sent(WriterObject *w, int act) {
+    if (w->fd < 0)
+        w_kick(w);
+    else if (act)
+        w_write_now(w);
+}
+
+/* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
+ * Encode a MESSAGE frame of msg with this seq and ack_seq into the queue (w_encode),
+ * then write now or batch.  Returns what the session keeps to resend (lossless), else
+ * None.  (The Python path's; the steady state of Connection.send does both itself,
+ * see "compiled send" below.) */
+static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "message(msg, seq, ack, data_crc, lossless)");
+        return NULL;
     }
+    uint64_t seq = PyLong_AsUnsignedLongLong(args[1]), ack = PyLong_AsUnsignedLongLong(args[2]);
+    int data_crc = PyObject_IsTrue(args[3]), lossless = PyObject_IsTrue(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    int act;
+    PyObject *rec = w_encode(w, args[0], seq, ack, data_crc, lossless, &act);
+    if (rec) w_sent(w, act);
     return rec;
 }
 
@@ -1888,6 +1908,331 @@ static PyTypeObject FlusherType = {
     .tp_getset = Flusher_getset,
 };
 
+/* ------------------------------------------------------------------ Lock */
+/* A Connection's lock: reentrant, as threading.RLock, and the same algorithm (a
+ * thread lock, its owner and a count, which only the owner changes, with the GIL).
+ * It is ours so that the compiled send can take and give it back in a few ns: the
+ * Python half of a connection takes it with `with`, the send path in C directly,
+ * and the two exclude each other exactly as two Python holders would. */
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lk;
+    unsigned long owner, count;
+} LockObject;
+
+static PyTypeObject LockType;
+
+/* With the GIL.  timeout_ns < 0: wait as long as it takes; 0: do not wait.  1 taken, 0
+ * not (timed out), -1 error (a signal handler raised while waiting).  The GIL is
+ * released while waiting. */
+static int lock_take(LockObject *l, int64_t timeout_ns) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (l->count && l->owner == me) {
+        if (l->count == ULONG_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "lock taken too many times");
+            return -1;
+        }
+        l->count++;
+        return 1;
+    }
+    PyLockStatus r = PyThread_acquire_lock_timed(l->lk, 0, 0);
+    if (r != PY_LOCK_ACQUIRED && timeout_ns != 0) {
+        int64_t end = timeout_ns > 0 ? mono_ns() + timeout_ns : 0;
+        for (;;) {
+            PY_TIMEOUT_T us = -1;
+            if (timeout_ns > 0) {
+                int64_t left = end - mono_ns();
+                us = left > 0 ? (PY_TIMEOUT_T)(left / 1000) : 0;
+                if (us > PY_TIMEOUT_MAX) us = PY_TIMEOUT_MAX;
+            }
+            Py_BEGIN_ALLOW_THREADS
+            r = PyThread_acquire_lock_timed(l->lk, us, 1);
+            Py_END_ALLOW_THREADS
+            if (r != PY_LOCK_INTR) break;
+            if (Py_MakePendingCalls() < 0) return -1; /* a signal handler raised (Ctrl-C) */
+        }
+    }
+    if (r != PY_LOCK_ACQUIRED) return 0;
+    l->owner = me;
+    l->count = 1;
+    return 1;
+}
+
+static int lock_give(LockObject *l) {
+    if (!l->count || l->owner != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return -1;
+    }
+    if (--l->count == 0) {
+        l->owner = 0;
+        PyThread_release_lock(l->lk);
+    }
+    return 0;
+}
+
+static PyObject *Lock_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Lock() takes no arguments");
+        return NULL;
+    }
+    LockObject *l = (LockObject *)cls->tp_alloc(cls, 0);
+    if (!l) return NULL;
+    if (!(l->lk = PyThread_allocate_lock())) {
+        Py_DECREF(l);
+        PyErr_SetString(PyExc_MemoryError, "cannot allocate a lock");
+        return NULL;
+    }
+    return (PyObject *)l;
+}
+
+static void Lock_dealloc(LockObject *l) {
+    if (l->lk) {
+        if (l->count) PyThread_release_lock(l->lk);
+        PyThread_free_lock(l->lk);
+    }
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+static PyObject *Lock_acquire(LockObject *l, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"blocking", "timeout", NULL};
+    int blocking = 1;
+    double timeout = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|pd:acquire", kwlist, &blocking, &timeout)) return NULL;
+    if (!blocking && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
+        return NULL;
+    }
+    if (timeout < 0 && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
+        return NULL;
+    }
+    int64_t ns = !blocking ? 0 : timeout < 0 ? -1 : timeout * 1e9 > 9e18 ? INT64_MAX : (int64_t)(timeout * 1e9);
+    if (blocking && timeout >= 0 && ns == 0) ns = 1; /* a tiny timeout still waits a moment */
+    int r = lock_take(l, ns);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Lock_enter(LockObject *l, PyObject *unused) {
+    int r = lock_take(l, -1);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Lock_release(LockObject *l, PyObject *unused) {
+    if (lock_give(l) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lock_exit(LockObject *l, PyObject *const *args, Py_ssize_t nargs) {
+    if (lock_give(l) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lock_is_owned(LockObject *l, PyObject *unused) {
+    return PyBool_FromLong(l->count && l->owner == PyThread_get_thread_ident());
+}
+
+static PyObject *Lock_repr(LockObject *l) {
+    return PyUnicode_FromFormat("<copyless._codec.Lock %s owner=%lu count=%lu at %p>",
+                                l->count ? "locked" : "unlocked", l->owner, l->count, (void *)l);
+}
+
+static PyMethodDef Lock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))Lock_acquire, METH_VARARGS | METH_KEYWORDS,
+     "acquire(blocking=True, timeout=-1) -> bool, as threading.RLock's"},
+    {"release", (PyCFunction)Lock_release, METH_NOARGS, "release(): as threading.RLock's"},
+    {"__enter__", (PyCFunction)Lock_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Lock_exit, METH_FASTCALL, NULL},
+    {"_is_owned", (PyCFunction)Lock_is_owned, METH_NOARGS, "held by the calling thread"},
+    {NULL},
+};
+
+static PyTypeObject LockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._codec.Lock",
+    .tp_basicsize = sizeof(LockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Lock(): a reentrant lock (threading.RLock's interface) that the compiled send takes without a "
+              "Python call; a Connection's lock.",
+    .tp_new = Lock_new,
+    .tp_dealloc = (destructor)Lock_dealloc,
+    .tp_repr = (reprfunc)Lock_repr,
+    .tp_methods = Lock_methods,
+};
+
+/* ------------------------------------------------------------------ compiled send */
+/* Connection.send's steady state: what the Python path does on a READY connection
+ * with nothing queued ahead (Connection._send_python -> SessionConnection.
+ * write_message -> Writer.message), without a Python frame.  It reads and writes the
+ * very attributes the Python path does, in the slots of the three classes (their
+ * __slots__), under the connection's own lock: so there is no copy of any state to
+ * keep in step, and nothing it reads can be stale.  Anything else (another state,
+ * messages or control frames queued ahead, a closed connection, a subclass, a slot
+ * not set or of an unexpected type) takes the Python path, which decides it as
+ * before.  Equivalence with the Python path: tests/test_send.py. */
+typedef struct {
+    PyTypeObject *type;
+    const char *names[8];
+    Py_ssize_t off[8];
+} SlotMap;
+
+/* Connection */
+enum { C_CLOSED, C_LOCK, C_MACHINE, C_STREAM, C_SENDQ };
+/* SessionConnection */
+enum { M_STATE, M_SESSION, M_OUT, M_DATA_CRC, M_UNACKED_IN, M_ACK_DUE };
+/* Session */
+enum { S_UNSENT, S_SENT, S_OUT_SEQ, S_IN_SEQ, S_LOSSLESS };
+
+static SlotMap sp_conn = {NULL, {"_closed", "_lock", "_machine", "_stream", "_sendq"}, {0}};
+static SlotMap sp_mach = {NULL, {"state", "session", "_out", "data_crc", "_unacked_in", "_ack_due"}, {0}};
+static SlotMap sp_sess = {NULL, {"unsent", "sent", "out_seq", "in_seq", "lossless"}, {0}};
+static PyObject *sp_ready, *sp_zero, *sp_fallback, *sp_stalled, *sp_append;
+static PyTypeObject *sp_deque;
+
+#define SLOT(o, map, i) (*(PyObject **)((char *)(o) + (map).off[i]))
+
+/* Where each name's slot is in instances of `type` (a slot it declares itself). */
+static int slotmap_resolve(SlotMap *map, PyObject *type) {
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "compiled_send() takes classes");
+        return -1;
+    }
+    PyTypeObject *t = (PyTypeObject *)type;
+    Py_ssize_t off[8] = {0};
+    for (int i = 0; i < 8 && map->names[i]; i++) {
+        PyObject *d = PyDict_GetItemString(t->tp_dict, map->names[i]); /* borrowed */
+        PyMemberDef *md = d && Py_IS_TYPE(d, &PyMemberDescr_Type) ? ((PyMemberDescrObject *)d)->d_member : NULL;
+        if (!md || md->type != T_OBJECT_EX || (md->flags & READONLY)) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a slot of the class (its __slots__)", t->tp_name,
+                         map->names[i]);
+            return -1;
+        }
+        off[i] = md->offset;
+    }
+    Py_XSETREF(map->type, (PyTypeObject *)Py_NewRef(type));
+    memcpy(map->off, off, sizeof off);
+    return 0;
+}
+
+/* send(msg) for a Connection: the method installed as Connection.send. */
+static PyObject *conn_send(PyObject *conn, PyObject *msg) {
+    if (Py_TYPE(conn) != sp_conn.type || SLOT(conn, sp_conn, C_CLOSED) != Py_False) goto python;
+    PyObject *lk = SLOT(conn, sp_conn, C_LOCK);
+    if (!lk || !Py_IS_TYPE(lk, &LockType)) goto python;
+    LockObject *lock = (LockObject *)Py_NewRef(lk);
+    if (lock_take(lock, -1) < 0) { /* (a signal handler raised while it waited) */
+        Py_DECREF(lock);
+        return NULL;
+    }
+    /* From here on nothing else runs under the lock.  The checks are write_message's and
+     * the Python send's: a READY machine on a live stream, nothing queued ahead of it. */
+    PyObject *m = SLOT(conn, sp_conn, C_MACHINE), *st = SLOT(conn, sp_conn, C_STREAM);
+    PyObject *wo = SLOT(conn, sp_conn, C_SENDQ);
+    if (!m || !Py_IS_TYPE(m, sp_mach.type) || !st || st == Py_None || !wo || !Py_IS_TYPE(wo, &WriterType) ||
+        SLOT(m, sp_mach, M_STATE) != sp_ready)
+        goto unlock_python;
+    PyObject *s = SLOT(m, sp_mach, M_SESSION), *out = SLOT(m, sp_mach, M_OUT);
+    PyObject *crc = SLOT(m, sp_mach, M_DATA_CRC);
+    if (!s || !Py_IS_TYPE(s, sp_sess.type) || !out || !PyList_CheckExact(out) || PyList_GET_SIZE(out) || !crc ||
+        !PyBool_Check(crc) || !SLOT(m, sp_mach, M_UNACKED_IN) || !SLOT(m, sp_mach, M_ACK_DUE))
+        goto unlock_python;
+    PyObject *unsent = SLOT(s, sp_sess, S_UNSENT), *sent = SLOT(s, sp_sess, S_SENT);
+    PyObject *oseq = SLOT(s, sp_sess, S_OUT_SEQ), *iseq = SLOT(s, sp_sess, S_IN_SEQ);
+    PyObject *lossless = SLOT(s, sp_sess, S_LOSSLESS);
+    if (!unsent || !Py_IS_TYPE(unsent, sp_deque) || Py_TYPE(unsent)->tp_as_sequence->sq_length(unsent) != 0 ||
+        !sent || !Py_IS_TYPE(sent, sp_deque) || !oseq || !PyLong_CheckExact(oseq) || !iseq ||
+        !PyLong_CheckExact(iseq) || !lossless || !PyBool_Check(lossless))
+        goto unlock_python;
+    uint64_t seq = PyLong_AsUnsignedLongLong(oseq) + 1, ack = PyLong_AsUnsignedLongLong(iseq);
+    if (PyErr_Occurred() || seq == 0) { /* out of a u64: the Python path raises what it raises */
+        PyErr_Clear();
+        goto unlock_python;
+    }
+    WriterObject *w = (WriterObject *)wo;
+    PyObject *seq_o = PyLong_FromUnsignedLongLong(seq);
+    if (!seq_o) goto fail;
+    int stalled = w->stalled, act;
+    PyObject *rec = w_encode(w, msg, seq, ack, crc == Py_True, lossless == Py_True, &act);
+    if (!rec) {
+        Py_DECREF(seq_o);
+        goto fail;
+    }
+    /* the session's state as write_message leaves it: s.out_seq = seq; s.sent.append(kept);
+     * the header carried our ack: m._unacked_in, m._ack_due = 0, None.  (No Python code
+     * runs here: the old values are ints, a float and None.) */
+    Py_SETREF(SLOT(s, sp_sess, S_OUT_SEQ), seq_o);
+    if (rec != Py_None) {
+        PyObject *a[2] = {sent, rec};
+        PyObject *r = PyObject_Vectorcall(sp_append, a, 2, NULL); /* deque.append(sent, rec) */
+        if (!r) {
+            Py_DECREF(rec);
+            goto fail;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(rec);
+    Py_SETREF(SLOT(m, sp_mach, M_UNACKED_IN), Py_NewRef(sp_zero));
+    Py_SETREF(SLOT(m, sp_mach, M_ACK_DUE), Py_NewRef(Py_None));
+    w_sent(w, act); /* written now (the GIL released, the lock held), or batched */
+    if (w->stalled && !stalled) { /* a stream (TLS, ipc) took less than all: the loop goes on with it */
+        PyObject *r = PyObject_CallMethodNoArgs(conn, sp_stalled);
+        if (!r) goto fail;
+        Py_DECREF(r);
+    }
+    if (lock_give(lock) < 0) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    Py_DECREF(lock);
+    Py_RETURN_NONE;
+fail:
+    lock_give(lock); /* (ours: cannot fail) */
+    Py_DECREF(lock);
+    return NULL;
+unlock_python:
+    lock_give(lock);
+    Py_DECREF(lock);
+python:
+    return PyObject_CallMethodOneArg(conn, sp_fallback, msg);
+}
+
+static PyMethodDef conn_send_def = {
+    "send", (PyCFunction)conn_send, METH_O,
+    "send(msg): send a message (scatter-gather: the data buffers are not joined or copied).\n\n"
+    "The calling thread writes to the socket itself when it is idle; a send that follows another closely is "
+    "batched with it (a flusher thread writes the batch, see docs/design.md, \"Send path\"); a message sent while "
+    "the session is (re)connecting waits in the session's queue, in order.  Compiled: the steady state (a READY "
+    "connection with nothing queued ahead) runs in C; everything else in Connection._send_python."};
+
+/* compiled_send(Connection, SessionConnection, Session, State.READY) -> the method to
+ * install as Connection.send.  Each class must declare the slots the send reads
+ * (see SlotMap above); the Python path is Connection._send_python, and a send that
+ * leaves a stream stalled calls Connection._write_stalled() under the lock. */
+static PyObject *py_compiled_send(PyObject *self, PyObject *args) {
+    PyObject *conn_t, *mach_t, *sess_t, *ready;
+    if (!PyArg_ParseTuple(args, "OOOO:compiled_send", &conn_t, &mach_t, &sess_t, &ready)) return NULL;
+    if (slotmap_resolve(&sp_conn, conn_t) < 0 || slotmap_resolve(&sp_mach, mach_t) < 0 ||
+        slotmap_resolve(&sp_sess, sess_t) < 0)
+        return NULL;
+    if (!sp_deque) {
+        PyObject *coll = PyImport_ImportModule("collections");
+        PyObject *dq = coll ? PyObject_GetAttrString(coll, "deque") : NULL;
+        Py_XDECREF(coll);
+        if (!dq) return NULL;
+        if (!PyType_Check(dq) || !(sp_append = PyObject_GetAttrString(dq, "append"))) {
+            Py_DECREF(dq);
+            return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "collections.deque is not a type");
+        }
+        sp_deque = (PyTypeObject *)dq;
+    }
+    if (!sp_zero && !(sp_zero = PyLong_FromLong(0))) return NULL;
+    if (!sp_fallback && !(sp_fallback = PyUnicode_InternFromString("_send_python"))) return NULL;
+    if (!sp_stalled && !(sp_stalled = PyUnicode_InternFromString("_write_stalled"))) return NULL;
+    Py_XSETREF(sp_ready, Py_NewRef(ready));
+    return PyDescr_NewMethod((PyTypeObject *)conn_t, &conn_send_def);
+}
+
 static PyObject *py_set_errors(PyObject *self, PyObject *args) {
     PyObject *lp, *cf;
     if (!PyArg_ParseTuple(args, "OO", &lp, &cf)) return NULL;
@@ -1926,6 +2271,8 @@ static PyMethodDef codec_methods[] = {
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, value=0) -> int (Castagnoli, as the crc32c package)"},
     {"frame_encode", py_frame_encode, METH_VARARGS, "One frame as a list of buffers (see frames.encode_frame)."},
     {"frame_scan", py_frame_scan, METH_VARARGS, "Complete small valid frames in a buffer (see frames.FrameReader)."},
+    {"compiled_send", py_compiled_send, METH_VARARGS,
+     "compiled_send(Connection, SessionConnection, Session, State.READY) -> Connection.send, compiled."},
     {"message_scan", (PyCFunction)(void (*)(void))py_message_scan, METH_FASTCALL,
      "The run of steady-state MESSAGE frames in a buffer, as received Messages (see session.SessionConnection)."},
     {NULL, NULL, 0, NULL},
@@ -1949,13 +2296,15 @@ PyMODINIT_FUNC PyInit__codec(void) {
         PyErr_SetString(PyExc_ImportError, "copyless._core and copyless._codec are from different builds: rebuild");
         return NULL;
     }
-    if (PyType_Ready(&OutMessageType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&FlusherType) < 0)
+    if (PyType_Ready(&OutMessageType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&FlusherType) < 0 ||
+        PyType_Ready(&LockType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&codecmodule);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "OutMessage", (PyObject *)&OutMessageType) < 0 ||
         PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0 ||
-        PyModule_AddObjectRef(m, "Flusher", (PyObject *)&FlusherType) < 0) {
+        PyModule_AddObjectRef(m, "Flusher", (PyObject *)&FlusherType) < 0 ||
+        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0) {
         Py_DECREF(m);
         return NULL;
     }
