@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import signal
 import socket
 import struct
 import threading
@@ -143,6 +144,34 @@ def test_lock_is_reentrant_and_exclusive():
         lock.release()
     with pytest.raises(ValueError):
         lock.acquire(False, 1.0)
+
+
+def test_a_signal_handler_interrupts_a_wait_for_the_lock():
+    """A main thread waiting for the lock still runs its signal handlers (Ctrl-C)."""
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    lock, held, done = Lock(), threading.Event(), threading.Event()
+    t = threading.Thread(target=lambda: (lock.acquire(), held.set(), done.wait(5), lock.release()))
+    t.start()
+    held.wait(5)
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            lock.acquire()
+        assert not lock._is_owned()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        done.set()
+        t.join()
+    assert lock.acquire(timeout=1), "free again once its holder let go"
+    lock.release()
 
 
 def test_lock_serializes_threads():

@@ -20,6 +20,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <linux/futex.h>
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
@@ -30,6 +31,7 @@
 #include <sys/prctl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -1909,25 +1911,43 @@ static PyTypeObject FlusherType = {
 };
 
 /* ------------------------------------------------------------------ Lock */
-/* A Connection's lock: reentrant, as threading.RLock, and the same algorithm (a
- * thread lock, its owner and a count, which only the owner changes, with the GIL).
- * It is ours so that the compiled send can take and give it back in a few ns: the
- * Python half of a connection takes it with `with`, the send path in C directly,
- * and the two exclude each other exactly as two Python holders would. */
+/* A Connection's lock: reentrant, with threading.RLock's interface.  It is ours so
+ * that the compiled send takes and gives it back in a few ns, with no Python call:
+ * the Python half of a connection takes it with `with`, the send path in C directly,
+ * and the two exclude each other exactly as two Python holders would.
+ *
+ * Its state (owner, count, waiters) is only read and changed with the GIL held, so the
+ * GIL is what makes those steps atomic (as for the pub/sub core's private state), and
+ * taking a free lock is two stores: no atomic instruction, no system call, no clock.
+ * (threading.RLock's lock computed a deadline with clock_gettime even to try it: ~20
+ * ns of a ~170 ns send.)  A thread that finds it held by another releases the GIL and
+ * sleeps on `gen`, a futex word that each release with waiters bumps and wakes; it
+ * then takes the GIL back and tries again.  A free-threaded build would need a
+ * compare-and-swap on owner instead. */
 typedef struct {
     PyObject_HEAD
-    PyThread_type_lock lk;
-    unsigned long owner, count;
+    unsigned long owner, count; /* with the GIL */
+    Py_ssize_t waiters;         /* with the GIL: threads asleep (or about to be) on gen */
+    uint32_t gen;               /* futex word */
 } LockObject;
 
 static PyTypeObject LockType;
 
+static long lock_futex(uint32_t *word, int op, uint32_t val, const struct timespec *ts) {
+    return syscall(SYS_futex, word, op, val, ts, NULL, 0);
+}
+
 /* With the GIL.  timeout_ns < 0: wait as long as it takes; 0: do not wait.  1 taken, 0
- * not (timed out), -1 error (a signal handler raised while waiting).  The GIL is
- * released while waiting. */
+ * not (timed out), -1 error (a signal handler raised while it waited).  The GIL is
+ * released while it waits. */
 static int lock_take(LockObject *l, int64_t timeout_ns) {
     unsigned long me = PyThread_get_thread_ident();
-    if (l->count && l->owner == me) {
+    if (!l->count) {
+        l->owner = me;
+        l->count = 1;
+        return 1;
+    }
+    if (l->owner == me) {
         if (l->count == ULONG_MAX) {
             PyErr_SetString(PyExc_OverflowError, "lock taken too many times");
             return -1;
@@ -1935,27 +1955,33 @@ static int lock_take(LockObject *l, int64_t timeout_ns) {
         l->count++;
         return 1;
     }
-    PyLockStatus r = PyThread_acquire_lock_timed(l->lk, 0, 0);
-    if (r != PY_LOCK_ACQUIRED && timeout_ns != 0) {
-        int64_t end = timeout_ns > 0 ? mono_ns() + timeout_ns : 0;
-        for (;;) {
-            PY_TIMEOUT_T us = -1;
-            if (timeout_ns > 0) {
-                int64_t left = end - mono_ns();
-                us = left > 0 ? (PY_TIMEOUT_T)(left / 1000) : 0;
-                if (us > PY_TIMEOUT_MAX) us = PY_TIMEOUT_MAX;
-            }
-            Py_BEGIN_ALLOW_THREADS
-            r = PyThread_acquire_lock_timed(l->lk, us, 1);
-            Py_END_ALLOW_THREADS
-            if (r != PY_LOCK_INTR) break;
-            if (Py_MakePendingCalls() < 0) return -1; /* a signal handler raised (Ctrl-C) */
+    if (timeout_ns == 0) return 0;
+    int64_t end = timeout_ns > 0 ? mono_ns() + timeout_ns : 0;
+    for (;;) {
+        struct timespec ts, *tsp = NULL;
+        if (timeout_ns > 0) {
+            int64_t left = end - mono_ns();
+            if (left <= 0) return 0;
+            ts.tv_sec = (time_t)(left / 1000000000);
+            ts.tv_nsec = (long)(left % 1000000000);
+            tsp = &ts;
         }
+        /* gen is read with the GIL, before it is released: a release after this bumps
+         * it, and the futex then returns at once instead of sleeping through it */
+        uint32_t gen = __atomic_load_n(&l->gen, __ATOMIC_ACQUIRE);
+        l->waiters++;
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        if (lock_futex(&l->gen, FUTEX_WAIT_PRIVATE, gen, tsp) < 0) err = errno;
+        Py_END_ALLOW_THREADS
+        l->waiters--;
+        if (!l->count) {
+            l->owner = me;
+            l->count = 1;
+            return 1;
+        }
+        if (err == EINTR && PyErr_CheckSignals() < 0) return -1; /* (Ctrl-C, in the main thread) */
     }
-    if (r != PY_LOCK_ACQUIRED) return 0;
-    l->owner = me;
-    l->count = 1;
-    return 1;
 }
 
 static int lock_give(LockObject *l) {
@@ -1965,7 +1991,10 @@ static int lock_give(LockObject *l) {
     }
     if (--l->count == 0) {
         l->owner = 0;
-        PyThread_release_lock(l->lk);
+        if (l->waiters) { /* (a system call only when someone waits) */
+            __atomic_fetch_add(&l->gen, 1, __ATOMIC_RELEASE);
+            lock_futex(&l->gen, FUTEX_WAKE_PRIVATE, 1, NULL);
+        }
     }
     return 0;
 }
@@ -1975,22 +2004,7 @@ static PyObject *Lock_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_TypeError, "Lock() takes no arguments");
         return NULL;
     }
-    LockObject *l = (LockObject *)cls->tp_alloc(cls, 0);
-    if (!l) return NULL;
-    if (!(l->lk = PyThread_allocate_lock())) {
-        Py_DECREF(l);
-        PyErr_SetString(PyExc_MemoryError, "cannot allocate a lock");
-        return NULL;
-    }
-    return (PyObject *)l;
-}
-
-static void Lock_dealloc(LockObject *l) {
-    if (l->lk) {
-        if (l->count) PyThread_release_lock(l->lk);
-        PyThread_free_lock(l->lk);
-    }
-    Py_TYPE(l)->tp_free((PyObject *)l);
+    return cls->tp_alloc(cls, 0);
 }
 
 static PyObject *Lock_acquire(LockObject *l, PyObject *args, PyObject *kw) {
@@ -2056,7 +2070,6 @@ static PyTypeObject LockType = {
     .tp_doc = "Lock(): a reentrant lock (threading.RLock's interface) that the compiled send takes without a "
               "Python call; a Connection's lock.",
     .tp_new = Lock_new,
-    .tp_dealloc = (destructor)Lock_dealloc,
     .tp_repr = (reprfunc)Lock_repr,
     .tp_methods = Lock_methods,
 };
