@@ -1920,15 +1920,20 @@ static PyTypeObject FlusherType = {
  * GIL is what makes those steps atomic (as for the pub/sub core's private state), and
  * taking a free lock is two stores: no atomic instruction, no system call, no clock.
  * (threading.RLock's lock computed a deadline with clock_gettime even to try it: ~20
- * ns of a ~170 ns send.)  A thread that finds it held by another releases the GIL and
- * sleeps on `gen`, a futex word that each release with waiters bumps and wakes; it
- * then takes the GIL back and tries again.  A free-threaded build would need a
- * compare-and-swap on owner instead. */
+ * ns of a ~170 ns send.)  A thread that finds it held by another counts itself in
+ * `sleepers`, releases the GIL and sleeps on `gen`, a futex word.  A release that
+ * finds sleepers bumps gen, wakes them all and sets sleepers to 0: each woken thread
+ * takes the GIL back and tries again, and counts itself again if it must wait again.
+ * So a release makes a system call only when someone went to sleep since the last
+ * wake-up, never for a thread that is awake and waiting for the GIL (a sender that
+ * holds the GIL sends thousands of messages meanwhile: counting those waiters until
+ * they had the GIL cost every one of those sends a futex call).  A free-threaded build
+ * would need a compare-and-swap on owner instead. */
 typedef struct {
     PyObject_HEAD
     unsigned long owner, count; /* with the GIL */
-    Py_ssize_t waiters;         /* with the GIL: threads asleep (or about to be) on gen */
-    uint32_t gen;               /* futex word */
+    Py_ssize_t sleepers;        /* with the GIL: threads asleep (or about to be) on gen since it last moved */
+    uint32_t gen;               /* futex word: moved (with the GIL) by each release that wakes sleepers */
 } LockObject;
 
 static PyTypeObject LockType;
@@ -1966,15 +1971,16 @@ static int lock_take(LockObject *l, int64_t timeout_ns) {
             ts.tv_nsec = (long)(left % 1000000000);
             tsp = &ts;
         }
-        /* gen is read with the GIL, before it is released: a release after this bumps
+        /* gen is read with the GIL, before it is released: a release after this moves
          * it, and the futex then returns at once instead of sleeping through it */
-        uint32_t gen = __atomic_load_n(&l->gen, __ATOMIC_ACQUIRE);
-        l->waiters++;
+        uint32_t gen = __atomic_load_n(&l->gen, __ATOMIC_RELAXED);
+        l->sleepers++;
         int err = 0;
         Py_BEGIN_ALLOW_THREADS
         if (lock_futex(&l->gen, FUTEX_WAIT_PRIVATE, gen, tsp) < 0) err = errno;
         Py_END_ALLOW_THREADS
-        l->waiters--;
+        if (__atomic_load_n(&l->gen, __ATOMIC_RELAXED) == gen)
+            l->sleepers--; /* no release woke us (a timeout, a signal): still counted, so uncount */
         if (!l->count) {
             l->owner = me;
             l->count = 1;
@@ -1991,9 +1997,10 @@ static int lock_give(LockObject *l) {
     }
     if (--l->count == 0) {
         l->owner = 0;
-        if (l->waiters) { /* (a system call only when someone waits) */
-            __atomic_fetch_add(&l->gen, 1, __ATOMIC_RELEASE);
-            lock_futex(&l->gen, FUTEX_WAKE_PRIVATE, 1, NULL);
+        if (l->sleepers) { /* (a system call only when someone went to sleep) */
+            l->sleepers = 0;
+            __atomic_fetch_add(&l->gen, 1, __ATOMIC_RELAXED);
+            lock_futex(&l->gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
         }
     }
     return 0;
