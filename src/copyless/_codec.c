@@ -956,16 +956,33 @@ static int q_bytes(WriterObject *w, const void *src, size_t n) {
     return 0;
 }
 
-/* Queue a Python buffer as it is; on success the chunk owns *v. */
-static int q_view(WriterObject *w, Py_buffer *v) {
+/* Queue a Python buffer as it is, from byte `off` on; on success the chunk owns *v. */
+static int q_view_at(WriterObject *w, Py_buffer *v, size_t off) {
     if (q_room(w) < 0) return -1;
     Chunk *c = &w->q[w->tail++];
-    c->p = v->buf;
-    c->len = (size_t)v->len;
+    c->p = (const uint8_t *)v->buf + off;
+    c->len = (size_t)v->len - off;
     c->blk = NULL;
     c->view = *v;
-    w->pending += (size_t)v->len;
+    w->pending += c->len;
     return 0;
+}
+
+static int q_view(WriterObject *w, Py_buffer *v) { return q_view_at(w, v, 0); }
+
+/* Queue one piece of a frame, p[0:len], less the *skip bytes of the frame that were
+ * written already (*skip goes down by what this piece had of them).  A large piece of
+ * a Python buffer (view: its export) is queued as it is: 1 then, and the queue owns the
+ * export; small ones are copied: 0.  -1: out of memory. */
+static int q_piece(WriterObject *w, const void *p, size_t len, Py_buffer *view, size_t *skip) {
+    if (*skip >= len) {
+        *skip -= len;
+        return 0;
+    }
+    size_t off = *skip;
+    *skip = 0;
+    if (view && view->obj && (Py_ssize_t)len >= w->coalesce) return q_view_at(w, view, off) < 0 ? -1 : 1;
+    return q_bytes(w, (const uint8_t *)p + off, len - off);
 }
 
 static void q_advance(WriterObject *w, size_t n) {
@@ -1476,7 +1493,8 @@ static int get_small(PyObject *o, Py_buffer *v, Py_ssize_t coalesce) {
  * straight into the queue (the bytes frames.encode_frame would give).  Returns what
  * the session keeps to resend (lossless), else None; NULL with an error set, and
  * nothing queued (unless the queue ran out of memory: the writer then fails, as a
- * broken socket would).  *act: the sending thread is to write now (w_sent). */
+ * broken socket would).  *act: what w_sent is to do (write now: 1; ipc, written
+ * already or waiting for room: -1). */
 static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t ack, int data_crc, int lossless,
                           int *act_out) {
     *act_out = 0;
@@ -1542,13 +1560,44 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
         if (!rec) goto done;
     } else
         rec = Py_NewRef(Py_None);
+    /* ipc:// with nothing queued: the frame's pieces go straight into the ring (one copy,
+     * no queue, no lock), and only what the ring cannot take now is queued.  An ipc
+     * writer is only ever touched with the GIL (and under the connection's lock): the
+     * flusher never sees it, so its queue indices can be read here without w->mu. */
+    size_t skip = 0;
+    if (w->chan && w->head == w->tail && w->rel == w->head && !w->closing && !w->failed && nb <= 8) {
+        struct iovec iov[12];
+        int k = 0;
+        size_t total = 0;
+#define IOV(ptr, n) (iov[k].iov_base = (void *)(ptr), iov[k].iov_len = (size_t)(n), total += iov[k++].iov_len)
+        IOV(head, sizeof head);
+        if (fv.len) IOV(fv.buf, fv.len);
+        IOV(mid, 4);
+        for (Py_ssize_t i = 0; i < nb; i++)
+            if (dv[i].len) IOV(dv[i].buf, dv[i].len);
+        IOV(tailb, 8);
+#undef IOV
+        Py_ssize_t n = capi->ipc_send(w->chan, iov, k);
+        if (n < 0) /* closed: queued as it was before, and the loop's flush meets the error again */
+            PyErr_Clear();
+        else {
+            w->n_syscalls++; /* (a publish) */
+            w->stalled = (size_t)n < total; /* the ring is full: the rest waits (the channel armed its wait) */
+            if ((size_t)n == total) {
+                act = -1; /* all written: nothing for w_sent to do */
+                goto done;
+            }
+            skip = (size_t)n;
+            act = -1;
+        }
+    }
     int r = 0;
     Py_buffer done[4];
     Py_ssize_t ndone = 0;
     int64_t now = w->fd >= 0 ? cork_clock() : 0;
     pthread_mutex_lock(&w->mu);
     if (w->rel != w->head) ndone = q_reap(w, done, 4); /* what the flusher wrote since */
-    int small = fv.len < w->coalesce;
+    int small = fv.len < w->coalesce && !skip;
     for (Py_ssize_t i = 0; i < nb && small; i++) small = dv[i].len < w->coalesce;
     if (w->closing || w->failed) {
         /* dropped: the connection is going, and the session requeues what it sent */
@@ -1573,23 +1622,15 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
             w->failed = ENOMEM;
             q_drop(w);
         }
-    } else {
-        r = q_bytes(w, head, sizeof head);
-        if (r == 0 && fv.len) {
-            if (fv.len < w->coalesce)
-                r = q_bytes(w, fv.buf, (size_t)fv.len);
-            else if ((r = q_view(w, &fv)) == 0)
-                have_front = 0; /* the queue holds it now */
-        }
-        if (r == 0) r = q_bytes(w, mid, 4);
-        for (Py_ssize_t i = 0; i < nb && r == 0; i++) {
-            if (!dv[i].len) continue;
-            if (dv[i].len < w->coalesce)
-                r = q_bytes(w, dv[i].buf, (size_t)dv[i].len);
-            else if ((r = q_view(w, &dv[i])) == 0)
-                dv[i].obj = NULL, dv[i].buf = NULL; /* held by the queue */
-        }
-        if (r == 0) r = q_bytes(w, tailb, 8);
+    } else { /* piece by piece (large buffers queued as they are), less what was written */
+        r = q_piece(w, head, sizeof head, NULL, &skip);
+        if (r == 0 && fv.len && (r = q_piece(w, fv.buf, (size_t)fv.len, &fv, &skip)) == 1)
+            r = 0, have_front = 0; /* the queue holds it now */
+        if (r == 0) r = q_piece(w, mid, 4, NULL, &skip);
+        for (Py_ssize_t i = 0; i < nb && r == 0; i++)
+            if (dv[i].len && (r = q_piece(w, dv[i].buf, (size_t)dv[i].len, &dv[i], &skip)) == 1)
+                r = 0, dv[i].obj = NULL, dv[i].buf = NULL; /* held by the queue */
+        if (r == 0) r = q_piece(w, tailb, 8, NULL, &skip);
         if (r < 0) { /* half a frame would break the stream: it fails instead */
             w->failed = ENOMEM;
             q_drop(w);
@@ -1616,6 +1657,7 @@ done:
 /* After w_encode: write now, or leave it to the flusher (act says which), or to the
  * bound stream (ipc ring, a stream's send_buffers). */
 static void w_sent(WriterObject *w, int act) {
+    if (act < 0) return; /* ipc: written into the ring by w_encode (or the rest waits for room) */
     if (w->fd < 0)
         w_kick(w);
     else if (act)
