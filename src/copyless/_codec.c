@@ -2211,6 +2211,10 @@ static PyObject *conn_send(PyObject *conn, PyObject *msg) {
         PyErr_Clear();
         goto unlock_python;
     }
+    /* Held until the end: releasing a written buffer, or a stream's send_buffers, may
+     * run Python code that drops what the slots held (the Python path holds them in
+     * its frame's variables) */
+    PyObject *held[4] = {Py_NewRef(m), Py_NewRef(s), Py_NewRef(sent), Py_NewRef(wo)};
     WriterObject *w = (WriterObject *)wo;
     PyObject *seq_o = PyLong_FromUnsignedLongLong(seq);
     if (!seq_o) goto fail;
@@ -2242,14 +2246,13 @@ static PyObject *conn_send(PyObject *conn, PyObject *msg) {
         if (!r) goto fail;
         Py_DECREF(r);
     }
-    if (lock_give(lock) < 0) {
-        Py_DECREF(lock);
-        return NULL;
-    }
+    for (int i = 0; i < 4; i++) Py_DECREF(held[i]);
+    lock_give(lock); /* (taken above by this thread: cannot fail) */
     Py_DECREF(lock);
     Py_RETURN_NONE;
 fail:
-    lock_give(lock); /* (ours: cannot fail) */
+    for (int i = 0; i < 4; i++) Py_DECREF(held[i]);
+    lock_give(lock);
     Py_DECREF(lock);
     return NULL;
 unlock_python:
