@@ -13,6 +13,7 @@
  *       -> (frames, new_start, frames_used, bytes_used)
  *   message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, lossless, in_seq,
  *                connection, out[, calls, hooks, room]) -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
+ *   Writer, Flusher, OutMessage, Lock, compiled_send(...)   the send side (see "sending" below)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -636,6 +637,12 @@ fail:
  * Locks: each writer has a mutex (its queue, its flags) and the flusher one (its
  * list, sleeping, poked; a writer's dirty/armed flags).  Order: writer before
  * flusher.  Neither is held while waiting for the GIL or calling Python.
+ *
+ * Lock and compiled_send (after the Flusher): a Connection's reentrant lock, and
+ * Connection.send with its steady state in C (seq, ack, encode, the record, write or
+ * batch under that lock), reading the Python objects' slots; docs/design.md, "Send
+ * path".  An ipc writer with nothing queued writes a frame straight into the ring
+ * (w_encode).
  */
 #define WR_BLOCK 65536
 #define WR_HIGH_WATER (256 << 10)
