@@ -13,6 +13,7 @@
  *       -> (frames, new_start, frames_used, bytes_used)
  *   message_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, lossless, in_seq,
  *                connection, out[, calls, hooks, room]) -> (start, frames_used, bytes_used, in_seq, ack, accepted, stop)
+ *   Writer, Flusher, OutMessage, Lock, compiled_send(...)   the send side (see "sending" below)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -20,6 +21,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <linux/futex.h>
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
@@ -30,6 +32,7 @@
 #include <sys/prctl.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -634,6 +637,12 @@ fail:
  * Locks: each writer has a mutex (its queue, its flags) and the flusher one (its
  * list, sleeping, poked; a writer's dirty/armed flags).  Order: writer before
  * flusher.  Neither is held while waiting for the GIL or calling Python.
+ *
+ * Lock and compiled_send (after the Flusher): a Connection's reentrant lock, and
+ * Connection.send with its steady state in C (seq, ack, encode, the record, write or
+ * batch under that lock), reading the Python objects' slots; docs/design.md, "Send
+ * path".  An ipc writer with nothing queued writes a frame straight into the ring
+ * (w_encode).
  */
 #define WR_BLOCK 65536
 #define WR_HIGH_WATER (256 << 10)
@@ -954,16 +963,33 @@ static int q_bytes(WriterObject *w, const void *src, size_t n) {
     return 0;
 }
 
-/* Queue a Python buffer as it is; on success the chunk owns *v. */
-static int q_view(WriterObject *w, Py_buffer *v) {
+/* Queue a Python buffer as it is, from byte `off` on; on success the chunk owns *v. */
+static int q_view_at(WriterObject *w, Py_buffer *v, size_t off) {
     if (q_room(w) < 0) return -1;
     Chunk *c = &w->q[w->tail++];
-    c->p = v->buf;
-    c->len = (size_t)v->len;
+    c->p = (const uint8_t *)v->buf + off;
+    c->len = (size_t)v->len - off;
     c->blk = NULL;
     c->view = *v;
-    w->pending += (size_t)v->len;
+    w->pending += c->len;
     return 0;
+}
+
+static int q_view(WriterObject *w, Py_buffer *v) { return q_view_at(w, v, 0); }
+
+/* Queue one piece of a frame, p[0:len], less the *skip bytes of the frame that were
+ * written already (*skip goes down by what this piece had of them).  A large piece of
+ * a Python buffer (view: its export) is queued as it is: 1 then, and the queue owns the
+ * export; small ones are copied: 0.  -1: out of memory. */
+static int q_piece(WriterObject *w, const void *p, size_t len, Py_buffer *view, size_t *skip) {
+    if (*skip >= len) {
+        *skip -= len;
+        return 0;
+    }
+    size_t off = *skip;
+    *skip = 0;
+    if (view && view->obj && (Py_ssize_t)len >= w->coalesce) return q_view_at(w, view, off) < 0 ? -1 : 1;
+    return q_bytes(w, (const uint8_t *)p + off, len - off);
 }
 
 static void q_advance(WriterObject *w, size_t n) {
@@ -1470,21 +1496,19 @@ static int get_small(PyObject *o, Py_buffer *v, Py_ssize_t coalesce) {
     return PyObject_GetBuffer(o, v, PyBUF_C_CONTIGUOUS);
 }
 
-/* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
- * Encode a MESSAGE frame of msg (a copyless.Message) with this seq and ack_seq
- * straight into the queue (the bytes frames.encode_frame would give), then write
- * now or batch.  Returns what the session keeps to resend (lossless), else None. */
-static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "message(msg, seq, ack, data_crc, lossless)");
-        return NULL;
-    }
-    uint64_t seq = PyLong_AsUnsignedLongLong(args[1]), ack = PyLong_AsUnsignedLongLong(args[2]);
-    int data_crc = PyObject_IsTrue(args[3]), lossless = PyObject_IsTrue(args[4]);
-    if (PyErr_Occurred()) return NULL;
+/* Encode a MESSAGE frame of msg (a copyless.Message) with this seq and ack_seq
+ * straight into the queue (the bytes frames.encode_frame would give).  Returns what
+ * the session keeps to resend (lossless), else None; NULL with an error set, and
+ * nothing queued (unless the queue ran out of memory: the writer then fails, as a
+ * broken socket would).  *act: what w_sent is to do (write now: 1; ipc, written
+ * already or waiting for room: -1). */
+static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t ack, int data_crc, int lossless,
+                          int *act_out) {
+    *act_out = 0;
     CopylessOutFields f;
-    if (capi->outgoing(args[0], &f) < 0) return NULL;
+    if (capi->outgoing(msg, &f) < 0) return NULL;
     PyObject *rec = NULL;
+    int act = 0;
     Py_buffer fv, stack[8], *dv = stack;
     Py_ssize_t nb = PyList_GET_SIZE(f.buffers), got = 0;
     int have_front = 0;
@@ -1543,13 +1567,44 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
         if (!rec) goto done;
     } else
         rec = Py_NewRef(Py_None);
-    int r = 0, act = 0;
+    /* ipc:// with nothing queued: the frame's pieces go straight into the ring (one copy,
+     * no queue, no lock), and only what the ring cannot take now is queued.  An ipc
+     * writer is only ever touched with the GIL (and under the connection's lock): the
+     * flusher never sees it, so its queue indices can be read here without w->mu. */
+    size_t skip = 0;
+    if (w->chan && w->head == w->tail && w->rel == w->head && !w->closing && !w->failed && nb <= 8) {
+        struct iovec iov[12];
+        int k = 0;
+        size_t total = 0;
+#define IOV(ptr, n) (iov[k].iov_base = (void *)(ptr), iov[k].iov_len = (size_t)(n), total += iov[k++].iov_len)
+        IOV(head, sizeof head);
+        if (fv.len) IOV(fv.buf, fv.len);
+        IOV(mid, 4);
+        for (Py_ssize_t i = 0; i < nb; i++)
+            if (dv[i].len) IOV(dv[i].buf, dv[i].len);
+        IOV(tailb, 8);
+#undef IOV
+        Py_ssize_t n = capi->ipc_send(w->chan, iov, k);
+        if (n < 0) /* closed: queued as it was before, and the loop's flush meets the error again */
+            PyErr_Clear();
+        else {
+            w->n_syscalls++; /* (a publish) */
+            w->stalled = (size_t)n < total; /* the ring is full: the rest waits (the channel armed its wait) */
+            if ((size_t)n == total) {
+                act = -1; /* all written: nothing for w_sent to do */
+                goto done;
+            }
+            skip = (size_t)n;
+            act = -1;
+        }
+    }
+    int r = 0;
     Py_buffer done[4];
     Py_ssize_t ndone = 0;
     int64_t now = w->fd >= 0 ? cork_clock() : 0;
     pthread_mutex_lock(&w->mu);
     if (w->rel != w->head) ndone = q_reap(w, done, 4); /* what the flusher wrote since */
-    int small = fv.len < w->coalesce;
+    int small = fv.len < w->coalesce && !skip;
     for (Py_ssize_t i = 0; i < nb && small; i++) small = dv[i].len < w->coalesce;
     if (w->closing || w->failed) {
         /* dropped: the connection is going, and the session requeues what it sent */
@@ -1574,23 +1629,15 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
             w->failed = ENOMEM;
             q_drop(w);
         }
-    } else {
-        r = q_bytes(w, head, sizeof head);
-        if (r == 0 && fv.len) {
-            if (fv.len < w->coalesce)
-                r = q_bytes(w, fv.buf, (size_t)fv.len);
-            else if ((r = q_view(w, &fv)) == 0)
-                have_front = 0; /* the queue holds it now */
-        }
-        if (r == 0) r = q_bytes(w, mid, 4);
-        for (Py_ssize_t i = 0; i < nb && r == 0; i++) {
-            if (!dv[i].len) continue;
-            if (dv[i].len < w->coalesce)
-                r = q_bytes(w, dv[i].buf, (size_t)dv[i].len);
-            else if ((r = q_view(w, &dv[i])) == 0)
-                dv[i].obj = NULL, dv[i].buf = NULL; /* held by the queue */
-        }
-        if (r == 0) r = q_bytes(w, tailb, 8);
+    } else { /* piece by piece (large buffers queued as they are), less what was written */
+        r = q_piece(w, head, sizeof head, NULL, &skip);
+        if (r == 0 && fv.len && (r = q_piece(w, fv.buf, (size_t)fv.len, &fv, &skip)) == 1)
+            r = 0, have_front = 0; /* the queue holds it now */
+        if (r == 0) r = q_piece(w, mid, 4, NULL, &skip);
+        for (Py_ssize_t i = 0; i < nb && r == 0; i++)
+            if (dv[i].len && (r = q_piece(w, dv[i].buf, (size_t)dv[i].len, &dv[i], &skip)) == 1)
+                r = 0, dv[i].obj = NULL, dv[i].buf = NULL; /* held by the queue */
+        if (r == 0) r = q_piece(w, tailb, 8, NULL, &skip);
         if (r < 0) { /* half a frame would break the stream: it fails instead */
             w->failed = ENOMEM;
             q_drop(w);
@@ -1610,12 +1657,36 @@ done:
     if (dv != stack) PyMem_Free(dv);
     Py_DECREF(f.front);
     Py_DECREF(f.buffers);
-    if (rec) {
-        if (w->fd < 0)
-            w_kick(w); /* an ipc ring, or a stream's send_buffers */
-        else if (act)
-            w_write_now(w);
+    *act_out = act;
+    return rec;
+}
+
+/* After w_encode: write now, or leave it to the flusher (act says which), or to the
+ * bound stream (ipc ring, a stream's send_buffers). */
+static void w_sent(WriterObject *w, int act) {
+    if (act < 0) return; /* ipc: written into the ring by w_encode (or the rest waits for room) */
+    if (w->fd < 0)
+        w_kick(w);
+    else if (act)
+        w_write_now(w);
+}
+
+/* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
+ * Encode a MESSAGE frame of msg with this seq and ack_seq into the queue (w_encode),
+ * then write now or batch.  Returns what the session keeps to resend (lossless), else
+ * None.  (The Python path's; the steady state of Connection.send does both itself,
+ * see "compiled send" below.) */
+static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "message(msg, seq, ack, data_crc, lossless)");
+        return NULL;
     }
+    uint64_t seq = PyLong_AsUnsignedLongLong(args[1]), ack = PyLong_AsUnsignedLongLong(args[2]);
+    int data_crc = PyObject_IsTrue(args[3]), lossless = PyObject_IsTrue(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    int act;
+    PyObject *rec = w_encode(w, args[0], seq, ack, data_crc, lossless, &act);
+    if (rec) w_sent(w, act);
     return rec;
 }
 
@@ -1888,6 +1959,352 @@ static PyTypeObject FlusherType = {
     .tp_getset = Flusher_getset,
 };
 
+/* ------------------------------------------------------------------ Lock */
+/* A Connection's lock: reentrant, with threading.RLock's interface.  It is ours so
+ * that the compiled send takes and gives it back in a few ns, with no Python call:
+ * the Python half of a connection takes it with `with`, the send path in C directly,
+ * and the two exclude each other exactly as two Python holders would.
+ *
+ * Its state (owner, count, waiters) is only read and changed with the GIL held, so the
+ * GIL is what makes those steps atomic (as for the pub/sub core's private state), and
+ * taking a free lock is two stores: no atomic instruction, no system call, no clock.
+ * (threading.RLock's lock computed a deadline with clock_gettime even to try it: ~20
+ * ns of a ~170 ns send.)  A thread that finds it held by another counts itself in
+ * `sleepers`, releases the GIL and sleeps on `gen`, a futex word.  A release that
+ * finds sleepers bumps gen, wakes them all and sets sleepers to 0: each woken thread
+ * takes the GIL back and tries again, and counts itself again if it must wait again.
+ * So a release makes a system call only when someone went to sleep since the last
+ * wake-up, never for a thread that is awake and waiting for the GIL (a sender that
+ * holds the GIL sends thousands of messages meanwhile: counting those waiters until
+ * they had the GIL cost every one of those sends a futex call).  A free-threaded build
+ * would need a compare-and-swap on owner instead. */
+typedef struct {
+    PyObject_HEAD
+    unsigned long owner, count; /* with the GIL */
+    Py_ssize_t sleepers;        /* with the GIL: threads asleep (or about to be) on gen since it last moved */
+    uint32_t gen;               /* futex word: moved (with the GIL) by each release that wakes sleepers */
+} LockObject;
+
+static PyTypeObject LockType;
+
+static long lock_futex(uint32_t *word, int op, uint32_t val, const struct timespec *ts) {
+    return syscall(SYS_futex, word, op, val, ts, NULL, 0);
+}
+
+/* With the GIL.  timeout_ns < 0: wait as long as it takes; 0: do not wait.  1 taken, 0
+ * not (timed out), -1 error (a signal handler raised while it waited).  The GIL is
+ * released while it waits. */
+static int lock_take(LockObject *l, int64_t timeout_ns) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (!l->count) {
+        l->owner = me;
+        l->count = 1;
+        return 1;
+    }
+    if (l->owner == me) {
+        if (l->count == ULONG_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "lock taken too many times");
+            return -1;
+        }
+        l->count++;
+        return 1;
+    }
+    if (timeout_ns == 0) return 0;
+    int64_t end = timeout_ns > 0 ? mono_ns() + timeout_ns : 0;
+    for (;;) {
+        struct timespec ts, *tsp = NULL;
+        if (timeout_ns > 0) {
+            int64_t left = end - mono_ns();
+            if (left <= 0) return 0;
+            ts.tv_sec = (time_t)(left / 1000000000);
+            ts.tv_nsec = (long)(left % 1000000000);
+            tsp = &ts;
+        }
+        /* gen is read with the GIL, before it is released: a release after this moves
+         * it, and the futex then returns at once instead of sleeping through it */
+        uint32_t gen = __atomic_load_n(&l->gen, __ATOMIC_RELAXED);
+        l->sleepers++;
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        if (lock_futex(&l->gen, FUTEX_WAIT_PRIVATE, gen, tsp) < 0) err = errno;
+        Py_END_ALLOW_THREADS
+        if (__atomic_load_n(&l->gen, __ATOMIC_RELAXED) == gen)
+            l->sleepers--; /* no release woke us (a timeout, a signal): still counted, so uncount */
+        if (!l->count) {
+            l->owner = me;
+            l->count = 1;
+            return 1;
+        }
+        if (err == EINTR && PyErr_CheckSignals() < 0) return -1; /* (Ctrl-C, in the main thread) */
+    }
+}
+
+static int lock_give(LockObject *l) {
+    if (!l->count || l->owner != PyThread_get_thread_ident()) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return -1;
+    }
+    if (--l->count == 0) {
+        l->owner = 0;
+        if (l->sleepers) { /* (a system call only when someone went to sleep) */
+            l->sleepers = 0;
+            __atomic_fetch_add(&l->gen, 1, __ATOMIC_RELAXED);
+            lock_futex(&l->gen, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+        }
+    }
+    return 0;
+}
+
+static PyObject *Lock_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Lock() takes no arguments");
+        return NULL;
+    }
+    return cls->tp_alloc(cls, 0);
+}
+
+static PyObject *Lock_acquire(LockObject *l, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"blocking", "timeout", NULL};
+    int blocking = 1;
+    double timeout = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|pd:acquire", kwlist, &blocking, &timeout)) return NULL;
+    if (!blocking && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "can't specify a timeout for a non-blocking call");
+        return NULL;
+    }
+    if (timeout < 0 && timeout != -1) {
+        PyErr_SetString(PyExc_ValueError, "timeout value must be a non-negative number");
+        return NULL;
+    }
+    int64_t ns = !blocking ? 0 : timeout < 0 ? -1 : timeout * 1e9 > 9e18 ? INT64_MAX : (int64_t)(timeout * 1e9);
+    if (blocking && timeout >= 0 && ns == 0) ns = 1; /* a tiny timeout still waits a moment */
+    int r = lock_take(l, ns);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Lock_enter(LockObject *l, PyObject *unused) {
+    int r = lock_take(l, -1);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *Lock_release(LockObject *l, PyObject *unused) {
+    if (lock_give(l) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lock_exit(LockObject *l, PyObject *const *args, Py_ssize_t nargs) {
+    if (lock_give(l) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lock_is_owned(LockObject *l, PyObject *unused) {
+    return PyBool_FromLong(l->count && l->owner == PyThread_get_thread_ident());
+}
+
+static PyObject *Lock_repr(LockObject *l) {
+    return PyUnicode_FromFormat("<copyless._codec.Lock %s owner=%lu count=%lu at %p>",
+                                l->count ? "locked" : "unlocked", l->owner, l->count, (void *)l);
+}
+
+static PyMethodDef Lock_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))Lock_acquire, METH_VARARGS | METH_KEYWORDS,
+     "acquire(blocking=True, timeout=-1) -> bool, as threading.RLock's"},
+    {"release", (PyCFunction)Lock_release, METH_NOARGS, "release(): as threading.RLock's"},
+    {"__enter__", (PyCFunction)Lock_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Lock_exit, METH_FASTCALL, NULL},
+    {"_is_owned", (PyCFunction)Lock_is_owned, METH_NOARGS, "held by the calling thread"},
+    {NULL},
+};
+
+static PyTypeObject LockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._codec.Lock",
+    .tp_basicsize = sizeof(LockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Lock(): a reentrant lock (threading.RLock's interface) that the compiled send takes without a "
+              "Python call; a Connection's lock.",
+    .tp_new = Lock_new,
+    .tp_repr = (reprfunc)Lock_repr,
+    .tp_methods = Lock_methods,
+};
+
+/* ------------------------------------------------------------------ compiled send */
+/* Connection.send's steady state: what the Python path does on a READY connection
+ * with nothing queued ahead (Connection._send_python -> SessionConnection.
+ * write_message -> Writer.message), without a Python frame.  It reads and writes the
+ * very attributes the Python path does, in the slots of the three classes (their
+ * __slots__), under the connection's own lock: so there is no copy of any state to
+ * keep in step, and nothing it reads can be stale.  Anything else (another state,
+ * messages or control frames queued ahead, a closed connection, a subclass, a slot
+ * not set or of an unexpected type) takes the Python path, which decides it as
+ * before.  Equivalence with the Python path: tests/test_send.py. */
+typedef struct {
+    PyTypeObject *type;
+    const char *names[8];
+    Py_ssize_t off[8];
+} SlotMap;
+
+/* Connection */
+enum { C_CLOSED, C_LOCK, C_MACHINE, C_STREAM, C_SENDQ };
+/* SessionConnection */
+enum { M_STATE, M_SESSION, M_OUT, M_DATA_CRC, M_UNACKED_IN, M_ACK_DUE };
+/* Session */
+enum { S_UNSENT, S_SENT, S_OUT_SEQ, S_IN_SEQ, S_LOSSLESS };
+
+static SlotMap sp_conn = {NULL, {"_closed", "_lock", "_machine", "_stream", "_sendq"}, {0}};
+static SlotMap sp_mach = {NULL, {"state", "session", "_out", "data_crc", "_unacked_in", "_ack_due"}, {0}};
+static SlotMap sp_sess = {NULL, {"unsent", "sent", "out_seq", "in_seq", "lossless"}, {0}};
+static PyObject *sp_ready, *sp_zero, *sp_fallback, *sp_stalled, *sp_append;
+static PyTypeObject *sp_deque;
+
+#define SLOT(o, map, i) (*(PyObject **)((char *)(o) + (map).off[i]))
+
+/* Where each name's slot is in instances of `type` (a slot it declares itself). */
+static int slotmap_resolve(SlotMap *map, PyObject *type) {
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "compiled_send() takes classes");
+        return -1;
+    }
+    PyTypeObject *t = (PyTypeObject *)type;
+    Py_ssize_t off[8] = {0};
+    for (int i = 0; i < 8 && map->names[i]; i++) {
+        PyObject *d = PyDict_GetItemString(t->tp_dict, map->names[i]); /* borrowed */
+        PyMemberDef *md = d && Py_IS_TYPE(d, &PyMemberDescr_Type) ? ((PyMemberDescrObject *)d)->d_member : NULL;
+        if (!md || md->type != T_OBJECT_EX || (md->flags & READONLY)) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a slot of the class (its __slots__)", t->tp_name,
+                         map->names[i]);
+            return -1;
+        }
+        off[i] = md->offset;
+    }
+    Py_XSETREF(map->type, (PyTypeObject *)Py_NewRef(type));
+    memcpy(map->off, off, sizeof off);
+    return 0;
+}
+
+/* send(msg) for a Connection: the method installed as Connection.send. */
+static PyObject *conn_send(PyObject *conn, PyObject *msg) {
+    if (Py_TYPE(conn) != sp_conn.type || SLOT(conn, sp_conn, C_CLOSED) != Py_False) goto python;
+    PyObject *lk = SLOT(conn, sp_conn, C_LOCK);
+    if (!lk || !Py_IS_TYPE(lk, &LockType)) goto python;
+    LockObject *lock = (LockObject *)Py_NewRef(lk);
+    if (lock_take(lock, -1) < 0) { /* (a signal handler raised while it waited) */
+        Py_DECREF(lock);
+        return NULL;
+    }
+    /* From here on nothing else runs under the lock.  The checks are write_message's and
+     * the Python send's: a READY machine on a live stream, nothing queued ahead of it. */
+    PyObject *m = SLOT(conn, sp_conn, C_MACHINE), *st = SLOT(conn, sp_conn, C_STREAM);
+    PyObject *wo = SLOT(conn, sp_conn, C_SENDQ);
+    if (!m || !Py_IS_TYPE(m, sp_mach.type) || !st || st == Py_None || !wo || !Py_IS_TYPE(wo, &WriterType) ||
+        SLOT(m, sp_mach, M_STATE) != sp_ready)
+        goto unlock_python;
+    PyObject *s = SLOT(m, sp_mach, M_SESSION), *out = SLOT(m, sp_mach, M_OUT);
+    PyObject *crc = SLOT(m, sp_mach, M_DATA_CRC);
+    if (!s || !Py_IS_TYPE(s, sp_sess.type) || !out || !PyList_CheckExact(out) || PyList_GET_SIZE(out) || !crc ||
+        !PyBool_Check(crc) || !SLOT(m, sp_mach, M_UNACKED_IN) || !SLOT(m, sp_mach, M_ACK_DUE))
+        goto unlock_python;
+    PyObject *unsent = SLOT(s, sp_sess, S_UNSENT), *sent = SLOT(s, sp_sess, S_SENT);
+    PyObject *oseq = SLOT(s, sp_sess, S_OUT_SEQ), *iseq = SLOT(s, sp_sess, S_IN_SEQ);
+    PyObject *lossless = SLOT(s, sp_sess, S_LOSSLESS);
+    if (!unsent || !Py_IS_TYPE(unsent, sp_deque) || Py_TYPE(unsent)->tp_as_sequence->sq_length(unsent) != 0 ||
+        !sent || !Py_IS_TYPE(sent, sp_deque) || !oseq || !PyLong_CheckExact(oseq) || !iseq ||
+        !PyLong_CheckExact(iseq) || !lossless || !PyBool_Check(lossless))
+        goto unlock_python;
+    uint64_t seq = PyLong_AsUnsignedLongLong(oseq) + 1, ack = PyLong_AsUnsignedLongLong(iseq);
+    if (PyErr_Occurred() || seq == 0) { /* out of a u64: the Python path raises what it raises */
+        PyErr_Clear();
+        goto unlock_python;
+    }
+    /* Held until the end: releasing a written buffer, or a stream's send_buffers, may
+     * run Python code that drops what the slots held (the Python path holds them in
+     * its frame's variables) */
+    PyObject *held[4] = {Py_NewRef(m), Py_NewRef(s), Py_NewRef(sent), Py_NewRef(wo)};
+    WriterObject *w = (WriterObject *)wo;
+    PyObject *seq_o = PyLong_FromUnsignedLongLong(seq);
+    if (!seq_o) goto fail;
+    int stalled = w->stalled, act;
+    PyObject *rec = w_encode(w, msg, seq, ack, crc == Py_True, lossless == Py_True, &act);
+    if (!rec) {
+        Py_DECREF(seq_o);
+        goto fail;
+    }
+    /* the session's state as write_message leaves it: s.out_seq = seq; s.sent.append(kept);
+     * the header carried our ack: m._unacked_in, m._ack_due = 0, None.  (No Python code
+     * runs here: the old values are ints, a float and None.) */
+    Py_SETREF(SLOT(s, sp_sess, S_OUT_SEQ), seq_o);
+    if (rec != Py_None) {
+        PyObject *a[2] = {sent, rec};
+        PyObject *r = PyObject_Vectorcall(sp_append, a, 2, NULL); /* deque.append(sent, rec) */
+        if (!r) {
+            Py_DECREF(rec);
+            goto fail;
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(rec);
+    Py_SETREF(SLOT(m, sp_mach, M_UNACKED_IN), Py_NewRef(sp_zero));
+    Py_SETREF(SLOT(m, sp_mach, M_ACK_DUE), Py_NewRef(Py_None));
+    w_sent(w, act); /* written now (the GIL released, the lock held), or batched */
+    if (w->stalled && !stalled) { /* a stream (TLS, ipc) took less than all: the loop goes on with it */
+        PyObject *r = PyObject_CallMethodNoArgs(conn, sp_stalled);
+        if (!r) goto fail;
+        Py_DECREF(r);
+    }
+    for (int i = 0; i < 4; i++) Py_DECREF(held[i]);
+    lock_give(lock); /* (taken above by this thread: cannot fail) */
+    Py_DECREF(lock);
+    Py_RETURN_NONE;
+fail:
+    for (int i = 0; i < 4; i++) Py_DECREF(held[i]);
+    lock_give(lock);
+    Py_DECREF(lock);
+    return NULL;
+unlock_python:
+    lock_give(lock);
+    Py_DECREF(lock);
+python:
+    return PyObject_CallMethodOneArg(conn, sp_fallback, msg);
+}
+
+static PyMethodDef conn_send_def = {
+    "send", (PyCFunction)conn_send, METH_O,
+    "send(msg): send a message (scatter-gather: the data buffers are not joined or copied).\n\n"
+    "The calling thread writes to the socket itself when it is idle; a send that follows another closely is "
+    "batched with it (a flusher thread writes the batch, see docs/design.md, \"Send path\"); a message sent while "
+    "the session is (re)connecting waits in the session's queue, in order.  Compiled: the steady state (a READY "
+    "connection with nothing queued ahead) runs in C; everything else in Connection._send_python."};
+
+/* compiled_send(Connection, SessionConnection, Session, State.READY) -> the method to
+ * install as Connection.send.  Each class must declare the slots the send reads
+ * (see SlotMap above); the Python path is Connection._send_python, and a send that
+ * leaves a stream stalled calls Connection._write_stalled() under the lock. */
+static PyObject *py_compiled_send(PyObject *self, PyObject *args) {
+    PyObject *conn_t, *mach_t, *sess_t, *ready;
+    if (!PyArg_ParseTuple(args, "OOOO:compiled_send", &conn_t, &mach_t, &sess_t, &ready)) return NULL;
+    if (slotmap_resolve(&sp_conn, conn_t) < 0 || slotmap_resolve(&sp_mach, mach_t) < 0 ||
+        slotmap_resolve(&sp_sess, sess_t) < 0)
+        return NULL;
+    if (!sp_deque) {
+        PyObject *coll = PyImport_ImportModule("collections");
+        PyObject *dq = coll ? PyObject_GetAttrString(coll, "deque") : NULL;
+        Py_XDECREF(coll);
+        if (!dq) return NULL;
+        if (!PyType_Check(dq) || !(sp_append = PyObject_GetAttrString(dq, "append"))) {
+            Py_DECREF(dq);
+            return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "collections.deque is not a type");
+        }
+        sp_deque = (PyTypeObject *)dq;
+    }
+    if (!sp_zero && !(sp_zero = PyLong_FromLong(0))) return NULL;
+    if (!sp_fallback && !(sp_fallback = PyUnicode_InternFromString("_send_python"))) return NULL;
+    if (!sp_stalled && !(sp_stalled = PyUnicode_InternFromString("_write_stalled"))) return NULL;
+    Py_XSETREF(sp_ready, Py_NewRef(ready));
+    return PyDescr_NewMethod((PyTypeObject *)conn_t, &conn_send_def);
+}
+
 static PyObject *py_set_errors(PyObject *self, PyObject *args) {
     PyObject *lp, *cf;
     if (!PyArg_ParseTuple(args, "OO", &lp, &cf)) return NULL;
@@ -1926,6 +2343,8 @@ static PyMethodDef codec_methods[] = {
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, value=0) -> int (Castagnoli, as the crc32c package)"},
     {"frame_encode", py_frame_encode, METH_VARARGS, "One frame as a list of buffers (see frames.encode_frame)."},
     {"frame_scan", py_frame_scan, METH_VARARGS, "Complete small valid frames in a buffer (see frames.FrameReader)."},
+    {"compiled_send", py_compiled_send, METH_VARARGS,
+     "compiled_send(Connection, SessionConnection, Session, State.READY) -> Connection.send, compiled."},
     {"message_scan", (PyCFunction)(void (*)(void))py_message_scan, METH_FASTCALL,
      "The run of steady-state MESSAGE frames in a buffer, as received Messages (see session.SessionConnection)."},
     {NULL, NULL, 0, NULL},
@@ -1949,13 +2368,15 @@ PyMODINIT_FUNC PyInit__codec(void) {
         PyErr_SetString(PyExc_ImportError, "copyless._core and copyless._codec are from different builds: rebuild");
         return NULL;
     }
-    if (PyType_Ready(&OutMessageType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&FlusherType) < 0)
+    if (PyType_Ready(&OutMessageType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&FlusherType) < 0 ||
+        PyType_Ready(&LockType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&codecmodule);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "OutMessage", (PyObject *)&OutMessageType) < 0 ||
         PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0 ||
-        PyModule_AddObjectRef(m, "Flusher", (PyObject *)&FlusherType) < 0) {
+        PyModule_AddObjectRef(m, "Flusher", (PyObject *)&FlusherType) < 0 ||
+        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import Writer
+from ._codec import Lock, Writer, compiled_send
 from ._core import (
     Message,  # the one Message type, shared with pub/sub (docs/design.md)
     _track_kept,
@@ -238,6 +238,10 @@ class _Call:
 class Connection:
     """A session with one peer; survives transport faults according to its policy."""
 
+    # What the compiled send reads and writes lives in slots (the rest in __dict__): the
+    # core finds it at fixed offsets, with no lookup (see compiled_send below).
+    __slots__ = ("_closed", "_lock", "_machine", "_stream", "_sendq", "__dict__", "__weakref__")
+
     def __init__(self, messenger: Messenger, loop: IOLoop, policy: Policy, address: str = "") -> None:
         self.messenger, self.loop, self.policy, self.address = messenger, loop, policy, address
         self.peer_name = ""
@@ -251,7 +255,8 @@ class Connection:
         self._ready = threading.Event()
         # Held by every loop-side entry point, and by send() from any thread, which
         # writes to the socket itself (run to completion: no hop to the loop thread).
-        self._lock = threading.RLock()
+        # Reentrant, as threading.RLock; the compiled send takes it without a Python call.
+        self._lock = Lock()
         self._adopted_by: Connection | None = None  # server: the session's connection took our transport
         self._leased = False  # a thread in call() is reading the socket instead of the loop
         self._lease_off = False  # an ipc stream leased and then taken off its loop (see _on_readable)
@@ -268,9 +273,13 @@ class Connection:
         """Send a message (scatter-gather: the data buffers are not joined or copied).
 
         The calling thread writes to the socket itself when it is idle; a send that
-        follows another closely is batched with it (the I/O loop writes the batch, see
+        follows another closely is batched with it (a flusher thread writes the batch, see
         docs/design.md, "Send path"); a message sent while the session is (re)connecting
-        waits in the session's queue, in order."""
+        waits in the session's queue, in order.
+
+        The class's send is the core's (compiled_send, below the class): it does the
+        steady state (a READY connection with nothing queued ahead) in C, exactly as
+        this does, and calls this, as _send_python, for everything else."""
         if self._closed:
             raise ClosedError(f"connection to {self.peer_name or self.address} is closed")
         lock = self._lock
@@ -281,11 +290,8 @@ class Connection:
                 w = self._sendq
                 stalled = w.stalled
                 m.write_message(msg, w)  # encoded by the core, written now or batched
-                if w.stalled and not stalled:  # a stream (TLS, ipc) took less than all: the loop goes on
-                    if self.loop.in_loop():
-                        self._pump()
-                    else:
-                        self.loop.call_soon_threadsafe(self._locked, self._pump)
+                if w.stalled and not stalled:
+                    self._write_stalled()
                 return
             if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
                 raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
@@ -295,6 +301,16 @@ class Connection:
             self.session.queue(OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply))
         finally:
             lock.release()
+
+    _send_python = send  # the compiled send's fallback: any state but the steady one
+
+    def _write_stalled(self) -> None:
+        """(Under the lock.) A stream (TLS, ipc) took less than all of a send: the loop
+        goes on with the rest when it can take more."""
+        if self.loop.in_loop():
+            self._pump()
+        else:
+            self.loop.call_soon_threadsafe(self._locked, self._pump)
 
     def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply; the reply's data is read straight into `into`."""
@@ -731,6 +747,14 @@ class Connection:
         self._retry = self.loop.call_later(delay, lambda: self._locked(self._start_connect))
 
 
+# Connection.send, compiled: the steady state of _send_python (a READY connection with
+# nothing queued ahead: seq, piggy-backed ack, encode, the record kept for replay, write
+# or batch) in one C call under the connection's lock, reading and writing the same
+# slots of Connection, SessionConnection and Session; anything else calls _send_python.
+# docs/design.md, "Send path".
+Connection.send = compiled_send(Connection, SessionConnection, Session, State.READY)  # type: ignore[method-assign]
+
+
 class Messenger:
     """An endpoint named "type.id"; the type before the dot picks the policy for a peer."""
 
@@ -794,7 +818,7 @@ class Messenger:
         # One lock for all the connections a server accepts.  A reconnect's handshake runs on
         # the new transport's Connection but changes the session that another Connection holds
         # and application threads send on; with a lock each, a message sent meanwhile was lost.
-        self._accepted_lock = threading.RLock()
+        self._accepted_lock = Lock()
         self._shut = False
 
     # ------------------------------------------------------------ setup

@@ -154,7 +154,7 @@ class MessageWriter(Protocol):
 
 
 # ---------------------------------------------------------------- session state
-@dataclass
+@dataclass(slots=True)  # slots: the compiled send reads them (copyless._codec.compiled_send)
 class Session:
     """What survives a connection fault.  lossless=False (lossy): nothing is replayed.
 
@@ -255,6 +255,10 @@ class SessionConnection:
     Server: `SessionConnection(Role.SERVER, name, registry=registry)`; the
     session is found or made during the handshake.
     """
+
+    # What the compiled send of a Messenger's Connection reads and writes is in slots
+    # (copyless._codec.compiled_send); everything else in __dict__.
+    __slots__ = ("state", "session", "_out", "data_crc", "_unacked_in", "_ack_due", "__dict__", "__weakref__")
 
     def __init__(
         self,
