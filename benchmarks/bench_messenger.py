@@ -19,6 +19,9 @@ Columns (issue 3's benchmark section):
 Rows, by transport (copyless messenger rows first):
   copyless   Messenger: conn.send(Message(1, data=[payload])) into a Dispatcher
              that counts in fast_dispatch; conn.call(msg, into=buf)
+  copyless-nocrc  the same with Messenger(data_crc=False), large messages only:
+             raw sockets and pyzmq check no data, so this row is the like-for-like
+             one against raw (the target is still judged on the default row)
   raw        sockets: 4-byte length prefix, sendall; the receiver parses its
              stream from greedy recv_into calls; replies recv_into the buffer
   zmq        pyzmq PUSH/PULL and REQ/REP (large replies copy=False, then one
@@ -134,6 +137,7 @@ class Peer:
 
 class Client:
     one_way = False  # True: no request/reply; large sizes run as a stream
+    metrics: tuple[str, ...] | None = None  # only these (None: all)
 
     def send(self, payload):
         raise NotImplementedError
@@ -148,6 +152,8 @@ class Client:
 # ---------------------------------------------------------------- messenger
 class CopylessPeer(Peer):
     """The Dispatcher counts or replies on the I/O loop (fast dispatch)."""
+
+    data_crc = True
 
     def __init__(self, address, role, marks, report):
         super().__init__(address, role, marks, report)
@@ -176,7 +182,7 @@ class CopylessPeer(Peer):
                 msg.connection.send(msg.reply(2, data=[SOURCE[: requested(msg.data)]]))
 
         self.marks = set(marks)
-        self.m = cm.Messenger("bench.server", policies={"client": cm.Policy.stateful_server()})
+        self.m = cm.Messenger("bench.server", policies={"client": cm.Policy.stateful_server()}, data_crc=self.data_crc)
         self.m.add_dispatcher(Sink() if role == "sink" else Echo())
         try:
             self.address = self.m.bind(address)
@@ -191,11 +197,15 @@ class CopylessPeer(Peer):
 
 
 class CopylessClient(Client):
+    data_crc = True
+
     def __init__(self, address, role):
         import copyless.messenger as cm
 
         self.Message = cm.Message
-        self.m = cm.Messenger("client.bench", default_policy=cm.Policy.lossless_client(), io_loops=1)
+        self.m = cm.Messenger(
+            "client.bench", default_policy=cm.Policy.lossless_client(), io_loops=1, data_crc=self.data_crc
+        )
         self.conn = self.m.connect(address)
         self.conn.wait_ready(RECV_TIMEOUT)
 
@@ -355,8 +365,18 @@ class PubSubClient(Client):
         self.pub.close()
 
 
+class NoCrcPeer(CopylessPeer):
+    data_crc = False
+
+
+class NoCrcClient(CopylessClient):
+    data_crc = False  # Messenger(data_crc=False): what raw sockets and pyzmq do (no data checksum)
+    metrics = ("gbps_1MiB", "gbps_16MiB")  # the row shows what the checksum costs large messages
+
+
 LIBS = {
     "copyless": (CopylessPeer, CopylessClient),
+    "copyless-nocrc": (NoCrcPeer, NoCrcClient),
     "raw": (RawPeer, RawClient),
     "zmq": (ZmqPeer, ZmqClient),
     "pubsub": (PubSubPeer, PubSubClient),
@@ -367,7 +387,9 @@ ROWS = {
     "copyless/tcp": ("copyless", "tcp", "tcp://127.0.0.1:0"),
     "raw/tcp": ("raw", "tcp", "tcp://127.0.0.1:0"),
     "zmq/tcp": ("zmq", "tcp", "tcp://127.0.0.1:0"),
+    "copyless-nocrc/tcp": ("copyless-nocrc", "tcp", "tcp://127.0.0.1:0"),
     "copyless/unix": ("copyless", "unix", "unix://{d}/{n}"),
+    "copyless-nocrc/unix": ("copyless-nocrc", "unix", "unix://{d}/{n}"),
     "raw/unix": ("raw", "unix", "unix://{d}/{n}"),
     "zmq/ipc": ("zmq", "unix", "ipc://{d}/{n}"),
     "copyless/ipc": ("copyless", "ipc", "ipc://{n}"),
@@ -470,6 +492,8 @@ def run_row(row, mode, tmp):
     for metric, size, test in TESTS:
         if LIBS[lib][1].one_way and metric == "rtt":
             continue
+        if LIBS[lib][1].metrics is not None and metric not in LIBS[lib][1].metrics:
+            continue
         try:
             runs = [measure(row, size, test, mode, tmp) for _ in range(mode["repeats"])]
         except NotImplementedRow as e:
@@ -547,10 +571,12 @@ def ratios(results):
     """{'copyless/T vs PEER': {metric: ratio}} for every peer of every copyless row."""
     out = {}
     for t, peers in PEERS.items():
-        mine = f"copyless/{t}"
-        for peer in peers.values():
-            if mine in results and peer in results:
-                out[f"{mine} vs {peer}"] = {m: ratio(results[mine].get(m), results[peer].get(m), m) for m in COLUMNS}
+        for mine in (f"copyless/{t}", f"copyless-nocrc/{t}"):
+            for name, peer in peers.items():
+                if mine in results and peer in results and (mine.startswith("copyless/") or name == "raw"):
+                    out[f"{mine} vs {peer}"] = {
+                        m: ratio(results[mine].get(m), results[peer].get(m), m) for m in COLUMNS
+                    }
     return out
 
 
