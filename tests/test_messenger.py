@@ -328,3 +328,49 @@ def test_a_client_that_comes_back_within_the_linger_resumes_its_session(server):
         assert conn.call(Message(READ, front=(1).to_bytes(4, "little")), timeout=5).data == b"\x07"
     got = [int.from_bytes(w[:4], "little") for w in store.writes]
     assert got == list(range(150)) and len(store.accepted) == 1 and not srv._closed
+
+
+def test_the_loop_reads_again_after_a_caller_slept_on_the_stream(address):
+    """A caller that sleeps on a leased ipc:// stream arms it, and the doorbell may wake the
+    loop first: the loop then leaves the stream to the caller until the lease ends.  After
+    the lease the loop must read the stream again: a message the server pushes unasked,
+    with no call under way, arrives."""
+
+    class Pusher(Store):
+        def dispatch(self, msg: Message) -> None:  # pushed back unasked
+            assert msg.connection is not None
+            msg.connection.send(Message(WRITE, front=bytes(msg.front)))
+
+    class Inbox(Dispatcher):
+        def __init__(self) -> None:
+            self.got: list[bytes] = []
+            self.cv = threading.Condition()
+
+        def can_fast_dispatch(self, msg: Message) -> bool:
+            return msg.type == WRITE
+
+        def fast_dispatch(self, msg: Message) -> None:
+            with self.cv:
+                self.got.append(bytes(msg.front))
+                self.cv.notify_all()
+
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as m:
+        m.add_dispatcher(Pusher())
+        addr = m.bind(address)
+        m.start()
+        inbox = Inbox()
+        with Messenger("client.7", default_policy=Policy.lossless_client()) as client:
+            client.add_dispatcher(inbox)
+            conn = client.connect(addr)
+            for i in range(3):
+                conn.call(Message(READ, front=(1).to_bytes(4, "little")), timeout=5)  # (a READY session)
+                st = conn._lease()
+                assert st is not None
+                conn._on_readable()  # what the loop does when a byte for the sleeping caller wakes it
+                assert conn._lease_off == st.write_wakes_read
+                conn._unlease(st)
+                assert not getattr(st, "leased", False)
+                conn.send(Message(WRITE, front=b"%d" % i))
+                with inbox.cv:
+                    assert inbox.cv.wait_for(lambda i=i: len(inbox.got) > i, 5), f"push {i} never read"
+    assert inbox.got == [b"%d" % i for i in range(3)]

@@ -367,15 +367,17 @@ class Connection:
         with self._lock:
             self._leased = False
             off, self._lease_off = self._lease_off, False
-            on_loop = st.write_wakes_read and not off
-            if on_loop and st.give_back() and self._stream is st and not self._paused:  # type: ignore[attr-defined]
-                self.loop.call_soon_threadsafe(self._on_readable)  # something came meanwhile
+            ipc = st.write_wakes_read
+            came = ipc and st.give_back()  # type: ignore[attr-defined]  # (armed for a loop that may sleep)
             if self._stream is not st:
                 return
-            if on_loop and self._paused:
-                self.loop.detach(st)  # a throttle filled while we read: off until it frees
-            elif not on_loop and not self._paused:
-                self.loop.attach(st)
+            if ipc and not off:  # it stayed on the loop
+                if self._paused:
+                    self.loop.detach(st)  # a throttle filled while we read: off until it frees
+                elif came:
+                    self.loop.call_soon_threadsafe(self._on_readable)  # something came meanwhile
+            elif not self._paused:
+                self.loop.attach(st)  # (ipc: arms it, and wakes the loop if something came)
 
     def _read_until(self, st: Stream, pending: _Call, deadline: float | None) -> None:
         poller, interest = None, 0
