@@ -492,14 +492,7 @@ class SessionConnection:
             got = reader.read_messages(n, s.lossless, s.in_seq, self.owner, out)
             if got is not None:
                 self._now = self._last_rx = now
-                in_seq, ack, k, more = got
-                if ack:
-                    s.acked(ack)
-                if k:
-                    s.in_seq = in_seq
-                    self._unacked_in += k
-                    if self._ack_due is None:
-                        self._ack_due = now + self.ack_delay
+                more = self._took(s, *got)
                 if not more:
                     return out
                 if out:  # a frame the core left to us comes after these
@@ -844,7 +837,13 @@ class SessionConnection:
         s = self.session
         assert s is not None
         out = self._received()
-        in_seq, ack, n, more = self.reader.take_messages(s.lossless, s.in_seq, self.owner, out)
+        more = self._took(s, *self.reader.take_messages(s.lossless, s.in_seq, self.owner, out))
+        if not out:
+            self._events.pop()  # the batch _received() opened stayed empty
+        return more
+
+    def _took(self, s: Session, in_seq: int, ack: int, n: int, more: bool) -> bool:
+        """What the core's scan of n messages means for the session (returns `more`)."""
         if ack:
             s.acked(ack)
         if n:
@@ -852,8 +851,6 @@ class SessionConnection:
             self._unacked_in += n
             if self._ack_due is None:
                 self._ack_due = self._now + self.ack_delay
-        elif not out:
-            self._events.pop()  # the batch _received() opened stayed empty
         return more
 
     def _on_message(self, f: Frame) -> None:
