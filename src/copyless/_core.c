@@ -2463,34 +2463,47 @@ static inline void ipc_disarm_writer(IpcChannelObject *c) {
     }
 }
 
+/* A large copy between a ring and buf, without the GIL, in IPC_CHUNK pieces: the
+ * index moves after each piece but the last (the caller moves it then), so the other
+ * side copies out what is still in the shared cache while the rest goes in.
+ * out: from the peer's ring at pos into buf (the reader); else from buf into mine at
+ * pos (the writer).  A close() meanwhile must not unmap the segments under us:
+ * both are held, and the busy flag makes the other calls step aside. */
+static void ipc_copy_nogil(IpcChannelObject *c, int out, uint64_t pos, uint8_t *buf, uint64_t n) {
+    PyObject *keep = Py_NewRef(c->peer), *keep2 = Py_NewRef(c->mine);
+    uint8_t *m = c->m;
+    const uint8_t *p = c->p;
+    uint64_t cap = out ? c->pcap : c->cap;
+    int *busy = out ? &c->rbusy : &c->wbusy;
+    *busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (uint64_t done = 0; done < n;) {
+        uint64_t k = n - done > IPC_CHUNK ? IPC_CHUNK : n - done;
+        if (out) {
+            ring_copy_out(p + IPC_RING, cap, pos + done, buf + done, k);
+        } else {
+            ring_copy_in(m + IPC_RING, cap, pos + done, buf + done, k);
+        }
+        done += k;
+        if (done < n) (out ? ipc_publish_tail : ipc_publish_head)(c, m, p, pos + done);
+    }
+    Py_END_ALLOW_THREADS
+    *busy = 0;
+    Py_DECREF(keep);
+    Py_DECREF(keep2);
+}
+
 /* Copy up to len readable bytes into dst.  Returns bytes copied, or -1 with an exception. */
 static Py_ssize_t ipc_read(IpcChannelObject *c, uint8_t *dst, Py_ssize_t len) {
     int64_t a = ipc_avail(c);
     if (a < 0) return -1;
     uint64_t n = (uint64_t)a < (uint64_t)len ? (uint64_t)a : (uint64_t)len;
     if (!n) return 0;
-    const uint8_t *ring = c->p + IPC_RING;
     if (n >= IPC_NOGIL_COPY) {
-        /* a close() meanwhile must not unmap them under us */
-        PyObject *keep = Py_NewRef(c->peer), *keep2 = Py_NewRef(c->mine);
-        uint64_t cap = c->pcap, pos = c->tail;
-        uint8_t *m = c->m;
-        const uint8_t *p = c->p;
-        c->rbusy = 1;
-        Py_BEGIN_ALLOW_THREADS
-        for (uint64_t done = 0; done < n;) {
-            uint64_t k = n - done > IPC_CHUNK ? IPC_CHUNK : n - done;
-            ring_copy_out(ring, cap, pos + done, dst + done, k);
-            done += k;
-            if (done < n) ipc_publish_tail(c, m, p, pos + done);
-        }
-        Py_END_ALLOW_THREADS
-        c->rbusy = 0;
-        Py_DECREF(keep);
-        Py_DECREF(keep2);
+        ipc_copy_nogil(c, 1, c->tail, dst, n);
         if (!c->m) return ipc_closed_error();
     } else {
-        ring_copy_out(ring, c->pcap, c->tail, dst, n);
+        ring_copy_out(c->p + IPC_RING, c->pcap, c->tail, dst, n);
     }
     c->tail += n;
     c->st_in += n;
@@ -2590,23 +2603,7 @@ static Py_ssize_t ipc_write_iov(IpcChannelObject *c, const struct iovec *iov, Py
         }
         uint64_t n = len < (uint64_t)room ? len : (uint64_t)room;
         if (n >= IPC_NOGIL_COPY) {
-            PyObject *keep = Py_NewRef(c->mine), *keep2 = Py_NewRef(c->peer);
-            uint64_t cap = c->cap, pos = c->head + (uint64_t)total;
-            uint8_t *m = c->m;
-            const uint8_t *p = c->p;
-            const uint8_t *src = buf;
-            c->wbusy = 1;
-            Py_BEGIN_ALLOW_THREADS
-            for (uint64_t done = 0; done < n;) {
-                uint64_t k = n - done > IPC_CHUNK ? IPC_CHUNK : n - done;
-                ring_copy_in(ring, cap, pos + done, src + done, k);
-                done += k;
-                if (done < n) ipc_publish_head(c, m, p, pos + done);
-            }
-            Py_END_ALLOW_THREADS
-            c->wbusy = 0;
-            Py_DECREF(keep);
-            Py_DECREF(keep2);
+            ipc_copy_nogil(c, 0, c->head + (uint64_t)total, (uint8_t *)buf, n);
         } else if (n) {
             ring_copy_in(ring, c->cap, c->head + (uint64_t)total, buf, n);
         }
