@@ -1,4 +1,5 @@
-"""Shared fixtures: unique endpoint names, child processes, and a leak check on every test."""
+"""Shared fixtures: unique endpoint names, child processes, and a leak check on every test;
+and wait_for(), for tests that wait on another thread's work."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import time
 import uuid
 
 import pytest
+
+
+def wait_for(pred, timeout=5.0) -> bool:
+    """Poll pred until it holds (True) or timeout seconds pass (its last answer)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return pred()
 
 
 def _fds() -> set[str]:

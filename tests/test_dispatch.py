@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for
 
 from copyless.messenger import Dispatcher, Message, Messenger, Policy
 
@@ -47,15 +48,6 @@ def gated(tmp_path):
     yield make
     for m in made:
         m.shutdown()
-
-
-def wait_for(pred, timeout=5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
 
 
 def test_message_throttle_holds_the_rest_in_the_transport(gated):

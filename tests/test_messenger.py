@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_for
 
 from copyless.errors import ClosedError, PeerLost
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
@@ -270,13 +271,6 @@ def test_a_loop_stopped_while_busy_still_runs_what_it_was_handed():
     assert ran.is_set()
 
 
-def wait_until(pred, timeout=5.0) -> bool:
-    end = time.monotonic() + timeout
-    while not pred() and time.monotonic() < end:
-        time.sleep(0.01)
-    return pred()
-
-
 class Resets(Store):
     def __init__(self) -> None:
         super().__init__()
@@ -306,7 +300,7 @@ def test_a_server_forgets_clients_that_are_gone(address, policy):
                 assert bytes(reply.data) == bytes([7]) * 3
         if policy == "stateful":
             assert len(m._registry.by_client) == 5, "kept for the clients to come back, for a while"
-        assert wait_until(lambda: not m._registry.by_client and not m._connections and not m._by_session)
+        assert wait_for(lambda: not m._registry.by_client and not m._connections and not m._by_session)
         assert len(store.resets) == 5 and {c.peer_name for c in store.resets} == {f"client.{i}" for i in range(5)}
 
 
