@@ -368,3 +368,23 @@ def test_the_loop_reads_again_after_a_caller_slept_on_the_stream(address):
                 with inbox.cv:
                     assert inbox.cv.wait_for(lambda i=i: len(inbox.got) > i, 5), f"push {i} never read"
     assert inbox.got == [b"%d" % i for i in range(3)]
+
+
+@pytest.mark.parametrize("forced", [None, True, False])
+def test_the_data_crc_is_on_by_default_only_where_the_transport_can_corrupt(address, forced):
+    """Plain TCP gets the data crc; a unix socket or shared memory (copies made on this
+    host) does not, unless the messenger asks for it; data_crc=False turns it off anywhere."""
+    want = address.startswith("tcp://") if forced is None else forced
+    store = Store()
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}, data_crc=forced) as server:
+        server.add_dispatcher(store)
+        addr = server.bind(address)
+        server.start()
+        with Messenger("client.7", data_crc=forced) as client:
+            conn = client.connect(addr)
+            conn.wait_ready(5)
+            reply = conn.call(Message(READ, front=(1 << 16).to_bytes(4, "little")), timeout=5)
+            assert bytes(reply.data) == bytes([7]) * (1 << 16)
+            wait_for(lambda: store.accepted)
+            assert conn._machine is not None and conn._machine.data_crc is want
+            assert store.accepted[0]._machine.data_crc is want

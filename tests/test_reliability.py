@@ -99,16 +99,18 @@ def addresses(request, tmp_path) -> tuple[str, str]:
     return f"unix://{tmp_path}/server.sock", f"unix://{tmp_path}/proxy.sock"
 
 
-TIMERS = {"handshake_timeout": 2.0, "idle_timeout": 5.0, "keepalive_interval": 0.5}
+# data_crc=True: the FaultProxy damages bytes in flight, which a unix socket never does on
+# its own, so over unix the default is no data crc; here both transports must catch it.
+OPTIONS = {"handshake_timeout": 2.0, "idle_timeout": 5.0, "keepalive_interval": 0.5, "data_crc": True}
 
 
 @contextlib.contextmanager
-def proxied(addresses, store: Recorder, mine: Recorder | None = None, timers=TIMERS):
+def proxied(addresses, store: Recorder, mine: Recorder | None = None, options=OPTIONS):
     """A stateful server with `store`, a lossless client (with `mine`), the FaultProxy
     between them, and the client's connection through it."""
     with (
-        Messenger("store.1", policies={"client": Policy.stateful_server()}, **timers) as srv,
-        Messenger("client.7", default_policy=Policy.lossless_client(), **timers) as client,
+        Messenger("store.1", policies={"client": Policy.stateful_server()}, **options) as srv,
+        Messenger("client.7", default_policy=Policy.lossless_client(), **options) as client,
     ):
         srv.add_dispatcher(store)
         if mine is not None:
@@ -121,7 +123,7 @@ def proxied(addresses, store: Recorder, mine: Recorder | None = None, timers=TIM
 @pytest.fixture
 def server(addresses) -> Iterator[tuple[Messenger, Recorder, str]]:
     store = Recorder(fast=True)
-    m = Messenger("store.1", policies={"client": Policy.stateful_server()}, **TIMERS)  # type: ignore[arg-type]
+    m = Messenger("store.1", policies={"client": Policy.stateful_server()}, **OPTIONS)  # type: ignore[arg-type]
     m.add_dispatcher(store)
     bound = m.bind(addresses[0])
     m.start()
@@ -152,7 +154,7 @@ def send_stream(conn: Connection, n: int, seed: int, call_every: int = 0, stream
 def test_lossless_client_exactly_once_in_order_across_random_cuts(server, proxy: FaultProxy) -> None:
     _, store, _ = server
     n = 1500
-    with Messenger("client.7", default_policy=Policy.lossless_client(), **TIMERS) as client:  # type: ignore[arg-type]
+    with Messenger("client.7", default_policy=Policy.lossless_client(), **OPTIONS) as client:  # type: ignore[arg-type]
         conn = client.connect(proxy.address)
         conn.wait_ready(5)
         proxy.cut_randomly(5_000, 60_000, seed=1)  # bytes either way between two cuts
@@ -193,10 +195,10 @@ def test_damaged_bytes_close_the_transport_and_the_session_recovers(server, addr
     _, store, address = server
     n = 600
     # keepalives push a damaged frame to its crc check; a handshake frame lost whole costs 0.5 s
-    timers = dict(TIMERS, keepalive_interval=0.05, handshake_timeout=0.5)
+    options = dict(OPTIONS, keepalive_interval=0.05, handshake_timeout=0.5)
     with (
         FaultProxy(address, addresses[1], chunk_size=2048) as proxy,  # small chunks: more, smaller faults
-        Messenger("client.7", default_policy=Policy.lossless_client(), **timers) as client,  # type: ignore[arg-type]
+        Messenger("client.7", default_policy=Policy.lossless_client(), **options) as client,  # type: ignore[arg-type]
     ):
         conn = client.connect(proxy.address)
         conn.wait_ready(5)
@@ -229,8 +231,8 @@ def test_damaged_bytes_close_the_transport_and_the_session_recovers(server, addr
 def test_partition_shorter_than_the_idle_timeout_loses_nothing(server, proxy: FaultProxy) -> None:
     _, store, _ = server
     n = 300
-    timers = dict(TIMERS, idle_timeout=2.0, keepalive_interval=0.2)
-    with Messenger("client.7", default_policy=Policy.lossless_client(), **timers) as client:  # type: ignore[arg-type]
+    options = dict(OPTIONS, idle_timeout=2.0, keepalive_interval=0.2)
+    with Messenger("client.7", default_policy=Policy.lossless_client(), **options) as client:  # type: ignore[arg-type]
         conn = client.connect(proxy.address)
         conn.wait_ready(5)
         send_stream(conn, n // 2, seed=9)
@@ -248,9 +250,9 @@ def test_partition_shorter_than_the_idle_timeout_loses_nothing(server, proxy: Fa
 
 
 def test_partition_longer_than_the_idle_timeout_reconnects_and_loses_nothing(addresses) -> None:
-    timers = {"handshake_timeout": 0.5, "idle_timeout": 0.4, "keepalive_interval": 0.1}
+    options = dict(OPTIONS, handshake_timeout=0.5, idle_timeout=0.4, keepalive_interval=0.1)
     store = Recorder(fast=True)
-    with proxied(addresses, store, timers=timers) as (proxy, conn):
+    with proxied(addresses, store, options=options) as (proxy, conn):
         conn.wait_ready(5)
         n = 300
         rng = random.Random(11)
@@ -270,7 +272,7 @@ def test_partition_longer_than_the_idle_timeout_reconnects_and_loses_nothing(add
 
 def test_lossy_client_call_fails_within_bounded_time_on_a_cut(server, proxy: FaultProxy) -> None:
     _, store, _ = server
-    with Messenger("client.9", default_policy=Policy.lossy_client(), **TIMERS) as client:  # type: ignore[arg-type]
+    with Messenger("client.9", default_policy=Policy.lossy_client(), **OPTIONS) as client:  # type: ignore[arg-type]
         conn = client.connect(proxy.address)
         conn.wait_ready(5)
         # a call the server never answers, then the network fails under it
@@ -308,7 +310,7 @@ def test_lossy_client_call_fails_within_bounded_time_on_a_cut(server, proxy: Fau
 def test_a_direct_connection_keeps_every_message_while_a_proxied_one_is_cut(server, proxy: FaultProxy) -> None:
     _, store, address = server
     n = 1000
-    with Messenger("client.7", default_policy=Policy.lossless_client(), **TIMERS) as client:  # type: ignore[arg-type]
+    with Messenger("client.7", default_policy=Policy.lossless_client(), **OPTIONS) as client:  # type: ignore[arg-type]
         cut = client.connect(proxy.address)
         direct = client.connect(address)
         cut.wait_ready(5)

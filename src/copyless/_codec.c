@@ -7,7 +7,7 @@
  * reader, which reads it again and raises the precise error.  So this file
  * can only make valid traffic faster; it cannot change what is accepted.
  *
- *   crc32c(data, value=0) -> int          SSE4.2 when the CPU has it
+ *   crc32c(data, value=0) -> int          AVX-512 VPCLMULQDQ or SSE4.2 when the CPU has them
  *   frame_encode(tag, segments, data_crc, aborted, coalesce) -> list of buffers
  *   frame_scan(view, start, end, max_segment, direct, budget_frames, budget_bytes, frame_type, max_frames=-1)
  *       -> (frames, new_start, frames_used, bytes_used)
@@ -63,7 +63,7 @@ static uint32_t shift_tab[2][4][256];
 static inline uint32_t shift_by(const uint32_t t[4][256], uint32_t c) {
     return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^ t[3][c >> 24];
 }
-static uint32_t xpow8n(size_t n);
+static uint32_t xpow_bits(size_t n);
 static uint32_t multmodp(uint32_t a, uint32_t b);
 
 static void crc_init(void) {
@@ -74,8 +74,8 @@ static void crc_init(void) {
     }
     for (uint32_t i = 0; i < 256; i++)
         for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xff];
-    lane_shift = xpow8n(LANE);
-    small_lane_shift = xpow8n(SMALL_LANE);
+    lane_shift = xpow_bits(8 * LANE);
+    small_lane_shift = xpow_bits(8 * SMALL_LANE);
     for (int j = 0; j < 4; j++)
         for (uint32_t v = 0; v < 256; v++) {
             shift_tab[0][j][v] = multmodp(lane_shift, v << (8 * j));
@@ -117,9 +117,8 @@ static uint32_t multmodp(uint32_t a, uint32_t b) {
     return p;
 }
 
-static uint32_t xpow8n(size_t n) { /* x^(8n) mod P */
+static uint32_t xpow_bits(size_t n) { /* x^n mod P */
     uint32_t sq = 1u << 30, p = 1u << 31; /* x^1, x^0 */
-    for (int k = 0; k < 3; k++) sq = multmodp(sq, sq);
     while (n) {
         if (n & 1) p = multmodp(sq, p);
         sq = multmodp(sq, sq);
@@ -173,10 +172,84 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc, const uin
 }
 #endif
 
+#if defined(__x86_64__)
+/* Folding with carry-less multiplies, 64 bytes to an instruction (AVX-512 VPCLMULQDQ):
+ * ~3x the crc32 instruction's rate on this project's machines, where a 1 MiB message's
+ * checksum is otherwise a tenth of its transfer.  The idea is the one of Intel's paper
+ * "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ"; the constants are
+ * computed at start-up with xpow_bits, not copied from anywhere.
+ *
+ * A 128-bit lane V (reflected: the lowest bit of its first byte is the highest power)
+ * that stands D bits before another lane contributes V * x^D to it.  V is A * x^64 + B
+ * (A its first 8 bytes), and a carry-less multiply of reflected operands gives their
+ * product times x, so V * x^D == clmul(A, x^(D+63) mod P) ^ clmul(B, x^(D-1) mod P)
+ * (mod P), 96 bits that are xored into the lane D bits on.  Four registers of four
+ * lanes run 256 bytes apart; at the end they are folded into one lane, whose crc the
+ * crc32 instruction takes (crc32(0, V) == V * x^32 mod P, which is what the state is). */
+#define FOLD_MIN 256
+static int have_fold; /* the CPU has AVX-512F and VPCLMULQDQ */
+static uint64_t fold_k[4][2]; /* for D = 2048 (256 bytes), 512, and 384/256/128 (the last fold) */
+static uint64_t fold_last[4][2];
+
+static void fold_init(void) {
+    static const size_t dist[] = {2048, 512};
+    for (int i = 0; i < 2; i++) {
+        fold_k[i][0] = (uint64_t)xpow_bits(dist[i] + 63) << 32;
+        fold_k[i][1] = (uint64_t)xpow_bits(dist[i] - 1) << 32;
+    }
+    for (int lane = 0; lane < 3; lane++) { /* lane 0 is 384 bits before lane 3 */
+        size_t d = (size_t)(3 - lane) * 128;
+        fold_last[lane][0] = (uint64_t)xpow_bits(d + 63) << 32;
+        fold_last[lane][1] = (uint64_t)xpow_bits(d - 1) << 32;
+    }
+    fold_last[3][0] = fold_last[3][1] = 0;
+    __builtin_cpu_init();
+    have_fold = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq") &&
+                __builtin_cpu_supports("sse4.2");
+}
+
+#define FOLD_TARGET __attribute__((target("avx512f,vpclmulqdq,sse4.2")))
+FOLD_TARGET static inline __m512i fold(__m512i v, __m512i k, __m512i next) {
+    return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(v, k, 0x00), _mm512_clmulepi64_epi128(v, k, 0x11),
+                                     next, 0x96);
+}
+
+/* The crc state after n >= FOLD_MIN bytes (a multiple of 256 of them; the rest is
+ * left in *pp, *np for crc_hw). */
+FOLD_TARGET static uint32_t crc_fold(uint32_t crc, const uint8_t **pp, size_t *np) {
+    const uint8_t *p = *pp;
+    size_t n = *np;
+    __m512i k256 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)fold_k[0]));
+    __m512i k64 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)fold_k[1]));
+    __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)crc)));
+    __m512i x1 = _mm512_loadu_si512(p + 64), x2 = _mm512_loadu_si512(p + 128), x3 = _mm512_loadu_si512(p + 192);
+    for (p += 256, n -= 256; n >= 256; p += 256, n -= 256) {
+        x0 = fold(x0, k256, _mm512_loadu_si512(p));
+        x1 = fold(x1, k256, _mm512_loadu_si512(p + 64));
+        x2 = fold(x2, k256, _mm512_loadu_si512(p + 128));
+        x3 = fold(x3, k256, _mm512_loadu_si512(p + 192));
+    }
+    x3 = fold(fold(fold(x0, k64, x1), k64, x2), k64, x3);
+    __m512i t = fold(x3, _mm512_loadu_si512(fold_last), _mm512_setzero_si512()); /* lanes 0-2 moved to lane 3 */
+    __m128i v = _mm_xor_si128(_mm_xor_si128(_mm512_extracti32x4_epi32(t, 0), _mm512_extracti32x4_epi32(t, 1)),
+                              _mm_xor_si128(_mm512_extracti32x4_epi32(t, 2), _mm512_extracti32x4_epi32(x3, 3)));
+    uint64_t c = _mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(v));
+    c = _mm_crc32_u64(c, (uint64_t)_mm_extract_epi64(v, 1));
+    *pp = p;
+    *np = n;
+    return (uint32_t)c;
+}
+#endif
+
 /* Same convention as the crc32c package: crc32c(b, crc32c(a)) == crc32c(a + b). */
 static uint32_t crc32c_update(uint32_t value, const void *data, size_t n) {
     uint32_t crc = ~value;
 #if defined(__x86_64__)
+    if (have_fold && n >= FOLD_MIN) {
+        const uint8_t *p = data;
+        crc = crc_fold(crc, &p, &n);
+        return ~crc_hw(crc, p, n);
+    }
     if (have_sse42) return ~crc_hw(crc, data, n);
 #endif
     return ~crc_soft(crc, data, n);
@@ -2327,17 +2400,25 @@ static PyObject *py_sole_view(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(Py_REFCNT(arg) == 2 && v->mbuf && v->mbuf->exports == 1 && v->exports == 0);
 }
 
-static int cpu_sse42;
+static int cpu_sse42, cpu_fold;
 
-static PyObject *py_use_hardware(PyObject *self, PyObject *arg) { /* tests cover both paths */
-    int on = PyObject_IsTrue(arg);
-    if (on < 0) return NULL;
-    have_sse42 = on && cpu_sse42;
-    return PyBool_FromLong(have_sse42);
+/* _crc_impl(name) -> bool: compute crc32c with "table", "sse4.2" or "fold" (and the
+ * ones before it), if the CPU can; False if it cannot.  Tests cover every path. */
+static PyObject *py_crc_impl(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (!name) return PyErr_Occurred() ? NULL : PyErr_Format(PyExc_TypeError, "_crc_impl() takes a str");
+    int level = !strcmp(name, "table") ? 0 : !strcmp(name, "sse4.2") ? 1 : !strcmp(name, "fold") ? 2 : -1;
+    if (level < 0) return PyErr_Format(PyExc_ValueError, "no crc32c implementation %R", arg);
+    if ((level >= 1 && !cpu_sse42) || (level == 2 && !cpu_fold)) Py_RETURN_FALSE;
+    have_sse42 = level >= 1;
+#if defined(__x86_64__)
+    have_fold = level == 2;
+#endif
+    Py_RETURN_TRUE;
 }
 
 static PyMethodDef codec_methods[] = {
-    {"_use_hardware_crc", py_use_hardware, METH_O, "Use SSE4.2 for crc32c if the CPU has it (True) or not."},
+    {"_crc_impl", py_crc_impl, METH_O, "_crc_impl('table' | 'sse4.2' | 'fold') -> bool: use it, if the CPU can."},
     {"_set_errors", py_set_errors, METH_VARARGS, "_set_errors(LocalProtocolError, ConfigurationError)"},
     {"sole_view", py_sole_view, METH_O, "sole_view(reader._view) -> bool: nothing else points into its buffer."},
     {"crc32c", py_crc32c, METH_VARARGS, "crc32c(data, value=0) -> int (Castagnoli, as the crc32c package)"},
@@ -2354,6 +2435,10 @@ static struct PyModuleDef codecmodule = {PyModuleDef_HEAD_INIT, "copyless._codec
 
 PyMODINIT_FUNC PyInit__codec(void) {
     crc_init();
+#if defined(__x86_64__)
+    fold_init();
+    cpu_fold = have_fold;
+#endif
     cork_init();
     cpu_sse42 = have_sse42;
     /* the module itself, not PyCapsule_Import's attribute walk from the package, which
@@ -2381,5 +2466,6 @@ PyMODINIT_FUNC PyInit__codec(void) {
         return NULL;
     }
     PyModule_AddIntConstant(m, "HAVE_SSE42", have_sse42 != 0);
+    PyModule_AddIntConstant(m, "HAVE_FOLD", cpu_fold != 0);
     return m;
 }

@@ -459,7 +459,7 @@ class Connection:
             return
         assert self.session is not None
         machine = functools.partial(
-            self.messenger._machine, self, Role.CLIENT, session=self.session, expect=self.expect or None
+            self.messenger._machine, self, stream, Role.CLIENT, session=self.session, expect=self.expect or None
         )
         self._after_tls(stream, lambda: self._attach(stream, machine()))
 
@@ -768,7 +768,7 @@ class Messenger:
         default_policy: Policy | None = None,
         io_loops: int = 2,
         secret: bytes | None = None,
-        data_crc: bool = True,
+        data_crc: bool | None = None,
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = 30.0,
         keepalive_interval: float | None = 5.0,
@@ -913,8 +913,11 @@ class Messenger:
         self.shutdown()
 
     # ------------------------------------------------------------ internals
-    def _machine(self, conn: Connection, role: Role, **kw: Any) -> SessionConnection:
+    def _machine(self, conn: Connection, stream: Stream, role: Role, **kw: Any) -> SessionConnection:
         hs, idle, ka = self._timeouts
+        # The data crc by default where the transport does not keep the bytes intact
+        # itself: plain TCP (docs/design.md, "Where the data crc is on").
+        data_crc = not stream.integrity if self._data_crc is None else self._data_crc
 
         def sink(pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
             return self._sink(conn._adopted_by or conn, pre, index, earlier)
@@ -925,7 +928,7 @@ class Messenger:
             incarnation=self._incarnation,
             messages=True,  # received: copyless.Message objects, a run per event, parsed in C
             secret=self._secret,
-            data_crc=self._data_crc,
+            data_crc=data_crc,
             sink=sink,
             now=time.monotonic(),
             handshake_timeout=hs,
@@ -958,7 +961,7 @@ class Messenger:
                 conn._after_tls(stream, functools.partial(self._attach_server, conn, stream))
 
     def _attach_server(self, conn: Connection, stream: Stream) -> None:
-        conn._attach(stream, self._machine(conn, Role.SERVER, registry=self._registry))
+        conn._attach(stream, self._machine(conn, stream, Role.SERVER, registry=self._registry))
 
     def _adopt(self, conn: Connection, new: bool) -> None:
         """A server transport finished its handshake: bind it to the connection of its

@@ -78,6 +78,11 @@ class Stream:
     write_wakes_read = False  # True: room to write shows as readable (ipc), never as writable
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
+        # The transport itself delivers the bytes as they were sent: a unix socket is a
+        # copy by the kernel of this host.  TCP is not (its 16-bit checksum misses too
+        # much of what NICs, switches and middleboxes do to data): a messenger puts its
+        # own data crc on TCP by default, and on no transport that has integrity.
+        self.integrity = sock.family == socket.AF_UNIX
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -142,6 +147,7 @@ class TLSStream(Stream):
 
     def __init__(self, sock: ssl.SSLSocket, peer: str) -> None:
         super().__init__(sock, peer)
+        self.integrity = True  # every TLS record carries a MAC
         self.want_write = False
 
     def handshake(self) -> bool:
