@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from copyless import _shm
-from copyless._core import IPC_CLOSED, IPC_RING, IPC_RX_TAIL, IPC_TX_HEAD, IpcChannel, ipc_spin
+from copyless._core import IPC_CLOSED, IPC_RING, IPC_RX_TAIL, IPC_TX_HEAD, IpcChannel, ipc_spin_streams
 from copyless.errors import ClosedError, RemoteProtocolError
 from copyless.transports._ipc import _new_segment
 
@@ -269,14 +269,27 @@ def test_close_marks_the_segment_closed(pair: Pair):
     assert pair.a.closed and pair.a.segment is None
 
 
+class Spinning:
+    """What an I/O loop reads of an IpcStream when it spins (ipc_spin_streams)."""
+
+    def __init__(self, channel: IpcChannel | None, loop_spin: float = 0.5, leased: bool = False) -> None:
+        self.channel, self.loop_spin, self.leased = channel, loop_spin, leased
+
+
 def test_the_loop_spins_over_all_its_channels_at_once():
     p, q = Pair(), Pair()
+    IN = 1
     try:
-        assert ipc_spin([p.b, q.b], 0) == [], "nothing to do"
+        quick = [(10, Spinning(p.b, 0.001)), (11, Spinning(q.b, 0.001))]
+        assert ipc_spin_streams(quick, -1.0, IN) == [], "nothing to do"
+        items = [(10, Spinning(p.b)), (11, Spinning(q.b))]
         threading.Timer(0.01, lambda: q.a.send([b"x"])).start()
-        assert ipc_spin([p.b, q.b], 0.5) == [1], "the second one got data while it spun"
+        assert ipc_spin_streams(items, -1.0, IN) == [(11, IN)], "the second one got data while it spun"
+        leased = [(10, Spinning(p.b)), (11, Spinning(q.b, leased=True))]
+        assert ipc_spin_streams(leased, 0.001, IN) == [], "a leased stream is its caller's: left out"
         p.a.close()
-        assert ipc_spin([p.b, q.b], 0) == [0, 1], "a closed peer is something to do too"
+        assert ipc_spin_streams(items, -1.0, IN) == [(10, IN), (11, IN)], "a closed peer is something to do too"
+        assert ipc_spin_streams([(9, Spinning(None)), *items], -1.0, IN) == [], "one in setup: no spin"
         assert q.a.statistics()["wakeups_sent"] == 0
     finally:
         p.close()

@@ -2203,6 +2203,131 @@ static PyTypeObject LockType = {
     .tp_methods = Lock_methods,
 };
 
+/* ------------------------------------------------------------------ Throttle */
+/* A limit shared by a Messenger's connections (messages, or bytes): see
+ * messenger.Throttle's docstring for what it is for.  Every read round reserves from
+ * it and puts back, on every loop thread, so it is a C type whose state the GIL
+ * guards: no lock, and a reserve or a put is one C call. */
+typedef struct {
+    PyObject_HEAD
+    long long limit; /* -1: none */
+    long long used, low;
+    PyObject *waiters; /* list of callables, run once it is down to `low` */
+} ThrottleObject;
+
+static int Throttle_init(ThrottleObject *t, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"limit", NULL};
+    PyObject *limit = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:Throttle", kwlist, &limit)) return -1;
+    long long v = -1;
+    if (limit != Py_None) {
+        v = PyLong_AsLongLong(limit);
+        if (v == -1 && PyErr_Occurred()) return -1;
+        if (v < 1) {
+            PyErr_SetString(ConfigErr ? ConfigErr : PyExc_ValueError, "a throttle limit is >= 1 (or None for no limit)");
+            return -1;
+        }
+    }
+    t->limit = v;
+    t->used = 0;
+    t->low = v < 0 ? 0 : v * 3 / 4;
+    Py_XSETREF(t->waiters, PyList_New(0));
+    return t->waiters ? 0 : -1;
+}
+
+static void Throttle_dealloc(ThrottleObject *t) {
+    Py_XDECREF(t->waiters);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+/* reserve(need=0) -> int: take everything free (UNLIMITED without a limit).  When
+ * nothing is in use, at least `need`: one message larger than the limit still gets
+ * through, alone. */
+static PyObject *Throttle_reserve(ThrottleObject *t, PyObject *const *args, Py_ssize_t nargs) {
+    long long need = 0;
+    if (nargs > 1) return PyErr_Format(PyExc_TypeError, "reserve() takes at most 1 argument");
+    if (nargs == 1 && (need = PyLong_AsLongLong(args[0])) == -1 && PyErr_Occurred()) return NULL;
+    if (t->limit < 0) return PyLong_FromLong(-1); /* frames.UNLIMITED */
+    long long n = t->limit - t->used;
+    if (n < 0) n = 0;
+    if (t->used == 0 && need > n) n = need;
+    t->used += n;
+    return PyLong_FromLongLong(n);
+}
+
+/* Run the waiters (taken out first: one may add itself again). */
+static int throttle_fire(ThrottleObject *t) {
+    PyObject *w = t->waiters;
+    if (!(t->waiters = PyList_New(0))) {
+        t->waiters = w;
+        return -1;
+    }
+    int r = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(w) && r == 0; i++) {
+        PyObject *res = PyObject_CallNoArgs(PyList_GET_ITEM(w, i));
+        if (!res) r = -1;
+        Py_XDECREF(res);
+    }
+    Py_DECREF(w);
+    return r;
+}
+
+/* put(n): give n back; the waiters run once it is down to the low-water mark. */
+static PyObject *Throttle_put(ThrottleObject *t, PyObject *arg) {
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (t->limit < 0 || n <= 0) Py_RETURN_NONE;
+    t->used -= n;
+    if (t->used > t->low || !PyList_GET_SIZE(t->waiters)) Py_RETURN_NONE;
+    if (throttle_fire(t) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* when_free(cb): cb() once this throttle is down to its low-water mark (3/4 of the
+ * limit: a paused reader resumes with room for more than one message); at once if it is. */
+static PyObject *Throttle_when_free(ThrottleObject *t, PyObject *cb) {
+    if (t->limit >= 0 && t->used > t->low) {
+        if (PyList_Append(t->waiters, cb) < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *res = PyObject_CallNoArgs(cb);
+    if (!res) return NULL;
+    Py_DECREF(res);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Throttle_get_limit(ThrottleObject *t, void *c) {
+    return t->limit < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(t->limit);
+}
+static PyObject *Throttle_get_used(ThrottleObject *t, void *c) { return PyLong_FromLongLong(t->used); }
+
+static PyMethodDef Throttle_methods[] = {
+    {"reserve", (PyCFunction)(void (*)(void))Throttle_reserve, METH_FASTCALL,
+     "reserve(need=0) -> int: everything free (UNLIMITED without a limit); at least need if nothing is in use"},
+    {"put", (PyCFunction)Throttle_put, METH_O, "put(n): give n back"},
+    {"when_free", (PyCFunction)Throttle_when_free, METH_O, "when_free(cb): cb() once down to 3/4 of the limit"},
+    {NULL},
+};
+
+static PyGetSetDef Throttle_getset[] = {
+    {"limit", (getter)Throttle_get_limit, NULL, "the limit, or None", NULL},
+    {"used", (getter)Throttle_get_used, NULL, "reserved now", NULL},
+    {NULL},
+};
+
+static PyTypeObject ThrottleType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "copyless._codec.Throttle",
+    .tp_basicsize = sizeof(ThrottleObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Throttle(limit=None): a limit shared by a Messenger's connections (see messenger.Throttle).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Throttle_init,
+    .tp_dealloc = (destructor)Throttle_dealloc,
+    .tp_methods = Throttle_methods,
+    .tp_getset = Throttle_getset,
+};
+
 /* ------------------------------------------------------------------ compiled send */
 /* Connection.send's steady state: what the Python path does on a READY connection
  * with nothing queued ahead (Connection._send_python -> SessionConnection.
@@ -2454,14 +2579,15 @@ PyMODINIT_FUNC PyInit__codec(void) {
         return NULL;
     }
     if (PyType_Ready(&OutMessageType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&FlusherType) < 0 ||
-        PyType_Ready(&LockType) < 0)
+        PyType_Ready(&LockType) < 0 || PyType_Ready(&ThrottleType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&codecmodule);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "OutMessage", (PyObject *)&OutMessageType) < 0 ||
         PyModule_AddObjectRef(m, "Writer", (PyObject *)&WriterType) < 0 ||
         PyModule_AddObjectRef(m, "Flusher", (PyObject *)&FlusherType) < 0 ||
-        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0) {
+        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0 ||
+        PyModule_AddObjectRef(m, "Throttle", (PyObject *)&ThrottleType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -2835,35 +2835,32 @@ static PyObject *IpcChannel_close(IpcChannelObject *c, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* ipc_spin(channels, seconds) -> list of the indices that have something to do:
- * the I/O loop spins over all its ipc streams at once before it sleeps. */
+/* The I/O loop spins over all its ipc streams at once before it sleeps. */
 typedef struct {
-    const uint8_t *p;
+    const uint8_t *p; /* NULL: ready without spinning (closed, broken, or unread bytes) */
     uint64_t tail, head, cap;
     int waiting;
 } SpinView;
 
-static PyObject *mod_ipc_spin(PyObject *mod, PyObject *args) {
-    PyObject *chans;
-    double t;
-    if (!PyArg_ParseTuple(args, "Od", &chans, &t)) return NULL;
-    PyObject *seq = PySequence_Fast(chans, "ipc_spin() takes a sequence of IpcChannel");
-    if (!seq) return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    SpinView *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(SpinView));
-    PyObject **keep = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    PyObject *out = NULL;
-    if (!v || !keep) { PyErr_NoMemory(); goto done; }
+/* Spin (GIL released) up to ns until one of the n channels has something to do;
+ * ready[i] says which.  keep[i] holds each spun-on mapping (a close() meanwhile must
+ * not unmap it under us).  -1: not a channel (error set). */
+static int spin_channels(PyObject *const *chans, Py_ssize_t n, int64_t ns, SpinView *v, PyObject **keep,
+                         char *ready) {
     int any = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *o = PySequence_Fast_GET_ITEM(seq, i);
-        if (!PyObject_TypeCheck(o, &IpcChannelType)) { PyErr_SetString(PyExc_TypeError, "IpcChannel required"); goto done; }
-        IpcChannelObject *c = (IpcChannelObject *)o;
-        if (!c->m || c->broken || c->head_seen != c->tail) { any = 1; continue; } /* p NULL: ready */
-        keep[i] = Py_NewRef(c->peer); /* a close() meanwhile must not unmap it under us */
+        if (!PyObject_TypeCheck(chans[i], &IpcChannelType)) {
+            PyErr_SetString(PyExc_TypeError, "IpcChannel required");
+            return -1;
+        }
+        IpcChannelObject *c = (IpcChannelObject *)chans[i];
+        if (!c->m || c->broken || c->head_seen != c->tail) {
+            any = 1;
+            continue;
+        }
+        keep[i] = Py_NewRef(c->peer);
         v[i] = (SpinView){c->p, c->tail, c->head, c->cap, c->waiting};
     }
-    int64_t ns = (int64_t)(t * 1e9);
     if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
     if (!any && ns > 0) {
         Py_BEGIN_ALLOW_THREADS
@@ -2876,19 +2873,92 @@ static PyObject *mod_ipc_spin(PyObject *mod, PyObject *args) {
         }
         Py_END_ALLOW_THREADS
     }
+    for (Py_ssize_t i = 0; i < n; i++)
+        ready[i] = !v[i].p || ipc_ready_shm(v[i].p, v[i].tail, v[i].waiting, v[i].head, v[i].cap);
+    return 0;
+}
+
+/* ipc_spin_streams(items, timeout, mask) -> [(fd, mask)] ready: an I/O loop's turn over
+ * its ipc streams, as one call.  items: (fd, stream) pairs; streams that are `leased`
+ * (a caller spins on them) are left out; it spins for the longest `loop_spin` of the
+ * others (at most timeout, if > 0), and not at all if one has no channel yet.  The
+ * result is in the shape of epoll's events. */
+static PyObject *mod_ipc_spin_streams(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    static PyObject *s_leased, *s_channel, *s_loop_spin;
+    if (!s_leased && (!(s_leased = PyUnicode_InternFromString("leased")) ||
+                      !(s_channel = PyUnicode_InternFromString("channel")) ||
+                      !(s_loop_spin = PyUnicode_InternFromString("loop_spin"))))
+        return NULL;
+    if (nargs != 3 || !PyList_Check(args[0])) return PyErr_Format(PyExc_TypeError, "ipc_spin_streams(list, timeout, mask)");
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    PyObject *items = args[0], *out = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items), m = 0;
+    PyObject **chans = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    PyObject **fds = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    SpinView *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(SpinView));
+    PyObject **keep = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    char *ready = PyMem_Calloc(n ? (size_t)n : 1, 1);
+    if (!chans || !fds || !v || !keep || !ready) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double spin = 0;
+    int spin_ok = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2) {
+            PyErr_SetString(PyExc_TypeError, "ipc_spin_streams() takes (fd, stream) pairs");
+            goto done;
+        }
+        PyObject *st = PyTuple_GET_ITEM(it, 1);
+        PyObject *leased = PyObject_GetAttr(st, s_leased);
+        if (!leased) goto done;
+        int busy = PyObject_IsTrue(leased);
+        Py_DECREF(leased);
+        if (busy < 0) goto done;
+        if (busy) continue;
+        PyObject *chan = PyObject_GetAttr(st, s_channel);
+        if (!chan) goto done;
+        if (chan == Py_None) {
+            Py_DECREF(chan);
+            spin_ok = 0;
+            continue;
+        }
+        PyObject *ls = PyObject_GetAttr(st, s_loop_spin);
+        double d = ls ? PyFloat_AsDouble(ls) : -1.0;
+        Py_XDECREF(ls);
+        if (d == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(chan);
+            goto done;
+        }
+        if (d > spin) spin = d;
+        chans[m] = chan; /* (owned) */
+        fds[m++] = PyTuple_GET_ITEM(it, 0);
+    }
+    if (timeout > 0 && spin > timeout) spin = timeout;
+    if (!spin_ok || spin <= 0 || m == 0) {
+        out = PyList_New(0);
+        goto done;
+    }
+    if (spin_channels(chans, m, (int64_t)(spin * 1e9), v, keep, ready) < 0) goto done;
     out = PyList_New(0);
-    for (Py_ssize_t i = 0; out && i < n; i++) {
-        if (v[i].p && !ipc_ready_shm(v[i].p, v[i].tail, v[i].waiting, v[i].head, v[i].cap)) continue;
-        PyObject *idx = PyLong_FromSsize_t(i);
-        if (!idx || PyList_Append(out, idx) < 0) Py_CLEAR(out);
-        Py_XDECREF(idx);
+    for (Py_ssize_t i = 0; out && i < m; i++) {
+        if (!ready[i]) continue;
+        PyObject *ev = PyTuple_Pack(2, fds[i], args[2]);
+        if (!ev || PyList_Append(out, ev) < 0) Py_CLEAR(out);
+        Py_XDECREF(ev);
     }
 done:
+    if (chans)
+        for (Py_ssize_t i = 0; i < m; i++) Py_DECREF(chans[i]);
     if (keep)
-        for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(keep[i]);
-    PyMem_Free(keep);
+        for (Py_ssize_t i = 0; i < m; i++) Py_XDECREF(keep[i]);
+    PyMem_Free(chans);
+    PyMem_Free(fds);
     PyMem_Free(v);
-    Py_DECREF(seq);
+    PyMem_Free(keep);
+    PyMem_Free(ready);
     return out;
 }
 
@@ -3021,8 +3091,8 @@ static PyMethodDef module_methods[] = {
     {"_track_kept", mod_track_kept, METH_O,
      "_track_kept(messages): let the collector see the received messages still held after their dispatch."},
     {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
-    {"ipc_spin", mod_ipc_spin, METH_VARARGS,
-     "ipc_spin(channels, seconds) -> [index]: spin (GIL released) until some channel has something to do."},
+    {"ipc_spin_streams", (PyCFunction)(void (*)(void))mod_ipc_spin_streams, METH_FASTCALL,
+     "ipc_spin_streams([(fd, stream)], timeout, mask) -> [(fd, mask)]: an I/O loop's spin over its ipc streams."},
     {NULL},
 };
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._codec import Flusher
-from ._core import ipc_spin
+from ._core import ipc_spin_streams
 
 Callback = Callable[[], Any]
 SKIP_EPOLL = 16  # at most this many loop turns in a row run ipc work without epoll_wait
@@ -59,6 +59,7 @@ class IOLoop:
         self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
         self._detached: set[int] = set()  # registered, but a caller is reading it for now
         self._wwr: dict[int, Any] = {}  # fd -> stream whose writes wait for readability (ipc)
+        self._armable_cache: list[tuple[int, Any]] | None = None  # see _armable
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -116,12 +117,14 @@ class IOLoop:
             if fd in self._handlers and fd not in self._detached:
                 self._detached.add(fd)
                 self._ep.unregister(fd)
+                self._armable_cache = None
 
     def attach(self, fileobj: Any) -> None:
         fd = fileobj.fileno()
         with self._lock:
             if fd in self._detached:
                 self._detached.discard(fd)
+                self._armable_cache = None
                 reader, writer = self._handlers[fd]
                 self._ep.register(fd, self._mask(fd, reader, writer))
         self._arm_from_outside(fd, fileobj)
@@ -158,6 +161,7 @@ class IOLoop:
 
     def _update(self, fd: int, reader: Callback | None, writer: Callback | None) -> None:
         """With the lock held: set fd's handlers and its epoll interest."""
+        self._armable_cache = None
         old = self._handlers.get(fd)
         known = old is not None
         if old == (reader, writer):
@@ -198,22 +202,24 @@ class IOLoop:
                     elif self._timers:
                         timeout = max(0.0, self._timers[0][0] - time.monotonic())
                     self._sleeping = True
-                    armable = self._armable() if timeout and self._wwr else []
-                ready = self._spin(armable, timeout) if armable else []
+                    armable = (self._armable_cache or self._armable()) if timeout and self._wwr else None
+                # spin (GIL released) over the ipc streams: [(fd, _IN)] that have work
+                ready = ipc_spin_streams(armable, timeout, _IN) if armable else None
                 if ready and self._skipped < SKIP_EPOLL:
                     # spinning found work: run it without asking epoll (no system call),
                     # but not forever, or the loop's other fds would never get a turn
                     self._skipped += 1
-                    events = []
+                    events = ready
                 else:
                     # a side that sleeps says so first, or its peer sends no wake byte
-                    ready = ready or [fd for fd, stream in armable if stream.arm()]
+                    if not ready and armable:
+                        ready = [(fd, _IN) for fd, stream in armable if not stream.leased and stream.arm()]
                     self._skipped = 0
                     events = self._ep.poll(0 if ready else timeout)
+                    if ready:
+                        seen = {fd for fd, _ in events}
+                        events += [ev for ev in ready if ev[0] not in seen]
                 self._sleeping = False
-                if ready:
-                    seen = {fd for fd, _ in events}
-                    events += [(fd, _IN) for fd in ready if fd not in seen]
                 if self.flusher.reap_wanted:
                     self.flusher.reap()
                 for fd, mask in events:
@@ -229,7 +235,10 @@ class IOLoop:
                             continue
                         wmask = _IN | _ERR if fd in self._wwr else _OUT | _ERR
                     if mask & (_IN | _ERR) and reader:
-                        self._guard(reader)
+                        try:  # (_guard, inline: this runs once a message on a busy loop)
+                            reader()
+                        except Exception:
+                            traceback.print_exc()
                     if mask & wmask and writer:
                         with self._lock:
                             cur = self._handlers.get(fd, (None, None))[1]
@@ -258,25 +267,16 @@ class IOLoop:
             self._ep.close()
             os.close(self._wake)
 
-    def _spin(self, armable: list[tuple[int, Any]], timeout: float) -> list[int]:
-        """Spin (GIL released) over the ipc streams for as long as the longest `loop_spin`
-        of theirs, before arming them and sleeping: the fds that have work."""
-        spin = max(stream.loop_spin for _, stream in armable)
-        if timeout > 0:
-            spin = min(spin, timeout)
-        chans = [stream.channel for _, stream in armable]
-        if spin <= 0 or None in chans:
-            return []
-        return [armable[i][0] for i in ipc_spin(chans, spin)]
-
     def _armable(self) -> list[tuple[int, Any]]:
-        """With the lock held: the ipc streams this loop reads, to arm before sleeping (not
-        those a caller reads for now: it spins on them itself, see IpcStream.take)."""
-        return [
-            (fd, s)
-            for fd, s in self._wwr.items()
-            if fd not in self._detached and self._handlers[fd][0] is not None and not s.leased
-        ]
+        """With the lock held: the ipc streams this loop reads, to spin on and arm before
+        it sleeps (ipc_spin_streams and the arming leave out those a caller reads for now,
+        `leased`: it spins on them itself, see IpcStream.take).  Kept until a registration
+        changes: a server's loop asks for it every turn."""
+        if self._armable_cache is None:
+            self._armable_cache = [
+                (fd, s) for fd, s in self._wwr.items() if fd not in self._detached and self._handlers[fd][0] is not None
+            ]
+        return self._armable_cache
 
     @staticmethod
     def _guard(fn: Callable[..., Any], *args: Any) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import Lock, Writer, compiled_send
+from ._codec import Lock, Throttle, Writer, compiled_send
 from ._core import (
     Message,  # the one Message type, shared with pub/sub (docs/design.md)
     _track_kept,
@@ -148,56 +148,13 @@ class Dispatcher:
         pass
 
 
-class Throttle:
-    """A limit shared by a Messenger's connections (messages, or bytes).
-
-    A connection reserves what is free before it reads, so the frame reader's
-    budget never lets it parse a message body the throttle has no room for;
-    the reader then holds the frame and the connection stops reading (the
-    sender's socket fills: push-back through the transport).  What the round
-    did not queue for dispatch goes back at once; queued messages hold their
-    share until dispatch() returns."""
-
-    def __init__(self, limit: int | None) -> None:
-        if limit is not None and limit < 1:
-            raise ConfigurationError("a throttle limit is >= 1 (or None for no limit)")
-        self.limit = limit
-        self.used = 0
-        self._low = (limit or 0) * 3 // 4
-        self._lock = threading.Lock()
-        self._waiters: list[Callable[[], object]] = []
-
-    def reserve(self, need: int = 0) -> int:
-        """Take everything free (UNLIMITED without a limit).  When nothing is in use,
-        at least `need`: one message larger than the limit still gets through, alone."""
-        if self.limit is None:
-            return UNLIMITED
-        with self._lock:
-            n = max(0, self.limit - self.used)
-            if self.used == 0 and need > n:
-                n = need
-            self.used += n
-            return n
-
-    def put(self, n: int) -> None:
-        if self.limit is None or n <= 0:
-            return
-        with self._lock:
-            self.used -= n
-            if self.used > self._low or not self._waiters:
-                return
-            waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w()
-
-    def when_free(self, cb: Callable[[], object]) -> None:
-        """Call cb once this throttle is down to its low-water mark (3/4 of the limit:
-        a paused reader resumes with room for more than one message)."""
-        with self._lock:
-            if self.limit is not None and self.used > self._low:
-                self._waiters.append(cb)
-                return
-        cb()
+# Throttle (from the core): a limit shared by a Messenger's connections (messages, or
+# bytes).  A connection reserves what is free before it reads, so the frame reader's
+# budget never lets it parse a message body the throttle has no room for; the reader
+# then holds the frame and the connection stops reading (the sender's socket fills:
+# push-back through the transport).  What the round did not queue for dispatch goes
+# back at once; queued messages hold their share until dispatch() returns.  Every read
+# round reserves and puts back, so it is a C type (the GIL is its lock).
 
 
 class _Call:
@@ -551,7 +508,7 @@ class Connection:
                     del msgs
                     if self._machine is not m:
                         break
-                if (k < len(buf) and not st.pending()) or m.state is State.CLOSED:
+                if (k < len(buf) and not (st.buffered and st.pending())) or m.state is State.CLOSED:
                     break  # a short read: the socket is drained (saves the EAGAIN round)
             due = m.settle_reads()
             if due < 0:
@@ -794,6 +751,7 @@ class Messenger:
         self._session_linger = session_linger
         self._loops = [IOLoop(f"copyless-io-{name}-{i}") for i in range(io_loops)]
         self._dispatchers: list[Dispatcher] = []
+        self._fast: list[tuple[Callable[[Message], bool], Callable[[Message], None]]] = []
         self._registry = SessionRegistry(name, self._make_peer)
         self._named: dict[str, Policy] = {}  # policies given to connect() for one peer name
         self._incarnation = time.time_ns()  # a restarted peer of ours comes back with a later one
@@ -826,6 +784,7 @@ class Messenger:
     # ------------------------------------------------------------ setup
     def add_dispatcher(self, d: Dispatcher) -> None:
         self._dispatchers.append(d)
+        self._fast = [(x.can_fast_dispatch, x.fast_dispatch) for x in self._dispatchers]  # for _deliver
         # who may want an incoming message's data in a buffer of its own (see _sink): the
         # calls that posted one, and dispatchers that choose one (data_buffer)
         hooks = any(getattr(x.data_buffer, "__func__", None) is not Dispatcher.data_buffer for x in self._dispatchers)
@@ -1049,8 +1008,7 @@ class Messenger:
                 msg.connection = conn
             if conn._machine is not None:
                 conn._machine.owner = conn
-        calls, ds = self._calls, self._dispatchers
-        fast = [(d.can_fast_dispatch, d.fast_dispatch) for d in ds]
+        calls, fast = self._calls, self._fast
         for msg in msgs:
             if msg.is_reply and calls and self._reply(msg):
                 continue
@@ -1100,8 +1058,13 @@ class Messenger:
         t = self._limit_frames
         frames = UNLIMITED if t is None else t.reserve(1)
         reader.budget_frames = UNLIMITED if t is None else reader.taken_frames + frames
-        room = [t.reserve(need) for t in self._limit_bytes]
-        reader.budget_bytes = reader.taken_bytes + min(room) if room else UNLIMITED
+        lb = self._limit_bytes  # (one or two: no comprehension, a call of its own in 3.11)
+        if not lb:
+            room: list[int] = []
+            reader.budget_bytes = UNLIMITED
+        else:
+            room = [lb[0].reserve(need)] if len(lb) == 1 else [lb[0].reserve(need), lb[1].reserve(need)]
+            reader.budget_bytes = reader.taken_bytes + (room[0] if len(room) == 1 else min(room))
         return frames, room
 
     def _settle(self, grant: tuple[int, list[int]], kept_msgs: int, kept_bytes: int) -> None:

@@ -206,15 +206,11 @@ class FrameReader:
         self._crcs: dict[int, int] = {}  # crc32c of direct segments, computed as they landed
         self._chain = 0  # the running crc32c of the frame so far (preamble, then each segment)
         self._have = 0
-        self._held = False  # the frame at hand is over budget: wait for resume()
+        self.paused = False  # the frame at hand is over budget: wait for resume() (read-only)
         self.held_bytes = 0  # the body of the held frame
         self.open_charge = (0, 0)  # (1, body) while a charged frame is still being read
 
     # ------------------------------------------------------------------ API
-    @property
-    def paused(self) -> bool:
-        return self._held
-
     @property
     def partial(self) -> bool:
         """Bytes of a frame (or of the banner) have been read but not the whole of it."""
@@ -222,7 +218,7 @@ class FrameReader:
 
     def next_read(self) -> memoryview:
         """The buffer to read into next (empty while paused)."""
-        if self._held:
+        if self.paused:
             return self._view[:0]
         if self._target is not None and self._start == self._end:
             return self._target[self._have :]
@@ -252,14 +248,14 @@ class FrameReader:
 
     def resume(self) -> None:
         """The budget was raised: a held frame may go on."""
-        self._held = False
+        self.paused = False
 
     def next_frame(self, single: bool = False) -> Frame | FrameAborted | None:
         """The next frame completed by what was read so far, or None.  single: parse
         only this one (the caller takes the frames after it another way)."""
         if self._ready:
             return self._ready.pop()
-        if self._phase == _PREAMBLE and self._end - self._start > PREAMBLE.size and not self._held:
+        if self._phase == _PREAMBLE and self._end - self._start > PREAMBLE.size and not self.paused:
             self._scan(1 if single else -1)
             if self._ready:
                 return self._ready.pop()
@@ -268,7 +264,7 @@ class FrameReader:
     @property
     def at_frame(self) -> bool:
         """Between frames, with nothing parsed and not handed out: take_messages() may run."""
-        return self._phase == _PREAMBLE and not self._ready and not self._held and self._target is None
+        return self._phase == _PREAMBLE and not self._ready and not self.paused and self._target is None
 
     def take_messages(
         self, lossless: bool, in_seq: int, connection: Any, out: list[Message]
@@ -305,7 +301,7 @@ class FrameReader:
         """bytes_read(n) and then take_messages(), in one call, when the reader is
         between frames with nothing held, handed out or being read straight into a
         target (the steady state); None, having done nothing, otherwise."""
-        if self._phase != _PREAMBLE or self._held or self._ready or self._target is not None:
+        if self._phase != _PREAMBLE or self.paused or self._ready or self._target is not None:
             return None
         end = self._end + n
         if n < 0 or end > len(self._buf):
@@ -375,7 +371,7 @@ class FrameReader:
         if (self.budget_frames != UNLIMITED and self.taken_frames + 1 > self.budget_frames) or (
             self.budget_bytes != UNLIMITED and self.taken_bytes + body > self.budget_bytes
         ):
-            self._held, self.held_bytes = True, body
+            self.paused, self.held_bytes = True, body
             return False
         self.taken_frames += 1
         self.taken_bytes += body
@@ -384,7 +380,7 @@ class FrameReader:
 
     def _slow(self) -> Frame | FrameAborted | None:
         """One item at a time, with every check and its precise error."""
-        if self._held:
+        if self.paused:
             return None
         while True:
             phase = self._phase

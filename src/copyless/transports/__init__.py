@@ -76,6 +76,7 @@ class Stream:
     """A connected, non-blocking byte stream."""
 
     write_wakes_read = False  # True: room to write shows as readable (ipc), never as writable
+    buffered = False  # True: pending() may hold bytes a read takes without the fd turning readable (TLS)
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         # The transport itself delivers the bytes as they were sent: a unix socket is a
@@ -144,6 +145,7 @@ class TLSStream(Stream):
     most 64 KiB), a large buffer is written as it is."""
 
     sock: ssl.SSLSocket
+    buffered = True
 
     def __init__(self, sock: ssl.SSLSocket, peer: str) -> None:
         super().__init__(sock, peer)
