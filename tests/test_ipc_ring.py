@@ -272,8 +272,8 @@ def test_close_marks_the_segment_closed(pair: Pair):
 class Spinning:
     """What an I/O loop reads of an IpcStream when it spins (ipc_spin_streams)."""
 
-    def __init__(self, channel: IpcChannel | None, loop_spin: float = 0.5, leased: bool = False) -> None:
-        self.channel, self.loop_spin, self.leased = channel, loop_spin, leased
+    def __init__(self, channel: IpcChannel | None, loop_spin: float = 0.5) -> None:
+        self.channel, self.loop_spin = channel, loop_spin
 
 
 def test_the_loop_spins_over_all_its_channels_at_once():
@@ -285,8 +285,10 @@ def test_the_loop_spins_over_all_its_channels_at_once():
         items = [(10, Spinning(p.b)), (11, Spinning(q.b))]
         threading.Timer(0.01, lambda: q.a.send([b"x"])).start()
         assert ipc_spin_streams(items, -1.0, IN) == [(11, IN)], "the second one got data while it spun"
-        leased = [(10, Spinning(p.b)), (11, Spinning(q.b, leased=True))]
-        assert ipc_spin_streams(leased, 0.001, IN) == [], "a leased stream is its caller's: left out"
+        q.b.take()
+        assert q.b.leased
+        assert ipc_spin_streams(items, 0.001, IN) == [], "a leased stream is its caller's: left out"
+        assert q.b.give_back() and not q.b.leased, "given back with something to read"
         p.a.close()
         assert ipc_spin_streams(items, -1.0, IN) == [(10, IN), (11, IN)], "a closed peer is something to do too"
         assert ipc_spin_streams([(9, Spinning(None)), *items], -1.0, IN) == [], "one in setup: no spin"

@@ -2343,6 +2343,7 @@ typedef struct {
     uint64_t tail, head_seen;
     uint32_t sleep_val, woken_wait;
     int armed, eof;
+    int leased; /* a caller reads (and spins on) this stream for now, not its I/O loop */
     int broken, rbusy, wbusy;
     const char *why;
     int64_t spin_ns;
@@ -2796,16 +2797,18 @@ static PyObject *ipc_arm(IpcChannelObject *c) {
 /* arm() -> bool: what the I/O loop calls for each ipc stream before it sleeps. */
 static PyObject *IpcChannel_arm(IpcChannelObject *c, PyObject *unused) { return ipc_arm(c); }
 
-/* disarm(): a caller takes over reading from the loop and spins: the peer need not ring. */
-static PyObject *IpcChannel_disarm(IpcChannelObject *c, PyObject *unused) {
+/* take(): a caller reads this stream from now on, spinning (Connection.call): its loop
+ * leaves it out (ipc_spin_streams, arming), and the peer need not ring. */
+static PyObject *IpcChannel_take(IpcChannelObject *c, PyObject *unused) {
+    c->leased = 1;
     if (c->m) ipc_disarm_reader(c);
     Py_RETURN_NONE;
 }
 
-/* rearm() -> bool: arm() without reading the doorbell first, for a caller that hands
- * reading back to a loop that may sleep (a byte left in the socket costs the loop one
- * early wake-up, in which it drains it; a recv per hand-back would cost every call). */
-static PyObject *IpcChannel_rearm(IpcChannelObject *c, PyObject *unused) {
+/* arm() without reading the doorbell first, for a caller that hands reading back to a
+ * loop that may sleep (a byte left in the socket costs the loop one early wake-up, in
+ * which it drains it; a recv per hand-back would cost every call). */
+static PyObject *ipc_rearm(IpcChannelObject *c) {
     if (!c->m || c->broken || c->rbusy) Py_RETURN_TRUE;
     c->sleep_val += c->armed ? 2 : 1; /* odd, and new */
     c->armed = 1;
@@ -2815,6 +2818,13 @@ static PyObject *IpcChannel_rearm(IpcChannelObject *c, PyObject *unused) {
     int r = a != 0 || c->eof || LOAD_ACQ(u32_at(c->p, IPC_CLOSED)) || ipc_writer_may_go(c);
     if (a < 0) PyErr_Clear();
     return PyBool_FromLong(r);
+}
+
+/* give_back() -> bool: the loop reads it again: rearm() for a loop that may be asleep;
+ * True if there is something to read already (the loop must be told). */
+static PyObject *IpcChannel_give_back(IpcChannelObject *c, PyObject *unused) {
+    c->leased = 0;
+    return ipc_rearm(c);
 }
 
 /* before_wait() -> bool: spin for `spin` seconds (GIL released), then arm(). */
@@ -2879,15 +2889,14 @@ static int spin_channels(PyObject *const *chans, Py_ssize_t n, int64_t ns, SpinV
 }
 
 /* ipc_spin_streams(items, timeout, mask) -> [(fd, mask)] ready: an I/O loop's turn over
- * its ipc streams, as one call.  items: (fd, stream) pairs; streams that are `leased`
- * (a caller spins on them) are left out; it spins for the longest `loop_spin` of the
+ * its ipc streams, as one call.  items: (fd, stream) pairs; streams whose channel is
+ * leased (a caller spins on it: take()) are left out; it spins for the longest `loop_spin` of the
  * others (at most timeout, if > 0), and not at all if one has no channel yet.  The
  * result is in the shape of epoll's events. */
 static PyObject *mod_ipc_spin_streams(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    static PyObject *s_leased, *s_channel, *s_loop_spin;
-    if (!s_leased && (!(s_leased = PyUnicode_InternFromString("leased")) ||
-                      !(s_channel = PyUnicode_InternFromString("channel")) ||
-                      !(s_loop_spin = PyUnicode_InternFromString("loop_spin"))))
+    static PyObject *s_channel, *s_loop_spin;
+    if (!s_channel &&
+        (!(s_channel = PyUnicode_InternFromString("channel")) || !(s_loop_spin = PyUnicode_InternFromString("loop_spin"))))
         return NULL;
     if (nargs != 3 || !PyList_Check(args[0])) return PyErr_Format(PyExc_TypeError, "ipc_spin_streams(list, timeout, mask)");
     double timeout = PyFloat_AsDouble(args[1]);
@@ -2912,17 +2921,15 @@ static PyObject *mod_ipc_spin_streams(PyObject *mod, PyObject *const *args, Py_s
             goto done;
         }
         PyObject *st = PyTuple_GET_ITEM(it, 1);
-        PyObject *leased = PyObject_GetAttr(st, s_leased);
-        if (!leased) goto done;
-        int busy = PyObject_IsTrue(leased);
-        Py_DECREF(leased);
-        if (busy < 0) goto done;
-        if (busy) continue;
         PyObject *chan = PyObject_GetAttr(st, s_channel);
         if (!chan) goto done;
-        if (chan == Py_None) {
+        if (!PyObject_TypeCheck(chan, &IpcChannelType)) { /* still in its setup */
             Py_DECREF(chan);
             spin_ok = 0;
+            continue;
+        }
+        if (((IpcChannelObject *)chan)->leased) {
+            Py_DECREF(chan);
             continue;
         }
         PyObject *ls = PyObject_GetAttr(st, s_loop_spin);
@@ -3037,18 +3044,20 @@ static PyMethodDef IpcChannel_methods[] = {
      "before_wait() -> bool: spin, then arm the wake-up; True if there is something to do now."},
     {"arm", (PyCFunction)IpcChannel_arm, METH_NOARGS,
      "arm() -> bool: arm the wake-up before sleeping on the socket; True if there is something to do now."},
-    {"disarm", (PyCFunction)IpcChannel_disarm, METH_NOARGS, "disarm(): the reader is awake (spinning): no wake byte needed."},
-    {"rearm", (PyCFunction)IpcChannel_rearm, METH_NOARGS,
-     "rearm() -> bool: arm() without draining the doorbell; True if there is something to do now."},
+    {"take", (PyCFunction)IpcChannel_take, METH_NOARGS, "take(): a caller reads and spins from now on (leased)."},
+    {"give_back", (PyCFunction)IpcChannel_give_back, METH_NOARGS,
+     "give_back() -> bool: back to the loop, rearmed; True if there is something to read already."},
     {"close", (PyCFunction)IpcChannel_close, METH_NOARGS, "close(): mark closed, drop the mappings."},
     {"statistics", (PyCFunction)IpcChannel_stats, METH_NOARGS, NULL},
     {NULL},
 };
+static PyObject *IpcChannel_get_leased(IpcChannelObject *c, void *x) { return PyBool_FromLong(c->leased); }
 static PyGetSetDef IpcChannel_getset[] = {
     {"spin", (getter)IpcChannel_get_spin, (setter)IpcChannel_set_spin, "seconds before_wait() spins", NULL},
     {"segment", (getter)IpcChannel_get_segment, NULL, "this side's own segment (a Mapping)", NULL},
     {"capacity", (getter)IpcChannel_get_capacity, NULL, "bytes in this side's TX ring", NULL},
     {"closed", (getter)IpcChannel_get_closed, NULL, NULL, NULL},
+    {"leased", (getter)IpcChannel_get_leased, NULL, "a caller reads it for now (take/give_back)", NULL},
     {NULL},
 };
 

@@ -66,6 +66,7 @@ __all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
 
 PEER_WAIT = 0.5  # a peer told to wait for the other side's connection tries again after this
 _READY = State.READY  # for the per-message paths (a plain global: ~5 ns; State.READY: ~50)
+_CLOSED = State.CLOSED
 
 
 @dataclass(frozen=True)
@@ -282,12 +283,15 @@ class Connection:
             finally:
                 if leased is not None:
                     self._unlease(leased)  # before waiting: the loop reads a new transport
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not pending.wait(left):
-                raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
+            if not pending.done:  # (most calls read their own reply: no wait)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not pending.wait(left):
+                    raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
         finally:
             self.messenger._calls.pop(msg.tid, None)
-        return pending.result()
+        if pending.error is not None:
+            raise pending.error
+        return pending.reply  # type: ignore[return-value]
 
     def _post_call(self, msg: Message, into: Any) -> _Call:
         """Give msg a transaction id and post the call (and its buffer) for the reply."""
@@ -484,7 +488,7 @@ class Connection:
                 m.resume_reading()  # a held frame, if the grant has room for it now
             now = time.monotonic()
             for _ in range(64):  # bounded: other connections on this loop get their turn
-                buf = m.next_read()
+                buf = reader.next_read() if m.state is not _CLOSED else None  # (m.next_read(), inline)
                 if not buf:
                     break  # held by a throttle, or closed
                 try:
@@ -508,12 +512,12 @@ class Connection:
                     del msgs
                     if self._machine is not m:
                         break
-                if (k < len(buf) and not (st.buffered and st.pending())) or m.state is State.CLOSED:
+                if (k < len(buf) and not (st.buffered and st.pending())) or m.state is _CLOSED:
                     break  # a short read: the socket is drained (saves the EAGAIN round)
             due = m.settle_reads()
             if due < 0:
                 self._pump()
-            elif due:
+            elif due and (self._timer is None or due < self._timer.when):
                 self._arm_timer(due)
         finally:
             self._in_round = False

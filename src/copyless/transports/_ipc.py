@@ -219,6 +219,10 @@ class IpcStream(Stream):
         # the hot calls go straight to the core (no Python frame per call)
         self.send_buffers = chan.send  # type: ignore[method-assign, assignment]
         self.recv_into = chan.recv_into  # type: ignore[method-assign, assignment]
+        self.before_wait = chan.before_wait  # type: ignore[method-assign]
+        self.arm = chan.arm  # type: ignore[method-assign]
+        self.take = chan.take  # type: ignore[method-assign]
+        self.give_back = chan.give_back  # type: ignore[method-assign]
 
     def _start(self) -> None:
         """Client, right after connect(): check who listens, then send our hello and segment."""
@@ -244,35 +248,32 @@ class IpcStream(Stream):
     def connected(self) -> bool:
         return True  # connect() on a unix socket completes at once or fails
 
+    # Until the setup is done; then the channel's own methods (_open_channel).
     def before_wait(self) -> bool:
         """About to block on fileno(): spin for `spin` seconds, then arm the wake-up.
         True: something can be done now (do not block)."""
-        chan = self.channel
-        return chan.before_wait() if chan is not None else False
+        return False
 
     def arm(self) -> bool:
         """Like before_wait() without the spin (the I/O loop calls it before it sleeps)."""
-        chan = self.channel
-        return chan.arm() if chan is not None else False
+        return False
 
     # A caller waiting for a reply reads the stream itself for a while (Connection.call).
     # The stream stays registered with its loop (no epoll_ctl per call), but the loop
-    # neither spins on it nor arms it while `leased`, and the peer rings no doorbell
+    # neither spins on it nor arms it while it is leased, and the peer rings no doorbell
     # while the caller spins.
-    leased = False
-
     def take(self) -> None:
         """A caller reads this stream from now on, spinning: the peer need not ring."""
-        self.leased = True
-        if self.channel is not None:
-            self.channel.disarm()
 
     def give_back(self) -> bool:
         """The loop reads it again: arm it for a loop that may be asleep.  True if there
         is something to read already (the loop must be told)."""
-        self.leased = False
+        return False
+
+    @property
+    def leased(self) -> bool:
         chan = self.channel
-        return chan.rearm() if chan is not None else False
+        return chan is not None and chan.leased
 
     def close(self) -> None:
         if self._closed:
