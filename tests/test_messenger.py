@@ -388,3 +388,22 @@ def test_the_data_crc_is_on_by_default_only_where_the_transport_can_corrupt(addr
             wait_for(lambda: store.accepted)
             assert conn._machine is not None and conn._machine.data_crc is want
             assert store.accepted[0]._machine.data_crc is want
+
+
+def test_a_due_timer_does_not_block_its_loop_on_a_connection_a_caller_holds(server):
+    """A connection's timer that comes due while a caller holds the connection (it reads
+    its reply) must not wait for the lock on the loop thread: the loop has other work,
+    and waiting woke it at every release of the lock.  It looks again later instead."""
+    _, _, addr = server
+    with Messenger("client.7", io_loops=1) as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        loop = conn.loop
+        ran = threading.Event()
+        with conn._lock:
+            conn._arm_timer(time.monotonic() - 1)  # due now: the loop runs it
+            time.sleep(0.05)
+            loop.call_soon_threadsafe(ran.set)  # then this, on the same loop
+            assert ran.wait(2), "the loop went on while the connection was held"
+            assert conn._timer is not None and conn._timer.when < time.monotonic(), "not run: held"
+        wait_for(lambda: conn._timer is None or conn._timer.when > time.monotonic())  # ran once free

@@ -164,3 +164,36 @@ def test_unix_streams_may_have_a_large_message_in_flight(tmp_path):
         client.close()
         server.close()
         lst.close()
+
+
+def test_recv_fill_reads_a_segment_whole_across_the_pieces_it_arrives_in():
+    import threading
+
+    from copyless._codec import recv_fill
+
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    data = os.urandom(1 << 20)
+
+    def trickle() -> None:  # pieces with pauses: the reader must wait for each, in C
+        for i in range(0, len(data), 100_000):
+            a.sendall(data[i : i + 100_000])
+            time.sleep(0.002)
+
+    try:
+        t = threading.Thread(target=trickle)
+        t.start()
+        buf = bytearray(len(data))
+        assert recv_fill(b.fileno(), buf, 1.0) == len(data)
+        t.join()
+        assert buf == data
+        with pytest.raises(BlockingIOError):
+            recv_fill(b.fileno(), buf, 0.01)  # nothing comes: bounded
+        a.sendall(b"tail")
+        a.close()
+        assert recv_fill(b.fileno(), buf, 1.0) == 4, "the end of the stream after some bytes: those"
+        assert buf[:4] == b"tail"
+        assert recv_fill(b.fileno(), buf, 1.0) == 0, "then the end itself"
+    finally:
+        a.close()
+        b.close()

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import Lock, Throttle, Writer, compiled_send
+from ._codec import Lock, Throttle, Writer, compiled_send, recv_fill
 from ._core import (
     Message,  # the one Message type, shared with pub/sub (docs/design.md)
     _track_kept,
@@ -67,6 +67,10 @@ __all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
 PEER_WAIT = 0.5  # a peer told to wait for the other side's connection tries again after this
 _READY = State.READY  # for the per-message paths (a plain global: ~5 ns; State.READY: ~50)
 _CLOSED = State.CLOSED
+# A caller that reads a socket itself reads a direct segment this large with recv_fill,
+# waiting at most FILL_WAIT for more of it while it holds the connection's lock.
+FILL_MIN, FILL_WAIT = 64 << 10, 0.005
+TIMER_RETRY = 0.002  # a connection's timer that found a caller holding it looks again this much later
 
 
 @dataclass(frozen=True)
@@ -342,6 +346,7 @@ class Connection:
 
     def _read_until(self, st: Stream, pending: _Call, deadline: float | None) -> None:
         poller, interest = None, 0
+        fill = type(st) is Stream
         while not pending.done:
             if not st.before_wait():  # TLS: decrypted bytes; ipc: spins, then arms
                 # (ipc: room to write shows as readable too)
@@ -367,7 +372,7 @@ class Connection:
             with self._lock:
                 if self._stream is not st:
                     return  # the transport changed: the loop owns the new one
-                self.__on_readable_locked()
+                self.__on_readable_locked(fill)
                 if self._paused:
                     return  # a throttle is full: the loop resumes reading when it frees
 
@@ -467,10 +472,14 @@ class Connection:
                 self._lease_off = True
                 self.loop.detach(st)
 
-    def __on_readable_locked(self) -> None:
+    def __on_readable_locked(self, fill: bool = False) -> None:
         # A round of reads.  This runs once per message in a call (on both sides), so the
         # steady state is kept to a few calls: throttles only when one has a limit, and
         # the pump only when the machine has more than messages for us.
+        # fill: a caller reads a plain socket (a lease): a large segment that goes
+        # straight into its buffer is read whole in one C call (recv_fill), not a round
+        # and a poll() per piece the transport delivers (TCP: 64 KiB).  Only a caller
+        # may wait there: on the loop, other connections would wait too.
         m, st = self._machine, self._stream
         if m is None or st is None:
             return
@@ -492,7 +501,10 @@ class Connection:
                 if not buf:
                     break  # held by a throttle, or closed
                 try:
-                    k = st.recv_into(buf)
+                    if fill and len(buf) >= FILL_MIN and reader.in_target:
+                        k = recv_fill(st.fileno(), buf, FILL_WAIT)
+                    else:
+                        k = st.recv_into(buf)
                 except BlockingIOError:
                     break
                 except OSError:
@@ -593,10 +605,19 @@ class Connection:
             self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
-        with self._lock:
+        if not self._lock.acquire(blocking=False):
+            # A caller holds the connection (it reads its reply, and settles acks as it
+            # goes).  Waiting for the lock here woke this thread at every release of it,
+            # to lose it again to the caller's next step: a futex and a GIL hand-over per
+            # step of every call while a timer was due.  Look again shortly instead.
+            self.loop.call_at(time.monotonic() + TIMER_RETRY, self._on_timer)
+            return
+        try:
             if self._timer is not None and self._timer.when <= time.monotonic():
                 self._timer = None
                 self._pump()
+        finally:
+            self._lock.release()
 
     def _on_event(self, ev: object) -> None:
         if type(ev) is MessagesReceived:

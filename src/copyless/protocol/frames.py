@@ -212,6 +212,11 @@ class FrameReader:
 
     # ------------------------------------------------------------------ API
     @property
+    def in_target(self) -> bool:
+        """next_read() is (the rest of) a direct segment's own buffer."""
+        return self._target is not None and self._start == self._end
+
+    @property
     def partial(self) -> bool:
         """Bytes of a frame (or of the banner) have been read but not the whole of it."""
         return self._phase != _PREAMBLE or self._target is not None or self._end > self._start
