@@ -12,6 +12,7 @@ from conftest import wait_for
 
 from copyless.errors import ClosedError, PeerLost
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+from copyless.protocol.session import SessionConnection
 
 READ, READ_REPLY, WRITE = 1, 2, 3
 
@@ -281,10 +282,12 @@ class Resets(Store):
 
 
 @pytest.mark.parametrize("policy", ["stateless", "stateful"])
-def test_a_server_forgets_clients_that_are_gone(address, policy):
+def test_a_server_forgets_clients_that_are_gone(address, policy, monkeypatch):
     """A stateless server drops a client's session with its connection; a stateful one
     keeps it for the client to resume within `session_linger`, then drops it (and the
-    dispatcher hears handle_reset).  Nothing of the clients is left behind."""
+    dispatcher hears handle_reset).  Nothing of the clients is left behind.  The clients
+    vanish without a word (as if killed or cut off): no GOODBYE."""
+    monkeypatch.setattr(SessionConnection, "goodbye", lambda self: None)
     store = Resets()
     server_policy = Policy.stateless_server() if policy == "stateless" else Policy.stateful_server()
     linger = 0.5
@@ -304,6 +307,23 @@ def test_a_server_forgets_clients_that_are_gone(address, policy):
         assert len(store.resets) == 5 and {c.peer_name for c in store.resets} == {f"client.{i}" for i in range(5)}
 
 
+def test_a_client_that_closes_is_forgotten_at_once(address):
+    """A client that closes its connection says GOODBYE: a stateful server ends the session
+    then (handle_reset), instead of keeping it for the linger."""
+    store = Resets()
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}, session_linger=300) as m:
+        m.add_dispatcher(store)
+        addr = m.bind(address)
+        m.start()
+        for i in range(3):
+            with Messenger(f"client.{i}") as client:
+                conn = client.connect(addr)
+                assert conn.call(Message(READ, front=(3).to_bytes(4, "little")), timeout=5).data == b"\x07" * 3
+            assert wait_for(lambda i=i: len(store.resets) == i + 1), "ended when the client closed"
+        assert wait_for(lambda: not m._registry.by_client and not m._connections and not m._by_session)
+        assert all(c._retry is None for c in store.resets), "no linger timer left"
+
+
 def test_a_client_that_comes_back_within_the_linger_resumes_its_session(server):
     """The linger timer of a stateful server's session stops when its client reconnects."""
     m, store, addr = server
@@ -320,8 +340,9 @@ def test_a_client_that_comes_back_within_the_linger_resumes_its_session(server):
             srv.loop.call_soon_threadsafe(lambda s=srv: s._stream and s._stream.sock.shutdown(socket.SHUT_RDWR))
             time.sleep(0.6)  # longer than the linger: only the reconnect keeps the session
         assert conn.call(Message(READ, front=(1).to_bytes(4, "little")), timeout=5).data == b"\x07"
+        assert not srv._closed, "the linger never ran out: each reconnect stopped it"
     got = [int.from_bytes(w[:4], "little") for w in store.writes]
-    assert got == list(range(150)) and len(store.accepted) == 1 and not srv._closed
+    assert got == list(range(150)) and len(store.accepted) == 1
 
 
 def test_the_loop_reads_again_after_a_caller_slept_on_the_stream(address):

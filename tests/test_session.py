@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from copyless.errors import RemoteProtocolError
 from copyless.protocol.session import (
     BANNER,
+    FEATURE_GOODBYE,
     AuthenticationFailed,
     Closed,
     Established,
@@ -426,3 +427,26 @@ def test_exactly_once_in_order_across_drops_duplicates_and_delays(seed):
             break
     assert got_s == to_server[:sent_c] and got_c == to_client[:sent_s], "exactly once, in order"
     assert sent_c == sent_s == n and len(got_s) == len(got_c) == n, "and all of it, in the end"
+
+
+def test_a_client_that_ends_its_session_says_goodbye():
+    """GOODBYE (client to server, if the server has FEATURE_GOODBYE): the server's machine
+    closes with Closed(goodbye=True), so its owner keeps nothing for a reconnect."""
+    link, _, _ = pair(random.Random(3))
+    link.run()
+    assert link.c.state is State.READY and link.s.state is State.READY
+    link.s.next_events()
+    link.s.goodbye()  # a server has no session of its own to end: nothing is sent
+    assert not link.s._out
+    link.c.goodbye()
+    link.run()
+    closed = [ev for ev in link.s.next_events() if isinstance(ev, Closed)]
+    assert closed == [Closed(None, goodbye=True)] and link.s.state is State.CLOSED
+
+
+def test_goodbye_is_only_sent_to_a_peer_that_understands_it():
+    link, _, _ = pair(random.Random(4))
+    link.run()
+    link.c.peer_features &= ~FEATURE_GOODBYE  # as a server of an earlier version
+    link.c.goodbye()
+    assert not link.c._out

@@ -640,12 +640,13 @@ class Connection:
         elif isinstance(ev, Waiting):
             self._waiting = True
         elif isinstance(ev, Closed):
-            self._teardown(ev.error)
+            self._teardown(ev.error, ev.goodbye)
 
-    def _teardown(self, error: BaseException | None) -> None:
-        """The transport is gone; reconnect if the policy says so."""
+    def _teardown(self, error: BaseException | None, goodbye: bool = False) -> None:
+        """The transport is gone; reconnect if the policy says so (goodbye: the client
+        ended its session: nothing to keep)."""
         with self._lock:
-            self._teardown_locked(error)
+            self._teardown_locked(error, goodbye)
 
     def _release_open_charge(self) -> None:
         """The machine goes with a frame charged to the throttles and never finished
@@ -655,13 +656,15 @@ class Connection:
             self._machine.reader.open_charge = (0, 0)
             self.messenger._settle((n, [b] * len(self.messenger._limit_bytes)), 0, 0)
 
-    def _teardown_locked(self, error: BaseException | None) -> None:
+    def _teardown_locked(self, error: BaseException | None, goodbye: bool = False) -> None:
         self._release_open_charge()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._stream is not None:
             if self._machine is not None:  # best effort: the frame that tells the peer why (AUTH_BAD)
+                if self._closed:
+                    self._machine.goodbye()  # a client that closed: its server forgets the session now
                 self._sendq.add(self._machine.data_to_send())
                 try:
                     self._sendq.flush(self._stream)
@@ -682,6 +685,9 @@ class Connection:
             self._closed = True  # it never got as far as a session: nothing to keep
             self.messenger._forget(self)
             return
+        if goodbye and not self._closed:
+            self._closed = True  # the client ended the session: nothing to keep, no linger
+            self.messenger._each(lambda d: d.handle_reset(self))
         if self.policy.server and not self.policy.lossy and not self._closed:
             # standby: a stateful server keeps the session for the client to reconnect to
             # (_adopt moves its new transport in and cancels this), for so long

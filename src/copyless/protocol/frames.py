@@ -63,6 +63,7 @@ class Tag(enum.IntEnum):
     ACK = 17
     KEEPALIVE = 18
     KEEPALIVE_ACK = 19
+    GOODBYE = 20
 
 
 class FrameError(RemoteProtocolError):

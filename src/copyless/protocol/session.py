@@ -40,7 +40,8 @@ PROTOCOL_VERSION = 2  # 2: segment crcs are chained
 
 # feature bits
 FEATURE_DATA_CRC_OFF = 1 << 0  # this side may send frames without a data crc
-FEATURES_SUPPORTED = FEATURE_DATA_CRC_OFF
+FEATURE_GOODBYE = 1 << 1  # this side understands GOODBYE (a client that ends its session)
+FEATURES_SUPPORTED = FEATURE_DATA_CRC_OFF | FEATURE_GOODBYE
 
 HELLO = struct.Struct("<B")  # role (0 client, 1 server) + utf-8 entity name
 IDENT = struct.Struct("<QQQQ")  # cookie, global_seq, features in use, incarnation   + utf-8 name
@@ -132,9 +133,11 @@ class KeepaliveAck:
 
 @dataclass
 class Closed:
-    """The connection is finished; error is None for a clean close."""
+    """The connection is finished; error is None for a clean close.  goodbye: the peer (a
+    client) ended its session for good, so there is nothing to keep for it."""
 
     error: Exception | None
+    goodbye: bool = False
 
 
 Event = Established | MessageReceived | MessagesReceived | SessionReset | Waiting | KeepaliveAck | Closed
@@ -446,6 +449,13 @@ class SessionConnection:
 
     def close(self) -> None:
         self._close(None)
+
+    def goodbye(self) -> None:
+        """A client ends its session for good: tell the server (if it understands it), so it
+        need not keep the session for a reconnect that will not come.  Queues the frame
+        only; the owner flushes it and closes the transport."""
+        if self.role is Role.CLIENT and self.state is State.READY and self.peer_features & FEATURE_GOODBYE:
+            self._out += encode_frame(Tag.GOODBYE, [[b""]])
 
     def connection_lost(self) -> None:
         """The transport ended: unacked messages go back to the queue (lossless).  An end
@@ -886,10 +896,13 @@ class SessionConnection:
         (sent,) = U64.unpack(bytes(f.segments[0]))
         self._events.append(KeepaliveAck(sent, int(self._now * 1e9) - sent))
 
+    def _on_goodbye(self, f: Frame) -> None:
+        self._close(None, goodbye=True)
+
     def _closed(self) -> bool:  # a method, so type checkers do not narrow self.state across calls
         return self.state is State.CLOSED
 
-    def _close(self, error: Exception | None) -> None:
+    def _close(self, error: Exception | None, goodbye: bool = False) -> None:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
@@ -899,7 +912,7 @@ class SessionConnection:
                 s.attempt = None
             if s.carrier is self:
                 s.carrier = None
-        self._events.append(Closed(error))
+        self._events.append(Closed(error, goodbye))
 
 
 def _name(tag: int) -> str:
@@ -936,4 +949,5 @@ _HANDLERS: dict[tuple[State, Role, int], Callable[[SessionConnection, Frame], No
     (State.READY, S, Tag.KEEPALIVE): SessionConnection._on_keepalive,
     (State.READY, C, Tag.KEEPALIVE_ACK): SessionConnection._on_keepalive_ack,
     (State.READY, S, Tag.KEEPALIVE_ACK): SessionConnection._on_keepalive_ack,
+    (State.READY, S, Tag.GOODBYE): SessionConnection._on_goodbye,
 }
