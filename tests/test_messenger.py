@@ -11,7 +11,7 @@ import pytest
 from conftest import wait_for
 
 from copyless.errors import ClosedError, PeerLost
-from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+from copyless.messenger import FILL_HEAD, Connection, Dispatcher, Message, Messenger, Policy
 from copyless.protocol.session import SessionConnection
 
 READ, READ_REPLY, WRITE = 1, 2, 3
@@ -85,6 +85,31 @@ def test_call_reply_lands_in_the_posted_buffer(server):
             if n:
                 assert reply.data.obj is buf, "read straight into the caller's buffer: no copy"
         assert [c.peer_name for c in store.accepted] == ["client.7"]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_large_reply_is_read_from_the_socket_into_the_posted_buffer(transport, tmp_path):
+    """Not through the prefetch buffer: a caller that posted a large buffer reads only
+    FILL_HEAD bytes ahead (the frame's head, and what follows it in that read), so at
+    most that sliver of the data is copied (reader.copied counts every byte of a direct
+    segment that was).  Reading the head to the byte would cost two more system calls
+    than copying 4 KiB does."""
+    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/m.sock"}[transport]
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Store())
+        addr = server.bind(address)
+        server.start()
+        with Messenger("client.7") as client:
+            conn = client.connect(addr)
+            conn.wait_ready(5)
+            for _ in range(20):
+                buf = bytearray(1 << 20)
+                assert conn._machine is not None
+                reader = conn._machine.reader
+                before = reader.copied
+                reply = conn.call(Message(READ, front=(1 << 20).to_bytes(8, "little")), into=buf, timeout=5)
+                assert reply.data.obj is buf and buf == bytes([7]) * (1 << 20)
+                assert reader.copied - before < FILL_HEAD, "the data went straight into the posted buffer"
 
 
 def test_queued_dispatch_keeps_order_and_scatter_gather(server):

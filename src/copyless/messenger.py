@@ -69,7 +69,7 @@ _READY = State.READY  # for the per-message paths (a plain global: ~5 ns; State.
 _CLOSED = State.CLOSED
 # A caller that reads a socket itself reads a direct segment this large with recv_fill,
 # waiting at most FILL_WAIT for more of it while it holds the connection's lock.
-FILL_MIN, FILL_WAIT = 64 << 10, 0.005
+FILL_MIN, FILL_WAIT, FILL_HEAD = 64 << 10, 0.005, 4096
 TIMER_RETRY = 0.002  # a connection's timer that found a caller holding it looks again this much later
 
 
@@ -346,7 +346,13 @@ class Connection:
 
     def _read_until(self, st: Stream, pending: _Call, deadline: float | None) -> None:
         poller, interest = None, 0
-        fill = type(st) is Stream
+        # a plain socket: large segments are read whole (recv_fill); and if the reply is
+        # to land in a large buffer, a read between frames takes only FILL_HEAD bytes, so
+        # its data goes straight there instead of through the prefetch buffer
+        fill = 0
+        if type(st) is Stream:
+            into = pending.into
+            fill = FILL_HEAD if into is not None and len(into) >= FILL_MIN else 1 << 30
         while not pending.done:
             if not st.before_wait():  # TLS: decrypted bytes; ipc: spins, then arms
                 # (ipc: room to write shows as readable too)
@@ -472,14 +478,15 @@ class Connection:
                 self._lease_off = True
                 self.loop.detach(st)
 
-    def __on_readable_locked(self, fill: bool = False) -> None:
+    def __on_readable_locked(self, fill: int = 0) -> None:
         # A round of reads.  This runs once per message in a call (on both sides), so the
         # steady state is kept to a few calls: throttles only when one has a limit, and
         # the pump only when the machine has more than messages for us.
         # fill: a caller reads a plain socket (a lease): a large segment that goes
         # straight into its buffer is read whole in one C call (recv_fill), not a round
         # and a poll() per piece the transport delivers (TCP: 64 KiB).  Only a caller
-        # may wait there: on the loop, other connections would wait too.
+        # may wait there: on the loop, other connections would wait too.  Other reads
+        # take at most `fill` bytes.
         m, st = self._machine, self._stream
         if m is None or st is None:
             return
@@ -501,9 +508,13 @@ class Connection:
                 if not buf:
                     break  # held by a throttle, or closed
                 try:
-                    if fill and len(buf) >= FILL_MIN and reader.in_target:
+                    if not fill:
+                        k = st.recv_into(buf)
+                    elif len(buf) >= FILL_MIN and reader.in_target:
                         k = recv_fill(st.fileno(), buf, FILL_WAIT)
                     else:
+                        if len(buf) > fill:
+                            buf = buf[:fill]
                         k = st.recv_into(buf)
                 except BlockingIOError:
                     break
