@@ -94,6 +94,23 @@ def test_large_segment_is_read_directly_copying_at_most_the_prefetched_part():
     assert reader.copied < 16 << 10, "only the bulk read's overlap with the segment was copied"
 
 
+def test_large_frames_read_a_head_at_a_time_reuse_one_prefetch_buffer():
+    """A caller with a large posted buffer reads 4 KiB heads (Connection's FILL_HEAD) and
+    the data straight into its buffer.  The frame's head stays held (its segments are
+    views) until the frame ends, so the reader must not start the buffer over then: it
+    allocated a new one for the 8 bytes that end the frame, every other frame."""
+    payload = bytes(range(256)) * 256  # 64 KiB
+    wire = wire_of(encode_frame(Tag.MESSAGE, [[b"h" * 28], [b""], [payload]]))
+    reader = FrameReader(prefetch=16 << 10)
+    bufs = set()
+    for _ in range(20):
+        (frame,) = feed(reader, wire, chunks=[4096, len(wire)])
+        assert bytes(frame.segments[2]) == payload
+        del frame
+        bufs.add(id(reader._buf))
+    assert len(bufs) == 1, "one prefetch buffer, used again and again"
+
+
 @settings(max_examples=300, deadline=None)
 @given(segs=st.lists(segment, min_size=1, max_size=4), pos=st.integers(0, 10_000), bit=st.integers(0, 7))
 def test_every_single_bit_flip_is_caught(segs, pos, bit):

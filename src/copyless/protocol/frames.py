@@ -228,7 +228,13 @@ class FrameReader:
             return self._view[:0]
         if self._target is not None and self._start == self._end:
             return self._target[self._have :]
-        if self._end == len(self._buf) or (self._start == self._end and self._end > len(self._buf) // 2):
+        # Full: a new buffer.  Drained past half: start it over, but only if nothing points
+        # into it (then it is free to reuse); else read on into its rest.  (Renewing then
+        # allocated a buffer for the 8 bytes that end a large frame whose head is still
+        # held: every other 1 MiB call.)
+        if self._end == len(self._buf) or (
+            self._start == self._end and self._end > len(self._buf) // 2 and sole_view(self._view)
+        ):
             self._renew()
         return self._view[self._end :]
 
