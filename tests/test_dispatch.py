@@ -9,6 +9,7 @@ import time
 import pytest
 from conftest import wait_for
 
+from copyless.errors import ConfigurationError
 from copyless.messenger import Dispatcher, Message, Messenger, Policy
 
 WRITE = 3
@@ -124,3 +125,11 @@ def test_queued_dispatch_goes_by_priority_then_arrival(gated):
     got = [f for _, f, _ in gate.seen]
     assert got[0] == b"first"
     assert got[1:] == [b"%d-%d" % (p, i) for p in (9, 5, 1) for i in range(5)], "urgent first, FIFO within"
+
+
+@pytest.mark.parametrize("option", ["throttle_messages", "throttle_bytes", "dispatch_throttle_bytes"])
+def test_a_bad_throttle_limit_is_refused_and_leaves_no_thread(option):
+    before = threading.active_count()
+    with pytest.raises(ConfigurationError):
+        Messenger("store.1", **{option: 0})
+    assert threading.active_count() == before, "no I/O loop started for a messenger that was refused"

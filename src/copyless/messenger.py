@@ -791,6 +791,8 @@ class Messenger:
         # limit, every client that went away for good left its session (and what was
         # queued for it) behind.
         self._session_linger = session_linger
+        # (before the loops: a bad limit raises, and must leave no thread behind)
+        throttles = (Throttle(throttle_messages), Throttle(throttle_bytes), Throttle(dispatch_throttle_bytes))
         self._loops = [IOLoop(f"copyless-io-{name}-{i}") for i in range(io_loops)]
         self._dispatchers: list[Dispatcher] = []
         self._fast: list[tuple[Callable[[Message], bool], Callable[[Message], None]]] = []
@@ -808,7 +810,7 @@ class Messenger:
         self._arrival = itertools.count()
         # received messages, their bytes, and the bytes waiting for dispatch (Ceph's
         # policy throttlers and dispatch throttler), taken before a body is read
-        self._throttles = (Throttle(throttle_messages), Throttle(throttle_bytes), Throttle(dispatch_throttle_bytes))
+        self._throttles = throttles
         # what a read round reserves from: the messages throttle (for frames) if it has a
         # limit, and those of the others that have one (for body bytes); none: it skips them
         msgs, nbytes, queued = self._throttles
