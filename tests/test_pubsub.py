@@ -526,3 +526,45 @@ def test_large_queue_bounds_segments_ahead_of_a_slow_subscriber(name):
         pub.send(big)
         assert pub.statistics().large_segments == 4
         del held
+
+
+def test_loan_arguments(name):
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        for loan in (pub.loan(3, 9, 11), pub.loan(nbytes=3, type=9, tag=11, timeout=1), pub.loan(3, tag=11, type=9)):
+            loan.data[:] = b"abc"
+            loan.publish()
+            with sub.recv(timeout=1) as msg:
+                assert (bytes(msg.data), msg.type, msg.tag) == (b"abc", 9, 11)
+        for args, kw, exc in [
+            ((), {}, TypeError),
+            ((1,), {"nbytes": 1}, TypeError),
+            ((1,), {"colour": 1}, TypeError),
+            ((1, 0, 0, None, 5), {}, TypeError),
+            (("1",), {}, TypeError),
+            ((-1,), {}, ValueError),
+            ((1, 2**32), {}, OverflowError),
+            ((1, 0, -1), {}, OverflowError),
+        ]:
+            with pytest.raises(exc):
+                pub.loan(*args, **kw)
+        assert pub.statistics().slots_in_use == 0
+
+
+def test_release_ring_wraps_many_times(name):
+    """The subscriber rereads the publisher's release head only when its copy says
+    the ring is full: a ring of 8 entries, wrapped hundreds of times, with some
+    messages held across the wrap, loses and rejects nothing."""
+    with copyless.Publisher(name, slots=4, large_blocks=2, queue_depth=4) as pub, copyless.Subscriber(name) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        held = []
+        for i in range(3000):
+            pub.send(i.to_bytes(4, "little"), timeout=1)
+            msg = sub.recv(timeout=1)
+            assert int.from_bytes(msg.data, "little") == i
+            held.append(msg)
+            if len(held) == 3:
+                for m in held:
+                    m.release()
+                held = []
+        assert pub.statistics().protocol_errors == 0 and sub.statistics().in_flight == len(held)

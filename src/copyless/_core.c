@@ -280,6 +280,7 @@ typedef struct {
     uint32_t n_free;
     SubSlot **subs;
     uint32_t max_subs;
+    uint32_t sub_hi;      /* one past the highest live subscriber index: the data path loops to here */
     uint32_t n_subs_live;
     int policy;
     int64_t default_timeout_ns; /* -1 forever */
@@ -362,6 +363,7 @@ static void pub_release_all(PubCoreObject *self) {
         for (uint32_t i = 0; i < self->n_blocks; i++) Py_CLEAR(self->blocks[i].mapping);
     }
     self->n_subs_live = 0;
+    self->sub_hi = 0;
 }
 
 static int PubCore_traverse(PubCoreObject *self, visitproc visit, void *arg) {
@@ -421,7 +423,7 @@ static void pub_drain_one(PubCoreObject *self, SubSlot *s) {
 }
 
 static void pub_drain(PubCoreObject *self) {
-    for (uint32_t i = 0; i < self->max_subs; i++) {
+    for (uint32_t i = 0; i < self->sub_hi; i++) {
         SubSlot *s = self->subs[i];
         if (s) pub_drain_one(self, s);
     }
@@ -517,7 +519,7 @@ static inline void waiter_disarm(PubCoreObject *self, Waiter *w) {
 
 /* Any subscriber marked bad is reported to Python, which drops it. */
 static int pub_report_bad(PubCoreObject *self) {
-    for (uint32_t i = 0; i < self->max_subs; i++) {
+    for (uint32_t i = 0; i < self->sub_hi; i++) {
         SubSlot *s = self->subs[i];
         if (s && s->bad) {
             PyObject *r = PyObject_CallMethod((PyObject *)self, "_drop_bad", "I", i);
@@ -545,7 +547,7 @@ static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline
             while (self->n_free == 0) {
                 SubSlot *best = NULL;
                 uint64_t most = 0;
-                for (uint32_t i = 0; i < self->max_subs; i++) {
+                for (uint32_t i = 0; i < self->sub_hi; i++) {
                     SubSlot *s = self->subs[i];
                     if (!s || s->bad) continue;
                     uint64_t used = s->tail - LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD));
@@ -571,7 +573,7 @@ static int64_t pub_alloc_small(PubCoreObject *self, int nowait, int64_t deadline
         /* queued messages will be popped: wait for half of them (at most an
          * eighth of the pool); with none queued, every release counts */
         uint64_t queued = 0;
-        for (uint32_t i = 0; i < self->max_subs; i++) {
+        for (uint32_t i = 0; i < self->sub_hi; i++) {
             SubSlot *s = self->subs[i];
             if (s && !s->bad) queued += s->tail - LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD));
         }
@@ -589,7 +591,7 @@ static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t ty
         if (self->closed) { PyErr_SetString(err_type(ClosedErr, PyExc_RuntimeError), "publisher closed"); goto fail; }
         int full = 0;
         uint32_t credit = UINT32_MAX;
-        for (uint32_t i = 0; i < self->max_subs; i++) {
+        for (uint32_t i = 0; i < self->sub_hi; i++) {
             SubSlot *s = self->subs[i];
             if (!s || s->bad) continue;
             if (sub_space(s) == 0) {
@@ -624,7 +626,7 @@ static int pub_fanout(PubCoreObject *self, uint32_t b, uint64_t len, uint32_t ty
         memcpy(desc + 24, &tag, 8);
         memcpy(desc + 32, &type, 4);
         memcpy(desc + 36, &flags, 4);
-        for (uint32_t i = 0; i < self->max_subs; i++) {
+        for (uint32_t i = 0; i < self->sub_hi; i++) {
             SubSlot *s = self->subs[i];
             if (!s || s->bad) continue;
             memcpy(s->base + CTL_DESC_RING + (size_t)(s->tail & (s->desc_cap - 1)) * DESC_SIZE, desc, DESC_SIZE);
@@ -772,6 +774,7 @@ static PyObject *PubCore_add_sub(PubCoreObject *self, PyObject *args) {
     STORE_REL(ctl_u64(s, CTL_START_SEQ), self->seq);
     self->subs[idx] = s;
     self->n_subs_live++;
+    if (idx >= self->sub_hi) self->sub_hi = idx + 1;
     Py_RETURN_NONE;
 }
 
@@ -784,6 +787,7 @@ static PyObject *PubCore_remove_sub(PubCoreObject *self, PyObject *args) {
     SubSlot *s = self->subs[idx];
     self->subs[idx] = NULL;
     self->n_subs_live--;
+    while (self->sub_hi && !self->subs[self->sub_hi - 1]) self->sub_hi--;
     if (graceful && !s->bad) pub_drain_one(self, s);
     uint32_t n = 0;
     for (uint32_t b = 0; b < self->n_blocks; b++) {
@@ -800,7 +804,7 @@ static PyObject *PubCore_remove_sub(PubCoreObject *self, PyObject *args) {
 /* _queued_large() -> large messages sitting unreceived in subscriber rings */
 static PyObject *PubCore_queued_large(PubCoreObject *self, PyObject *unused) {
     uint64_t n = 0;
-    for (uint32_t i = 0; i < self->max_subs; i++) {
+    for (uint32_t i = 0; i < self->sub_hi; i++) {
         SubSlot *s = self->subs[i];
         if (!s || s->bad) continue;
         uint64_t head = LOAD_ACQ(ctl_u64(s, CTL_DESC_HEAD));
@@ -976,12 +980,13 @@ typedef struct {
 } LoanObject;
 
 static PyTypeObject LoanType;
+static PyObject *str_release; /* "release", interned: called once per loan */
 
 static void loan_drop_view(LoanObject *l) {
     if (!l->view) return;
     /* invalidate the buffer we handed out if nobody else holds it; a numpy
      * array made from it keeps pointing at the slot (do not write after publish) */
-    PyObject *r = PyObject_CallMethod(l->view, "release", NULL);
+    PyObject *r = PyObject_CallMethodNoArgs(l->view, str_release);
     if (!r) PyErr_Clear();
     Py_XDECREF(r);
     Py_CLEAR(l->view);
@@ -992,10 +997,17 @@ static PyObject *loan_closed(void) {
     return NULL;
 }
 
+static PyObject *loan_publish(LoanObject *l, PyObject *nobj, PyObject *timeout);
+
 static PyObject *Loan_publish(LoanObject *l, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"nbytes", "timeout", NULL};
     PyObject *nobj = Py_None, *timeout = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO", kwlist, &nobj, &timeout)) return NULL;
+    return loan_publish(l, nobj, timeout);
+}
+
+/* publish(nbytes=None, timeout=None), also what leaving `with loan:` does */
+static PyObject *loan_publish(LoanObject *l, PyObject *nobj, PyObject *timeout) {
     if (l->state) return loan_closed();
     uint64_t n = l->nbytes;
     if (nobj != Py_None) {
@@ -1043,7 +1055,7 @@ static PyObject *Loan_exit(LoanObject *l, PyObject *args) {
     PyObject *et = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
     if (et == Py_None) {
         if (l->state == 0) {
-            PyObject *r = Loan_publish(l, PyTuple_New(0), NULL);
+            PyObject *r = loan_publish(l, Py_None, Py_None);
             if (!r) return NULL;
             Py_DECREF(r);
         }
@@ -1091,14 +1103,30 @@ static PyTypeObject LoanType = {
     .tp_getset = Loan_getset,
 };
 
-/* loan(nbytes, type=0, tag=0, timeout=None) -> Loan */
-static PyObject *PubCore_loan(PubCoreObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"nbytes", "type", "tag", "timeout", NULL};
-    long long n;
+/* loan(nbytes, type=0, tag=0, timeout=None) -> Loan.  Arguments parsed by
+ * hand, as send() does: the generic parser was a tenth of a loan's fixed cost. */
+static PyObject *PubCore_loan(PubCoreObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *names[] = {"nbytes", "type", "tag", "timeout"};
+    PyObject *vals[4] = {NULL, NULL, NULL, Py_None};
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs > 4) { PyErr_SetString(PyExc_TypeError, "loan(nbytes, type=0, tag=0, timeout=None)"); return NULL; }
+    for (Py_ssize_t i = 0; i < nargs; i++) vals[i] = args[i];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+        int j = 0;
+        while (j < 4 && PyUnicode_CompareWithASCIIString(k, names[j]) != 0) j++;
+        if (j == 4) { PyErr_Format(PyExc_TypeError, "loan() got an unexpected keyword argument '%U'", k); return NULL; }
+        if (j < nargs) { PyErr_Format(PyExc_TypeError, "loan() got multiple values for argument '%s'", names[j]); return NULL; }
+        vals[j] = args[nargs + i];
+    }
+    if (!vals[0]) { PyErr_SetString(PyExc_TypeError, "loan() missing required argument 'nbytes'"); return NULL; }
+    long long n = PyLong_AsLongLong(vals[0]);
+    if (n == -1 && PyErr_Occurred()) return NULL;
     unsigned long type = 0;
     unsigned long long tag = 0;
-    PyObject *timeout = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|kKO", kwlist, &n, &type, &tag, &timeout)) return NULL;
+    if (vals[1] && ((type = PyLong_AsUnsignedLong(vals[1])) == (unsigned long)-1 && PyErr_Occurred())) return NULL;
+    if (vals[2] && ((tag = PyLong_AsUnsignedLongLong(vals[2])) == (unsigned long long)-1 && PyErr_Occurred())) return NULL;
+    PyObject *timeout = vals[3];
     if (n < 0) { PyErr_SetString(PyExc_ValueError, "nbytes must be >= 0"); return NULL; }
     if (type > 0xffffffffUL) { PyErr_SetString(PyExc_OverflowError, "type must fit in 32 bits"); return NULL; }
     if (!self->blocks) { PyErr_SetString(PyExc_RuntimeError, "PubCore not initialised"); return NULL; }
@@ -1125,7 +1153,7 @@ static PyObject *PubCore_loan(PubCoreObject *self, PyObject *args, PyObject *kw)
 static PyMethodDef PubCore_methods[] = {
     {"send", (PyCFunction)(void (*)(void))PubCore_send, METH_FASTCALL | METH_KEYWORDS,
      "send(obj, type=0, tag=0, timeout=None) -> seq: publish a copy of obj (one copy)."},
-    {"loan", (PyCFunction)(void (*)(void))PubCore_loan, METH_VARARGS | METH_KEYWORDS,
+    {"loan", (PyCFunction)(void (*)(void))PubCore_loan, METH_FASTCALL | METH_KEYWORDS,
      "loan(nbytes, type=0, tag=0, timeout=None) -> Loan: a writable buffer in shared memory (zero copies)."},
     {"_claim_large", (PyCFunction)PubCore_claim_large, METH_VARARGS, NULL},
     {"_install_large", (PyCFunction)PubCore_install_large, METH_VARARGS, NULL},
@@ -1181,6 +1209,7 @@ typedef struct {
     uint32_t desc_cap, rel_cap, n_slots, slot_size, n_large, n_blocks;
     uint64_t head;     /* our copy of desc head */
     uint64_t rel_tail; /* our copy of release tail */
+    uint64_t rel_head; /* the publisher's release head as last read: re-read only when the ring looks full */
     LargeEntry *large;
     uint64_t epoch;    /* bumped on every attach, so stale Messages release nothing */
     int attached;
@@ -1295,6 +1324,7 @@ static PyObject *SubCore_attach(SubCoreObject *self, PyObject *args) {
     self->n_blocks = n_blocks;
     self->head = LOAD_ACQ(sctl_u64(self, CTL_DESC_HEAD));
     self->rel_tail = LOAD_ACQ(sctl_u64(self, CTL_REL_TAIL));
+    self->rel_head = LOAD_ACQ(sctl_u64(self, CTL_REL_HEAD));
     self->epoch++;
     self->attached = 1;
     self->broken = 0;
@@ -1447,8 +1477,11 @@ static int message_release(MessageObject *m) {
      * the publisher may reuse it from now on: that is what release() means */
     s->st_in_flight--;
     if (!s->attached || s->epoch != m->epoch) return 0;
-    uint64_t head = LOAD_ACQ(sctl_u64(s, CTL_REL_HEAD));
-    if (s->rel_tail - head >= s->rel_cap) {
+    /* the publisher writes its head at every drain: reading that line at every
+     * release would pull it across cores each time, so only when our old copy
+     * says the ring is full (the cached opposite index of the descriptor ring) */
+    if (s->rel_tail - s->rel_head >= s->rel_cap) s->rel_head = LOAD_ACQ(sctl_u64(s, CTL_REL_HEAD));
+    if (s->rel_tail - s->rel_head >= s->rel_cap) {
         /* impossible with an honest publisher: it sized the ring for every block */
         s->broken = 1;
         PyErr_SetString(err_type(RemoteProtoErr, PyExc_ValueError), "release ring full: publisher is not draining it");
@@ -3034,6 +3067,7 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyType_Ready(&IpcChannelType) < 0)
         return NULL;
     if (!empty_bytes && !(empty_bytes = PyBytes_FromStringAndSize(NULL, 0))) return NULL;
+    if (!str_release && !(str_release = PyUnicode_InternFromString("release"))) return NULL;
     PyObject *m = PyModule_Create(&coremodule);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) < 0 ||
