@@ -528,6 +528,43 @@ def test_large_queue_bounds_segments_ahead_of_a_slow_subscriber(name):
         del held
 
 
+@pytest.mark.parametrize("stream_from", [0, 64 << 10])
+def test_large_send_arrives_intact_from_any_alignment(name, stream_from):
+    """send() copies a large message in the core, with streaming stores from
+    _stream_from up (0: never); either way every byte arrives, whatever the source's
+    alignment and length (the streaming copy does a head and a tail by memcpy)."""
+    rng = np.random.default_rng(7)
+    base = bytearray(rng.integers(0, 256, (1 << 20) + 256, dtype=np.uint8).tobytes())
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        pub._stream_from = stream_from
+        for offset, size in [(0, 1 << 20), (1, (1 << 20) - 1), (7, 65536 + 63), (15, 200_001), (3, pub.slot_size + 1)]:
+            src = memoryview(base)[offset : offset + size]
+            pub.send(src, type=5, tag=offset)
+            with sub.recv(timeout=2) as msg:
+                assert (msg.nbytes, msg.type, msg.tag) == (size, 5, offset)
+                assert bytes(msg.data) == bytes(src)
+
+
+def test_large_send_copies_once_and_is_not_a_loan(name):
+    """A large send() is one copy straight into the segment (the source may change
+    right after), with no loan in between; a loan counts once even when it needs a
+    new segment."""
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        src = bytearray(b"a" * (1 << 20))
+        pub.send(src)
+        src[:] = b"b" * (1 << 20)
+        with sub.recv(timeout=1) as msg:
+            assert bytes(msg.data) == b"a" * (1 << 20)
+        assert pub.statistics().loans == 0
+        with pub.loan(3 << 20) as buf:  # a new 4 MiB segment
+            buf[:3] = b"xyz"
+        with sub.recv(timeout=1) as msg:
+            assert bytes(msg.data[:3]) == b"xyz"
+        assert pub.statistics().loans == 1
+
+
 def test_loan_arguments(name):
     with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
         pub.wait_for_subscribers(1, timeout=5)
