@@ -605,3 +605,16 @@ def test_release_ring_wraps_many_times(name):
                     m.release()
                 held = []
         assert pub.statistics().protocol_errors == 0 and sub.statistics().in_flight == len(held)
+
+
+def test_streaming_copy_threshold_below_a_slot(name):
+    """_stream_from is the core's mechanism, set by policy: even a threshold
+    below the smallest message copies every byte (short copies stay memcpy)."""
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        pub._stream_from = 1
+        for size in (1, 15, 63, 64, 79, 100, 4097):
+            data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+            pub.send(memoryview(b"\x00" + data)[1:])
+            with sub.recv(timeout=1) as msg:
+                assert bytes(msg.data) == data

@@ -682,8 +682,8 @@ static int64_t pub_take(PubCoreObject *self, uint64_t n, PyObject *timeout);
 
 static void copy_payload(PubCoreObject *self, uint8_t *dst, const uint8_t *src, size_t n) {
 #if defined(__x86_64__)
-    if (self->stream_from && n >= self->stream_from) {
-        size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (self->stream_from && n >= self->stream_from && n >= head + 64) {
         memcpy(dst, src, head);
         dst += head, src += head, n -= head;
         __m128i *d = (__m128i *)dst;
