@@ -125,12 +125,16 @@ def test_one_gib_message(name):
 
 
 def test_strided_source(name):
-    a = np.arange(100, dtype=np.int32)[::2]
+    """A strided source (no contiguous buffer) is compacted once, then sent like any other,
+    small or large, with its type and tag."""
     with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
         pub.wait_for_subscribers(1, timeout=5)
-        pub.send(a)
-        with sub.recv(timeout=1) as msg:
-            assert np.array_equal(np.frombuffer(msg.data, dtype=np.int32), a)
+        for a in (np.arange(100, dtype=np.int32)[::2], np.arange(1 << 20, dtype=np.int32)[::2]):
+            pub.send(a, type=3, tag=a.size, timeout=1)
+            with sub.recv(timeout=1) as msg:
+                assert np.array_equal(np.frombuffer(msg.data, dtype=np.int32), a)
+                assert (msg.type, msg.tag) == (3, a.size)
+        assert pub.statistics().loans == 0
 
 
 def test_out_of_order_release_and_slot_reuse(name):

@@ -726,9 +726,9 @@ static PyObject *PubCore_send(PubCoreObject *self, PyObject *const *args, Py_ssi
     if (!self->blocks) { PyErr_SetString(PyExc_RuntimeError, "PubCore not initialised"); return NULL; }
     Py_buffer src;
     if (PyObject_GetBuffer(obj, &src, PyBUF_SIMPLE) < 0) {
-        /* non-contiguous exporters (strided numpy views) go through Python */
+        /* non-contiguous exporters (strided numpy views) are compacted in Python */
         PyErr_Clear();
-        return PyObject_CallMethod((PyObject *)self, "_send_large", "OkKO", obj, type, tag, timeout);
+        return PyObject_CallMethod((PyObject *)self, "_send_strided", "OkKO", obj, type, tag, timeout);
     }
     int64_t deadline;
     int nowait;

@@ -454,19 +454,10 @@ class Publisher(PubCore):
             self._remove_sub(index, False)
 
     # ------------------------------------------------------------ sending
-    def _send_large(self, obj: Any, type: int, tag: int, timeout: float | None) -> int:
-        """send() of a source that is not contiguous: called by the core."""
-        src = memoryview(obj)
-        if not src.c_contiguous:
-            src = memoryview(src.tobytes())  # a strided source costs one extra copy to compact it
-        src = src.cast("B")
-        loan = self.loan(src.nbytes, type, tag, timeout)
-        try:
-            loan.data[:] = src
-        except BaseException:
-            loan.discard()
-            raise
-        return int(loan.publish(timeout=timeout))
+    def _send_strided(self, obj: Any, type: int, tag: int, timeout: float | None) -> int:
+        """send() of a source that is no contiguous buffer (a strided view): called by the core.
+        Compacting it costs one copy more; the core then sends the compact copy."""
+        return int(self.send(memoryview(obj).tobytes(), type, tag, timeout=timeout))
 
     def _alloc_large(self, n: int, timeout: float | None) -> int:
         """A block for a message bigger than a slot (called by the core when no cached segment fits)."""
