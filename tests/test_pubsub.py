@@ -622,3 +622,21 @@ def test_streaming_copy_threshold_below_a_slot(name):
             pub.send(memoryview(b"\x00" + data)[1:])
             with sub.recv(timeout=1) as msg:
                 assert bytes(msg.data) == data
+
+
+def test_streaming_threshold_is_a_third_of_the_last_level_cache(name):
+    """The threshold comes from sysfs (glibc's CPUID-derived cache size can be wrong on a VM)."""
+    from copyless._pubsub import _llc_bytes
+
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    if not os.path.isdir(base):
+        pytest.skip("no cache information in sysfs")
+    sizes = {}
+    for entry in os.listdir(base):
+        if entry.startswith("index") and open(f"{base}/{entry}/type").read().strip() != "Instruction":
+            text = open(f"{base}/{entry}/size").read().strip()
+            size = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0)
+            sizes[int(open(f"{base}/{entry}/level").read())] = size
+    assert _llc_bytes() == sizes[max(sizes)] > 0
+    with copyless.Publisher(name) as pub:
+        assert pub._stream_from == _llc_bytes() // 3
