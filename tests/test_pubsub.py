@@ -125,12 +125,16 @@ def test_one_gib_message(name):
 
 
 def test_strided_source(name):
-    a = np.arange(100, dtype=np.int32)[::2]
+    """A strided source (no contiguous buffer) is compacted once, then sent like any other,
+    small or large, with its type and tag."""
     with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
         pub.wait_for_subscribers(1, timeout=5)
-        pub.send(a)
-        with sub.recv(timeout=1) as msg:
-            assert np.array_equal(np.frombuffer(msg.data, dtype=np.int32), a)
+        for a in (np.arange(100, dtype=np.int32)[::2], np.arange(1 << 20, dtype=np.int32)[::2]):
+            pub.send(a, type=3, tag=a.size, timeout=1)
+            with sub.recv(timeout=1) as msg:
+                assert np.array_equal(np.frombuffer(msg.data, dtype=np.int32), a)
+                assert (msg.type, msg.tag) == (3, a.size)
+        assert pub.statistics().loans == 0
 
 
 def test_out_of_order_release_and_slot_reuse(name):
@@ -526,3 +530,113 @@ def test_large_queue_bounds_segments_ahead_of_a_slow_subscriber(name):
         pub.send(big)
         assert pub.statistics().large_segments == 4
         del held
+
+
+@pytest.mark.parametrize("stream_from", [0, 64 << 10])
+def test_large_send_arrives_intact_from_any_alignment(name, stream_from):
+    """send() copies a large message in the core, with streaming stores from
+    _stream_from up (0: never); either way every byte arrives, whatever the source's
+    alignment and length (the streaming copy does a head and a tail by memcpy)."""
+    rng = np.random.default_rng(7)
+    base = bytearray(rng.integers(0, 256, (1 << 20) + 256, dtype=np.uint8).tobytes())
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        pub._stream_from = stream_from
+        for offset, size in [(0, 1 << 20), (1, (1 << 20) - 1), (7, 65536 + 63), (15, 200_001), (3, pub.slot_size + 1)]:
+            src = memoryview(base)[offset : offset + size]
+            pub.send(src, type=5, tag=offset)
+            with sub.recv(timeout=2) as msg:
+                assert (msg.nbytes, msg.type, msg.tag) == (size, 5, offset)
+                assert bytes(msg.data) == bytes(src)
+
+
+def test_large_send_copies_once_and_is_not_a_loan(name):
+    """A large send() is one copy straight into the segment (the source may change
+    right after), with no loan in between; a loan counts once even when it needs a
+    new segment."""
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        src = bytearray(b"a" * (1 << 20))
+        pub.send(src)
+        src[:] = b"b" * (1 << 20)
+        with sub.recv(timeout=1) as msg:
+            assert bytes(msg.data) == b"a" * (1 << 20)
+        assert pub.statistics().loans == 0
+        with pub.loan(3 << 20) as buf:  # a new 4 MiB segment
+            buf[:3] = b"xyz"
+        with sub.recv(timeout=1) as msg:
+            assert bytes(msg.data[:3]) == b"xyz"
+        assert pub.statistics().loans == 1
+
+
+def test_loan_arguments(name):
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        for loan in (pub.loan(3, 9, 11), pub.loan(nbytes=3, type=9, tag=11, timeout=1), pub.loan(3, tag=11, type=9)):
+            loan.data[:] = b"abc"
+            loan.publish()
+            with sub.recv(timeout=1) as msg:
+                assert (bytes(msg.data), msg.type, msg.tag) == (b"abc", 9, 11)
+        for args, kw, exc in [
+            ((), {}, TypeError),
+            ((1,), {"nbytes": 1}, TypeError),
+            ((1,), {"colour": 1}, TypeError),
+            ((1, 0, 0, None, 5), {}, TypeError),
+            (("1",), {}, TypeError),
+            ((-1,), {}, ValueError),
+            ((1, 2**32), {}, OverflowError),
+            ((1, 0, -1), {}, OverflowError),
+        ]:
+            with pytest.raises(exc):
+                pub.loan(*args, **kw)
+        assert pub.statistics().slots_in_use == 0
+
+
+def test_release_ring_wraps_many_times(name):
+    """The subscriber rereads the publisher's release head only when its copy says
+    the ring is full: a ring of 8 entries, wrapped hundreds of times, with some
+    messages held across the wrap, loses and rejects nothing."""
+    with copyless.Publisher(name, slots=4, large_blocks=2, queue_depth=4) as pub, copyless.Subscriber(name) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        held = []
+        for i in range(3000):
+            pub.send(i.to_bytes(4, "little"), timeout=1)
+            msg = sub.recv(timeout=1)
+            assert int.from_bytes(msg.data, "little") == i
+            held.append(msg)
+            if len(held) == 3:
+                for m in held:
+                    m.release()
+                held = []
+        assert pub.statistics().protocol_errors == 0 and sub.statistics().in_flight == len(held)
+
+
+def test_streaming_copy_threshold_below_a_slot(name):
+    """_stream_from is the core's mechanism, set by policy: even a threshold
+    below the smallest message copies every byte (short copies stay memcpy)."""
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        pub._stream_from = 1
+        for size in (1, 15, 63, 64, 79, 100, 4097):
+            data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+            pub.send(memoryview(b"\x00" + data)[1:])
+            with sub.recv(timeout=1) as msg:
+                assert bytes(msg.data) == data
+
+
+def test_streaming_threshold_is_a_third_of_the_last_level_cache(name):
+    """The threshold comes from sysfs (glibc's CPUID-derived cache size can be wrong on a VM)."""
+    from copyless._pubsub import _llc_bytes
+
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    if not os.path.isdir(base):
+        pytest.skip("no cache information in sysfs")
+    sizes = {}
+    for entry in os.listdir(base):
+        if entry.startswith("index") and open(f"{base}/{entry}/type").read().strip() != "Instruction":
+            text = open(f"{base}/{entry}/size").read().strip()
+            size = int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0)
+            sizes[int(open(f"{base}/{entry}/level").read())] = size
+    assert _llc_bytes() == sizes[max(sizes)] > 0
+    with copyless.Publisher(name) as pub:
+        assert pub._stream_from == _llc_bytes() // 3

@@ -129,6 +129,7 @@ class Loan:
 
 class PubCore:
     spin: float
+    _stream_from: int  # send() copies of this many bytes or more use streaming stores; 0: never
     @property
     def _policy(self) -> int: ...
     def __init__(

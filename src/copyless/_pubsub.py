@@ -9,6 +9,7 @@ rings: see docs/design.md.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import socket
@@ -112,6 +113,33 @@ def _weakly(obj: object, method: str, *args: Any) -> Callable[[], None]:
             getattr(target, method)(*args)
 
     return call
+
+
+@functools.cache
+def _llc_bytes() -> int:
+    """Size of this machine's last-level data cache from sysfs, 0 if unknown.
+
+    Not sysconf(_SC_LEVEL3_CACHE_SIZE): glibc derives that from CPUID, which a
+    VM can misreport (384 MiB on our 2-core VM, whose L3 is 32 MiB)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = (0, 0)
+    try:
+        for entry in os.listdir(base):
+            if not entry.startswith("index"):
+                continue
+            with open(f"{base}/{entry}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{base}/{entry}/level") as f:
+                level = int(f.read())
+            with open(f"{base}/{entry}/size") as f:
+                text = f.read().strip()
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+            best = max(best, (level, size))
+    except (OSError, ValueError, IndexError):
+        return 0
+    return best[1]
 
 
 def _pow2(n: int) -> int:
@@ -245,6 +273,9 @@ class Publisher(PubCore):
             _close_fds(self._fds)
             raise
         self.spin = spin
+        # send() streams a copy past the caches once it and the segments in flight (the source
+        # plus two segments) no longer fit in the last-level cache: see copy_payload in _core.c
+        self._stream_from = _llc_bytes() // 3
         self._closed = False
         reactor.register(self._listener, _weakly(self, "_on_accept"))
 
@@ -423,19 +454,10 @@ class Publisher(PubCore):
             self._remove_sub(index, False)
 
     # ------------------------------------------------------------ sending
-    def _send_large(self, obj: Any, type: int, tag: int, timeout: float | None) -> int:
-        """send() of a message bigger than a slot, or not contiguous: called by the core."""
-        src = memoryview(obj)
-        if not src.c_contiguous:
-            src = memoryview(src.tobytes())  # a strided source costs one extra copy to compact it
-        src = src.cast("B")
-        loan = self.loan(src.nbytes, type, tag, timeout)
-        try:
-            loan.data[:] = src
-        except BaseException:
-            loan.discard()
-            raise
-        return int(loan.publish(timeout=timeout))
+    def _send_strided(self, obj: Any, type: int, tag: int, timeout: float | None) -> int:
+        """send() of a source that is no contiguous buffer (a strided view): called by the core.
+        Compacting it costs one copy more; the core then sends the compact copy."""
+        return int(self.send(memoryview(obj).tobytes(), type, tag, timeout=timeout))
 
     def _alloc_large(self, n: int, timeout: float | None) -> int:
         """A block for a message bigger than a slot (called by the core when no cached segment fits)."""
