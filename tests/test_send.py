@@ -437,28 +437,38 @@ class Recorder(Dispatcher):
             return {t: list(v) for t, v in self.got.items()}
 
 
-def sending_threads(conn: Connection, threads: int, n: int, seed: int, pace: Recorder | None = None) -> None:
-    """`threads` threads each send n messages on conn; with `pace`, each lets the
-    receiver catch up every 100 (so that a FaultProxy's cuts fall all along)."""
+def in_threads(run: Callable[[int], None], threads: int) -> None:
+    """run(t) for t in range(threads), each on a thread of its own, all at once; an
+    exception in any of them fails the test."""
     errors: list[BaseException] = []
 
-    def run(t: int) -> None:
-        rng = random.Random(seed + t)
+    def guarded(t: int) -> None:
         try:
-            for i in range(n):
-                data = rng.randbytes(rng.choice((0, 8, 64, 200, 1500)))
-                conn.send(Message(1, front=HEAD.pack(t, i, zlib.crc32(data)), data=[data]))
-                if pace is not None and i % 100 == 99:
-                    pace.wait_one(t, i - 50)
+            run(t)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    ts = [threading.Thread(target=guarded, args=(t,)) for t in range(threads)]
     for x in ts:
         x.start()
     for x in ts:
         x.join(60)
     assert not errors, errors
+
+
+def sending_threads(conn: Connection, threads: int, n: int, seed: int, pace: Recorder | None = None) -> None:
+    """`threads` threads each send n messages on conn; with `pace`, each lets the
+    receiver catch up every 100 (so that a FaultProxy's cuts fall all along)."""
+
+    def run(t: int) -> None:
+        rng = random.Random(seed + t)
+        for i in range(n):
+            data = rng.randbytes(rng.choice((0, 8, 64, 200, 1500)))
+            conn.send(Message(1, front=HEAD.pack(t, i, zlib.crc32(data)), data=[data]))
+            if pace is not None and i % 100 == 99:
+                pace.wait_one(t, i - 50)
+
+    in_threads(run, threads)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
@@ -534,29 +544,20 @@ def test_ipc_frames_larger_than_the_ring_go_in_part_and_the_rest_waits(name):
         srv.start()
         conn = client.connect(srv.bind(f"ipc://{name}?ring=4KiB"))  # (the bound address keeps the option)
         conn.wait_ready(5)
-        errors: list[BaseException] = []
 
         def run(t: int) -> None:
             rng = random.Random(t)
-            try:
-                for i in range(n):
-                    parts = [rng.randbytes(rng.choice((0, 3, 700, 1024, 3000, 9000))) for _ in range(rng.randint(0, 3))]
-                    data = b"".join(parts)
-                    pad = rng.randbytes(rng.choice((0, 10, 1500, 5000)))
-                    front = HEAD.pack(t, i, zlib.crc32(data)) + pad
-                    conn.send(Message(1, front=front, data=[bytearray(p) if len(p) % 2 else p for p in parts]))
-                    deadline = time.monotonic() + 10
-                    while t == 0 and rng.random() < 0.7 and conn._sendq.pending and time.monotonic() < deadline:
-                        time.sleep(0.0002)  # until the loop has written what waited for room
-            except BaseException as e:  # pragma: no cover - reported below
-                errors.append(e)
+            for i in range(n):
+                parts = [rng.randbytes(rng.choice((0, 3, 700, 1024, 3000, 9000))) for _ in range(rng.randint(0, 3))]
+                data = b"".join(parts)
+                pad = rng.randbytes(rng.choice((0, 10, 1500, 5000)))
+                front = HEAD.pack(t, i, zlib.crc32(data)) + pad
+                conn.send(Message(1, front=front, data=[bytearray(p) if len(p) % 2 else p for p in parts]))
+                deadline = time.monotonic() + 10
+                while t == 0 and rng.random() < 0.7 and conn._sendq.pending and time.monotonic() < deadline:
+                    time.sleep(0.0002)  # until the loop has written what waited for room
 
-        ts = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-        for x in ts:
-            x.start()
-        for x in ts:
-            x.join(60)
-        assert not errors, errors
+        in_threads(run, threads)
         got = store.wait(threads, n)
     assert got == {t: list(range(n)) for t in range(threads)}
     assert store.bad == 0
