@@ -293,9 +293,7 @@ class Connection:
                     raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
         finally:
             self.messenger._calls.pop(msg.tid, None)
-        if pending.error is not None:
-            raise pending.error
-        return pending.reply  # type: ignore[return-value]
+        return pending.result()
 
     def _post_call(self, msg: Message, into: Any) -> _Call:
         """Give msg a transaction id and post the call (and its buffer) for the reply."""
@@ -1102,13 +1100,8 @@ class Messenger:
         t = self._limit_frames
         frames = UNLIMITED if t is None else t.reserve(1)
         reader.budget_frames = UNLIMITED if t is None else reader.taken_frames + frames
-        lb = self._limit_bytes  # (one or two: no comprehension, a call of its own in 3.11)
-        if not lb:
-            room: list[int] = []
-            reader.budget_bytes = UNLIMITED
-        else:
-            room = [lb[0].reserve(need)] if len(lb) == 1 else [lb[0].reserve(need), lb[1].reserve(need)]
-            reader.budget_bytes = reader.taken_bytes + (room[0] if len(room) == 1 else min(room))
+        room = [t.reserve(need) for t in self._limit_bytes]
+        reader.budget_bytes = reader.taken_bytes + min(room) if room else UNLIMITED
         return frames, room
 
     def _settle(self, grant: tuple[int, list[int]], kept_msgs: int, kept_bytes: int) -> None:
