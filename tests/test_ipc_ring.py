@@ -203,6 +203,41 @@ def test_before_wait_spins_until_data(pair: Pair):
     assert b.before_wait() is False
 
 
+def test_a_lease_that_slept_leaves_no_bell_behind(pair: Pair):
+    """A caller that armed and slept reads its reply without draining the bell that woke
+    it: give_back() drains it.  Left there, it woke the I/O loop at every hand-back,
+    which found the next call's lease and took the stream off and on its epoll."""
+    a, b = pair.a, pair.b
+    b.spin = 0
+    b.take()
+    assert b.before_wait() is False, "nothing yet: armed, the caller sleeps"
+    a.send([b"reply"])
+    assert bells(pair.sb) == 1, "the writer rang for the sleeper"
+    assert b.recv_into(bytearray(10)) == 5, "read from the ring: the byte stays"
+    assert b.give_back() is False, "nothing left to read"
+    assert bells(pair.sb) == 0, "the bell went with the lease"
+    a.send([b"next"])
+    assert bells(pair.sb) == 1, "armed for the loop: a new wake"
+    b.take()
+    assert b.recv_into(bytearray(10)) == 4
+    assert b.give_back() is False
+    assert bells(pair.sb) == 1, "a lease that never armed reads no socket (the loop drains that bell)"
+    b.take()
+    assert b.give_back(True) is False, "woke: the loop was woken during the lease"
+    assert bells(pair.sb) == 0, "so that bell is drained too"
+
+
+def test_a_write_that_fills_the_cached_room_exactly_looks_again(pair: Pair):
+    """The writer's view of the free room is cached; when it runs out exactly at the end
+    of a buffer with more to go, it reads the peer's tail again instead of waiting."""
+    a, b = pair.a, pair.b
+    buf = bytearray(4096)
+    assert a.send([bytes(3000)]) == 3000
+    assert b.recv_into(buf) == 3000  # the reader freed it all; the writer's cache says 1096
+    assert a.send([bytes(1096), bytes(500)]) == 1596, "all of it"
+    assert a.statistics()["writer_waits"] == 0
+
+
 def test_closed_peer_reads_as_the_end_after_its_data(pair: Pair):
     a, b = pair.a, pair.b
     a.send([b"last words"])

@@ -331,7 +331,7 @@ class Connection:
             self._leased = False
             off, self._lease_off = self._lease_off, False
             ipc = st.write_wakes_read
-            came = ipc and st.give_back()  # type: ignore[attr-defined]  # (armed for a loop that may sleep)
+            came = ipc and st.give_back(off)  # type: ignore[attr-defined]  # (armed for a loop that may sleep)
             if self._stream is not st:
                 return
             if ipc and not off:  # it stayed on the loop

@@ -265,9 +265,10 @@ class IpcStream(Stream):
     def take(self) -> None:
         """A caller reads this stream from now on, spinning: the peer need not ring."""
 
-    def give_back(self) -> bool:
+    def give_back(self, woke: bool = False, /) -> bool:
         """The loop reads it again: arm it for a loop that may be asleep.  True if there
-        is something to read already (the loop must be told)."""
+        is something to read already (the loop must be told).  woke: the loop was woken
+        during the lease (a bell may be waiting in the socket: it is drained first)."""
         return False
 
     @property
