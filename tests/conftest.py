@@ -119,3 +119,15 @@ def child():
     yield start
     for c in made:
         c.close()
+
+
+@pytest.fixture(params=["compiled", "python"])
+def read_path(request, monkeypatch):
+    """Run a test over the compiled read round (the default) and over the Python round
+    it stands in for (messenger.compiled_read): both must behave the same."""
+    if request.param == "python":
+        from copyless import messenger
+
+        monkeypatch.setattr(messenger.Connection, "_on_readable", messenger.Connection._on_readable_python)
+        monkeypatch.setattr(messenger, "read_round", lambda conn, fill=0: False)
+    return request.param

@@ -14,6 +14,9 @@ from copyless.messenger import Dispatcher, Message, Messenger, Policy
 
 WRITE = 3
 
+# each test runs over the compiled read round and over the Python one
+pytestmark = pytest.mark.usefixtures("read_path")
+
 
 class Gate(Dispatcher):
     """Queued dispatch that blocks until the gate opens; records what it saw."""

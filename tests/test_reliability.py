@@ -28,7 +28,8 @@ from copyless.errors import ClosedError, PeerLost
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
 from copyless.testing import FaultProxy
 
-pytestmark = pytest.mark.timeout(60)
+# each test runs over the compiled read round and over the Python one
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("read_path")]
 
 WRITE, CALL, CALL_REPLY, PUSH, HOLD = 1, 2, 3, 4, 5
 HEAD = struct.Struct("<BQI")  # stream, index, crc32 of the data

@@ -10,7 +10,7 @@
 #include <sys/uio.h>
 
 #define COPYLESS_CAPI_NAME "copyless._core._CAPI"
-#define COPYLESS_CAPI_VERSION 3
+#define COPYLESS_CAPI_VERSION 4
 
 /* What a sender needs of an outgoing Message. */
 typedef struct {
@@ -41,6 +41,12 @@ typedef struct {
      * with the GIL: what IpcChannel.send(buffers) does, without the buffer objects. */
     PyTypeObject *ipc_channel_type;
     Py_ssize_t (*ipc_send)(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
+    /* Read up to len bytes from an ipc:// channel into dst, as IpcChannel.recv_into
+     * does: > 0 bytes read, 0 the end of the stream, -2 nothing there (the wake-up
+     * armed), -1 with an error set (closed, or the peer broke the protocol). */
+    Py_ssize_t (*ipc_recv)(PyObject *chan, void *dst, Py_ssize_t len);
+    /* A Message's is_reply flag (1 or 0, and its tid in *tid), -1 if not a Message. */
+    int (*reply_tid)(PyObject *msg, uint64_t *tid);
 } CopylessCAPI;
 
 #endif

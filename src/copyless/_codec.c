@@ -537,42 +537,18 @@ static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); r
  * seen (applying it once is what applying each one does), the messages accepted, and
  * the frames and body bytes charged to the budgets (duplicates included, as the
  * reader charges them).  stop: 0 read more, 1 a frame for the slow path. */
-static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 11 && nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "message_scan() takes 11 or 14 arguments");
-        return NULL;
-    }
-    if (!capi) {
-        PyErr_SetString(PyExc_RuntimeError, "copyless._core's C API is missing");
-        return NULL;
-    }
-    PyObject *base = args[0], *conn = args[9], *out = args[10];
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
-    Py_ssize_t max_segment = PyLong_AsSsize_t(args[3]), direct = PyLong_AsSsize_t(args[4]);
-    Py_ssize_t budget_frames = PyLong_AsSsize_t(args[5]), budget_bytes = PyLong_AsSsize_t(args[6]);
-    int lossless = PyObject_IsTrue(args[7]);
-    uint64_t in_seq = PyLong_AsUnsignedLongLong(args[8]);
-    /* claims: who may want a segment of `direct` bytes or more in a buffer of its own */
-    PyObject *calls = nargs == 14 ? args[11] : Py_None;
-    int hooks = nargs == 14 ? PyObject_IsTrue(args[12]) : 1;
-    Py_ssize_t room = nargs == 14 ? PyLong_AsSsize_t(args[13]) : 0;
-    if (PyErr_Occurred()) return NULL;
-    if (calls != Py_None && !PyDict_Check(calls)) {
-        PyErr_SetString(PyExc_TypeError, "calls must be a dict or None");
-        return NULL;
-    }
-    if (!PyList_Check(out)) {
-        PyErr_SetString(PyExc_TypeError, "out must be a list");
-        return NULL;
-    }
-    Py_buffer vb;
-    if (PyObject_GetBuffer(base, &vb, PyBUF_SIMPLE) < 0) return NULL;
-    if (start < 0 || end > vb.len || start > end) {
-        PyBuffer_Release(&vb);
-        PyErr_SetString(PyExc_ValueError, "bad scan range");
-        return NULL;
-    }
-    const uint8_t *buf = vb.buf;
+typedef struct {
+    Py_ssize_t pos, frames, bytes, accepted;
+    uint64_t in_seq, ack;
+    int stop;
+} ScanResult;
+
+/* message_scan's work on buf[start:end] (base: the memoryview the messages' views are
+ * made of); calls: a dict or Py_None.  0, or -1 with an error. */
+static int scan_messages(PyObject *base, const uint8_t *buf, Py_ssize_t start, Py_ssize_t end,
+                         Py_ssize_t max_segment, Py_ssize_t direct, Py_ssize_t budget_frames,
+                         Py_ssize_t budget_bytes, int lossless, uint64_t in_seq, PyObject *conn, PyObject *out,
+                         PyObject *calls, int hooks, Py_ssize_t room, ScanResult *res) {
     Py_ssize_t pos = start, used_frames = 0, used_bytes = 0, accepted = 0;
     uint64_t ack = 0;
     int stop = SCAN_WAIT;
@@ -614,7 +590,7 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
                 PyObject *tid = PyLong_FromUnsignedLongLong(get64(h + 4));
                 int posted = tid ? PyDict_Contains(calls, tid) : -1;
                 Py_XDECREF(tid);
-                if (posted < 0) goto fail;
+                if (posted < 0) return -1;
                 if (posted) break;
             }
         }
@@ -645,7 +621,7 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
                                                 seq, h[3] & MSG_FLAG_REPLY, conn);
             if (!msg || PyList_Append(out, msg) < 0) {
                 Py_XDECREF(msg);
-                goto fail;
+                return -1;
             }
             Py_DECREF(msg);
             in_seq = seq;
@@ -657,12 +633,52 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
         pos = off + 4;
         stop = SCAN_WAIT;
     }
+    *res = (ScanResult){pos, used_frames, used_bytes, accepted, in_seq, ack, stop};
+    return 0;
+}
+
+static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11 && nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "message_scan() takes 11 or 14 arguments");
+        return NULL;
+    }
+    if (!capi) {
+        PyErr_SetString(PyExc_RuntimeError, "copyless._core's C API is missing");
+        return NULL;
+    }
+    PyObject *base = args[0], *conn = args[9], *out = args[10];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t max_segment = PyLong_AsSsize_t(args[3]), direct = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t budget_frames = PyLong_AsSsize_t(args[5]), budget_bytes = PyLong_AsSsize_t(args[6]);
+    int lossless = PyObject_IsTrue(args[7]);
+    uint64_t in_seq = PyLong_AsUnsignedLongLong(args[8]);
+    /* claims: who may want a segment of `direct` bytes or more in a buffer of its own */
+    PyObject *calls = nargs == 14 ? args[11] : Py_None;
+    int hooks = nargs == 14 ? PyObject_IsTrue(args[12]) : 1;
+    Py_ssize_t room = nargs == 14 ? PyLong_AsSsize_t(args[13]) : 0;
+    if (PyErr_Occurred()) return NULL;
+    if (calls != Py_None && !PyDict_Check(calls)) {
+        PyErr_SetString(PyExc_TypeError, "calls must be a dict or None");
+        return NULL;
+    }
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "out must be a list");
+        return NULL;
+    }
+    Py_buffer vb;
+    if (PyObject_GetBuffer(base, &vb, PyBUF_SIMPLE) < 0) return NULL;
+    if (start < 0 || end > vb.len || start > end) {
+        PyBuffer_Release(&vb);
+        PyErr_SetString(PyExc_ValueError, "bad scan range");
+        return NULL;
+    }
+    ScanResult r;
+    int rc = scan_messages(base, vb.buf, start, end, max_segment, direct, budget_frames, budget_bytes, lossless,
+                           in_seq, conn, out, calls, hooks, room, &r);
     PyBuffer_Release(&vb);
-    return Py_BuildValue("nnnKKni", pos, used_frames, used_bytes, (unsigned long long)in_seq, (unsigned long long)ack,
-                         accepted, stop);
-fail:
-    PyBuffer_Release(&vb);
-    return NULL;
+    if (rc < 0) return NULL;
+    return Py_BuildValue("nnnKKni", r.pos, r.frames, r.bytes, (unsigned long long)r.in_seq,
+                         (unsigned long long)r.ack, r.accepted, r.stop);
 }
 
 /* ================================================================== sending
@@ -2294,16 +2310,20 @@ static void Throttle_dealloc(ThrottleObject *t) {
 /* reserve(need=0) -> int: take everything free (UNLIMITED without a limit).  When
  * nothing is in use, at least `need`: one message larger than the limit still gets
  * through, alone. */
-static PyObject *Throttle_reserve(ThrottleObject *t, PyObject *const *args, Py_ssize_t nargs) {
-    long long need = 0;
-    if (nargs > 1) return PyErr_Format(PyExc_TypeError, "reserve() takes at most 1 argument");
-    if (nargs == 1 && (need = PyLong_AsLongLong(args[0])) == -1 && PyErr_Occurred()) return NULL;
-    if (t->limit < 0) return PyLong_FromLong(-1); /* frames.UNLIMITED */
+static long long throttle_take(ThrottleObject *t, long long need) {
+    if (t->limit < 0) return -1; /* frames.UNLIMITED */
     long long n = t->limit - t->used;
     if (n < 0) n = 0;
     if (t->used == 0 && need > n) n = need;
     t->used += n;
-    return PyLong_FromLongLong(n);
+    return n;
+}
+
+static PyObject *Throttle_reserve(ThrottleObject *t, PyObject *const *args, Py_ssize_t nargs) {
+    long long need = 0;
+    if (nargs > 1) return PyErr_Format(PyExc_TypeError, "reserve() takes at most 1 argument");
+    if (nargs == 1 && (need = PyLong_AsLongLong(args[0])) == -1 && PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(throttle_take(t, need));
 }
 
 /* Run the waiters (taken out first: one may add itself again). */
@@ -2324,13 +2344,17 @@ static int throttle_fire(ThrottleObject *t) {
 }
 
 /* put(n): give n back; the waiters run once it is down to the low-water mark. */
+static int throttle_give(ThrottleObject *t, long long n) {
+    if (t->limit < 0 || n <= 0) return 0;
+    t->used -= n;
+    if (t->used > t->low || !PyList_GET_SIZE(t->waiters)) return 0;
+    return throttle_fire(t);
+}
+
 static PyObject *Throttle_put(ThrottleObject *t, PyObject *arg) {
     long long n = PyLong_AsLongLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    if (t->limit < 0 || n <= 0) Py_RETURN_NONE;
-    t->used -= n;
-    if (t->used > t->low || !PyList_GET_SIZE(t->waiters)) Py_RETURN_NONE;
-    if (throttle_fire(t) < 0) return NULL;
+    if (throttle_give(t, n) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -2576,6 +2600,595 @@ static PyObject *py_sole_view(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(Py_REFCNT(arg) == 2 && v->mbuf && v->mbuf->exports == 1 && v->exports == 0);
 }
 
+/* ------------------------------------------------------------------ compiled read */
+/* A read round's steady state (Connection._on_readable_python -> __on_readable_locked
+ * -> SessionConnection.received -> FrameReader.read_messages -> take_messages, then
+ * Messenger._deliver), in one C call, as compiled_send is for a send: it reads and
+ * writes the very slots the Python path does, so nothing is kept twice.  The steady
+ * state: a READY machine that parses MESSAGE frames in the core, with no event
+ * waiting, over a plain socket or an ipc:// ring (not TLS), whose reader is between
+ * frames with nothing held or handed out.  Anything else, at the start, is left to
+ * the Python round (nothing done yet); within a round, what the Python path would
+ * call (a frame the core leaves: received(0); the end of the stream:
+ * connection_lost(); a peer that broke the ipc protocol: _teardown_locked(); a reply:
+ * Messenger._reply(); a message for the dispatch queue: Messenger._enqueue(); the pump,
+ * the ack timer, a pause) it calls.  Only the fast-dispatch callbacks and those run
+ * Python code.  Equivalence with the Python round: the whole test suite runs on it,
+ * and tests/test_fastpath.py counts the Python calls it leaves. */
+typedef struct {
+    PyTypeObject *type;
+    const char *names[24];
+    Py_ssize_t off[24];
+} BigSlotMap;
+
+enum { RC_LOCK, RC_MACHINE, RC_STREAM, RC_SENDQ, RC_MESSENGER, RC_TIMER, RC_QUEUED, RC_IN_ROUND, RC_LEASED, RC_PAUSED };
+enum {
+    RM_STATE, RM_SESSION, RM_OUT, RM_UNACKED_IN, RM_ACK_DUE, RM_READER, RM_COMPILED, RM_MESSAGES, RM_EVENTS, RM_NOW,
+    RM_LAST_RX, RM_ACK_EVERY, RM_ACK_DELAY, RM_OWNER
+};
+enum { RS_SENT, RS_IN_SEQ, RS_LOSSLESS };
+enum {
+    RR_BUF, RR_VIEW, RR_START, RR_END, RR_PHASE, RR_READY, RR_TARGET, RR_PAUSED, RR_FILLED, RR_BUDGET_FRAMES,
+    RR_BUDGET_BYTES, RR_TAKEN_FRAMES, RR_TAKEN_BYTES, RR_MAX_SEGMENT, RR_DIRECT, RR_STREAM_PREFETCH, RR_SINK_CLAIMS,
+    RR_OPEN_CHARGE
+};
+static BigSlotMap rp_conn = {NULL,
+                             {"_lock", "_machine", "_stream", "_sendq", "messenger", "_timer", "_queued", "_in_round",
+                              "_leased", "_paused"},
+                             {0}};
+static BigSlotMap rp_mach = {NULL,
+                             {"state", "session", "_out", "_unacked_in", "_ack_due", "reader", "compiled", "messages",
+                              "_events", "_now", "_last_rx", "ack_every", "ack_delay", "owner"},
+                             {0}};
+static BigSlotMap rp_sess = {NULL, {"sent", "in_seq", "lossless"}, {0}};
+static BigSlotMap rp_read = {NULL,
+                             {"_buf", "_view", "_start", "_end", "_phase", "_ready", "_target", "paused", "_filled",
+                              "budget_frames", "budget_bytes", "taken_frames", "taken_bytes", "max_segment", "direct",
+                              "stream_prefetch", "sink_claims", "open_charge"},
+                             {0}};
+static PyObject *rp_closed, *rp_popleft, *rp_track_kept, *rp_remote_err, *rp_python;
+static PyObject *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
+    *rs_enqueue, *rs_received, *rs_connection_lost, *rs_teardown, *rs_send_ack, *rs_pump, *rs_arm_timer, *rs_when,
+    *rs_renew, *rs_pause, *rs_acked;
+
+#define RSLOT(o, map, i) (*(PyObject **)((char *)(o) + (map).off[i]))
+
+static int bigslot_resolve(BigSlotMap *map, PyObject *type) {
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "compiled_read() takes classes");
+        return -1;
+    }
+    PyTypeObject *t = (PyTypeObject *)type;
+    Py_ssize_t off[24] = {0};
+    for (int i = 0; i < 24 && map->names[i]; i++) {
+        PyObject *d = PyDict_GetItemString(t->tp_dict, map->names[i]); /* borrowed */
+        PyMemberDef *md = d && Py_IS_TYPE(d, &PyMemberDescr_Type) ? ((PyMemberDescrObject *)d)->d_member : NULL;
+        if (!md || md->type != T_OBJECT_EX || (md->flags & READONLY)) {
+            PyErr_Format(PyExc_TypeError, "%s.%s is not a slot of the class (its __slots__)", t->tp_name,
+                         map->names[i]);
+            return -1;
+        }
+        off[i] = md->offset;
+    }
+    Py_XSETREF(map->type, (PyTypeObject *)Py_NewRef(type));
+    memcpy(map->off, off, sizeof off);
+    return 0;
+}
+
+/* A slot holding an exact int: its value in *v (0: unset, not an int, or too large). */
+static int slot_ssize(PyObject *o, Py_ssize_t *v) {
+    if (!o || !PyLong_CheckExact(o)) return 0;
+    *v = PyLong_AsSsize_t(o);
+    if (*v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* Set a slot to a new int (or float); -1 if it could not be made. */
+static int set_ssize(PyObject *o, BigSlotMap *map, int i, Py_ssize_t v) {
+    PyObject *n = PyLong_FromSsize_t(v);
+    if (!n) return -1;
+    Py_XSETREF(RSLOT(o, *map, i), n);
+    return 0;
+}
+static int set_double(PyObject *o, BigSlotMap *map, int i, double v) {
+    PyObject *n = PyFloat_FromDouble(v);
+    if (!n) return -1;
+    Py_XSETREF(RSLOT(o, *map, i), n);
+    return 0;
+}
+
+static long long throttle_take(ThrottleObject *t, long long need);
+static int throttle_give(ThrottleObject *t, long long n);
+
+static PyObject *call1(PyObject *o, PyObject *name, PyObject *arg) {
+    return arg ? PyObject_CallMethodOneArg(o, name, arg) : PyObject_CallMethodNoArgs(o, name);
+}
+static int call_ok(PyObject *o, PyObject *name, PyObject *arg) {
+    PyObject *r = call1(o, name, arg);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+/* Session.acked(ack): what was sent up to ack_seq leaves the replay queue. */
+static int session_acked(PyObject *s, PyObject *sent, uint64_t ack) {
+    PySequenceMethods *sq = Py_TYPE(sent)->tp_as_sequence;
+    while (sq->sq_length(sent) > 0) {
+        PyObject *first = sq->sq_item(sent, 0);
+        if (!first) return -1;
+        int is_out = Py_IS_TYPE(first, &OutMessageType);
+        unsigned long long seq = is_out ? ((OutMessageObject *)first)->seq : 0;
+        Py_DECREF(first);
+        if (!is_out) { /* not a record of ours: the session's own method */
+            PyObject *a = PyLong_FromUnsignedLongLong(ack);
+            int r = a ? call_ok(s, rs_acked, a) : -1;
+            Py_XDECREF(a);
+            return r;
+        }
+        if (seq > ack) break;
+        PyObject *r = PyObject_Vectorcall(rp_popleft, &sent, 1, NULL);
+        if (!r) return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* Hand a run of received messages out, in order, as Messenger._deliver does. */
+static int round_deliver(PyObject *conn, PyObject *msgr, WriterObject *w, PyObject *msgs) {
+    w->read_since = 1; /* a send after this answers it: not part of a burst */
+    PyObject *calls = PyObject_GetAttr(msgr, rs_calls), *fast = PyObject_GetAttr(msgr, rs_fast);
+    int rc = -1;
+    if (!calls || !fast || !PyDict_Check(calls) || !PyList_Check(fast)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "Messenger._calls/_fast are not a dict and a list");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(msgs); i++) {
+        PyObject *msg = PyList_GET_ITEM(msgs, i);
+        uint64_t tid;
+        if (capi->reply_tid(msg, &tid) == 1 && PyDict_GET_SIZE(calls)) {
+            PyObject *r = PyObject_CallMethodOneArg(msgr, rs_reply, msg);
+            if (!r) goto done;
+            int taken = PyObject_IsTrue(r);
+            Py_DECREF(r);
+            if (taken < 0) goto done;
+            if (taken) continue;
+        }
+        int handled = 0;
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(fast) && !handled; j++) {
+            PyObject *pair = PyList_GET_ITEM(fast, j);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+                PyErr_SetString(PyExc_TypeError, "Messenger._fast holds (can, go) pairs");
+                goto done;
+            }
+            Py_INCREF(pair); /* the callbacks may change the list */
+            PyObject *r = PyObject_CallOneArg(PyTuple_GET_ITEM(pair, 0), msg);
+            int yes = r ? PyObject_IsTrue(r) : -1;
+            Py_XDECREF(r);
+            if (yes > 0) {
+                r = PyObject_CallOneArg(PyTuple_GET_ITEM(pair, 1), msg);
+                Py_XDECREF(r);
+                if (!r) yes = -1;
+                handled = 1;
+            }
+            Py_DECREF(pair);
+            if (yes < 0) goto done;
+        }
+        if (!handled) {
+            PyObject *a[3] = {msgr, conn, msg};
+            PyObject *r = PyObject_VectorcallMethod(rs_enqueue, a, 3, NULL);
+            if (!r) goto done;
+            Py_DECREF(r);
+        }
+    }
+    rc = 0;
+done:
+    Py_XDECREF(calls);
+    Py_XDECREF(fast);
+    return rc;
+}
+
+static int track_kept(PyObject *msgs) {
+    PyObject *r = PyObject_CallOneArg(rp_track_kept, msgs);
+    Py_XDECREF(r);
+    return r ? 0 : -1;
+}
+
+#define ROUND_MAX_READS 64 /* bounded: other connections on this loop get their turn */
+
+/* 1: the round is done; 0: not the steady state, nothing done (the Python round runs);
+ * -1 with an error (as the Python round raises, after it settled the throttles). */
+static int read_round(PyObject *conn, Py_ssize_t fill) {
+    if (Py_TYPE(conn) != rp_conn.type) return 0;
+    PyObject *m = RSLOT(conn, rp_conn, RC_MACHINE), *st = RSLOT(conn, rp_conn, RC_STREAM);
+    PyObject *wo = RSLOT(conn, rp_conn, RC_SENDQ), *msgr = RSLOT(conn, rp_conn, RC_MESSENGER);
+    if (!m || !Py_IS_TYPE(m, rp_mach.type) || !st || st == Py_None || !wo || !Py_IS_TYPE(wo, &WriterType) || !msgr)
+        return 0;
+    if (RSLOT(m, rp_mach, RM_STATE) != sp_ready || RSLOT(m, rp_mach, RM_COMPILED) != Py_True ||
+        RSLOT(m, rp_mach, RM_MESSAGES) != Py_True || RSLOT(m, rp_mach, RM_OWNER) != conn)
+        return 0;
+    PyObject *events = RSLOT(m, rp_mach, RM_EVENTS), *s = RSLOT(m, rp_mach, RM_SESSION);
+    PyObject *reader = RSLOT(m, rp_mach, RM_READER);
+    if (!events || !PyList_CheckExact(events) || PyList_GET_SIZE(events) || !s || !Py_IS_TYPE(s, rp_sess.type) ||
+        !reader || !Py_IS_TYPE(reader, rp_read.type))
+        return 0;
+    PyObject *sent = RSLOT(s, rp_sess, RS_SENT), *lossless = RSLOT(s, rp_sess, RS_LOSSLESS);
+    if (!sent || !Py_IS_TYPE(sent, sp_deque) || !lossless || !PyBool_Check(lossless)) return 0;
+    Py_ssize_t phase, x;
+    PyObject *ready = RSLOT(reader, rp_read, RR_READY);
+    if (!slot_ssize(RSLOT(reader, rp_read, RR_PHASE), &phase) || phase != 0 ||
+        RSLOT(reader, rp_read, RR_PAUSED) != Py_False || RSLOT(reader, rp_read, RR_TARGET) != Py_None || !ready ||
+        !PyList_CheckExact(ready) || PyList_GET_SIZE(ready) ||
+        !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_FRAMES), &x) || !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_BYTES), &x))
+        return 0;
+    PyObject *chan = ((WriterObject *)wo)->chan;
+    int fd = ((WriterObject *)wo)->fd;
+    if (!chan && fd < 0) return 0; /* TLS: the stream reads itself */
+    if (chan) fill = 0;
+    if (fill <= 0) fill = PY_SSIZE_T_MAX;
+
+    /* The round.  Held until the end: what the callbacks may drop from the slots. */
+    PyObject *held[5] = {Py_NewRef(m), Py_NewRef(st), Py_NewRef(wo), Py_NewRef(reader), Py_NewRef(s)};
+    PyObject *limit_frames = NULL, *limit_bytes = NULL, *before = NULL, *msgs = NULL;
+    long long frames_granted = -1, room[8];
+    Py_ssize_t nbytes_t = 0;
+    int rc = -1, settle_reads = 1, limited = 0, granted = 0;
+    WriterObject *w = (WriterObject *)wo;
+
+    PyObject *lim = PyObject_GetAttr(msgr, rs_limited), *claims = PyObject_GetAttr(msgr, rs_claims);
+    if (!lim || !claims) {
+        Py_XDECREF(lim);
+        Py_XDECREF(claims);
+        goto out;
+    }
+    limited = lim == Py_True;
+    Py_DECREF(lim);
+    Py_XSETREF(RSLOT(reader, rp_read, RR_SINK_CLAIMS), claims); /* (what the sink may want this round) */
+    if (limited) { /* Messenger._grant */
+        if (!(limit_frames = PyObject_GetAttr(msgr, rs_limit_frames)) ||
+            !(limit_bytes = PyObject_GetAttr(msgr, rs_limit_bytes)))
+            goto out;
+        if (!PyList_Check(limit_bytes) || PyList_GET_SIZE(limit_bytes) > 8 ||
+            (limit_frames != Py_None && !Py_IS_TYPE(limit_frames, &ThrottleType))) {
+            PyErr_SetString(PyExc_TypeError, "Messenger's throttles are not Throttles");
+            goto out;
+        }
+        nbytes_t = PyList_GET_SIZE(limit_bytes);
+        for (Py_ssize_t i = 0; i < nbytes_t; i++)
+            if (!Py_IS_TYPE(PyList_GET_ITEM(limit_bytes, i), &ThrottleType)) {
+                PyErr_SetString(PyExc_TypeError, "Messenger's throttles are not Throttles");
+                goto out;
+            }
+        Py_ssize_t tf = 0, tb = 0;
+        slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_FRAMES), &tf);
+        slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_BYTES), &tb);
+        if (limit_frames != Py_None) frames_granted = throttle_take((ThrottleObject *)limit_frames, 1);
+        long long least = -1;
+        for (Py_ssize_t i = 0; i < nbytes_t; i++) {
+            room[i] = throttle_take((ThrottleObject *)PyList_GET_ITEM(limit_bytes, i), 0);
+            if (least < 0 || room[i] < least) least = room[i];
+        }
+        granted = 1; /* (from here on, the finally gives back what is not kept) */
+        before = Py_XNewRef(RSLOT(reader, rp_read, RR_OPEN_CHARGE));
+        if (set_ssize(reader, &rp_read, RR_BUDGET_FRAMES, frames_granted < 0 ? -1 : tf + (Py_ssize_t)frames_granted) < 0 ||
+            set_ssize(reader, &rp_read, RR_BUDGET_BYTES, nbytes_t ? tb + (Py_ssize_t)least : -1) < 0)
+            goto out;
+        PyObject *q = RSLOT(conn, rp_conn, RC_QUEUED);
+        if (q && PyList_CheckExact(q) && PyList_GET_SIZE(q) == 2) {
+            Py_SETREF(PyList_GET_ITEM(q, 0), Py_NewRef(sp_zero)); /* (ints: no code runs) */
+            Py_SETREF(PyList_GET_ITEM(q, 1), Py_NewRef(sp_zero));
+        } else {
+            PyObject *nq = Py_BuildValue("[ii]", 0, 0);
+            if (!nq) goto out;
+            Py_XSETREF(RSLOT(conn, rp_conn, RC_QUEUED), nq);
+        }
+    }
+    Py_XSETREF(RSLOT(conn, rp_conn, RC_IN_ROUND), Py_NewRef(Py_True));
+    double now = (double)mono_ns() / 1e9;
+    for (int reads = 0; reads < ROUND_MAX_READS; reads++) {
+        /* next_read(): a full buffer, or one drained past half that nothing points into,
+         * is renewed (by the reader's own _renew) */
+        PyObject *buf = RSLOT(reader, rp_read, RR_BUF), *view = RSLOT(reader, rp_read, RR_VIEW);
+        Py_ssize_t start, end, size;
+        if (!buf || !PyByteArray_CheckExact(buf) || !view || !PyMemoryView_Check(view) ||
+            !slot_ssize(RSLOT(reader, rp_read, RR_START), &start) || !slot_ssize(RSLOT(reader, rp_read, RR_END), &end)) {
+            PyErr_SetString(PyExc_TypeError, "FrameReader's buffer slots changed type");
+            goto out;
+        }
+        size = PyByteArray_GET_SIZE(buf);
+        PyMemoryViewObject *mv = (PyMemoryViewObject *)view;
+        if (end == size || (start == end && end > size / 2 && Py_REFCNT(view) == 1 && mv->mbuf &&
+                            mv->mbuf->exports == 1 && mv->exports == 0)) {
+            if (call_ok(reader, rs_renew, NULL) < 0) goto out;
+            buf = RSLOT(reader, rp_read, RR_BUF);
+            view = RSLOT(reader, rp_read, RR_VIEW);
+            if (!buf || !PyByteArray_CheckExact(buf) || !view ||
+                !slot_ssize(RSLOT(reader, rp_read, RR_START), &start) ||
+                !slot_ssize(RSLOT(reader, rp_read, RR_END), &end)) {
+                PyErr_SetString(PyExc_TypeError, "FrameReader's buffer slots changed type");
+                goto out;
+            }
+            size = PyByteArray_GET_SIZE(buf);
+        }
+        Py_ssize_t want = size - end;
+        if (want > fill) want = fill;
+        uint8_t *dst = (uint8_t *)PyByteArray_AS_STRING(buf) + end;
+        Py_ssize_t k;
+        if (chan) {
+            k = capi->ipc_recv(chan, dst, want);
+            if (k == -2) break; /* empty (armed) */
+            if (k == -1) {
+                if (PyErr_ExceptionMatches(rp_remote_err)) { /* ipc: a bad ring index */
+                    PyObject *et, *ev, *tb;
+                    PyErr_Fetch(&et, &ev, &tb);
+                    PyErr_NormalizeException(&et, &ev, &tb);
+                    Py_XDECREF(et);
+                    Py_XDECREF(tb);
+                    int r = call_ok(conn, rs_teardown, ev ? ev : Py_None);
+                    Py_XDECREF(ev);
+                    if (r < 0) goto out;
+                    settle_reads = 0;
+                    goto settled;
+                }
+                if (!PyErr_ExceptionMatches(PyExc_OSError)) goto out;
+                PyErr_Clear();
+                k = 0;
+            }
+        } else {
+            do {
+                k = recv(fd, dst, (size_t)want, MSG_DONTWAIT);
+            } while (k < 0 && errno == EINTR && !PyErr_CheckSignals());
+            if (k < 0 && PyErr_Occurred()) goto out;
+            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+            if (k < 0) k = 0; /* the connection is gone: as the end of the stream */
+        }
+        if (k == 0) {
+            if (call_ok(m, rs_connection_lost, NULL) < 0) goto out;
+            break;
+        }
+        /* received(k, now) */
+        end += k;
+        if (set_ssize(reader, &rp_read, RR_END, end) < 0) goto out;
+        Py_XSETREF(RSLOT(reader, rp_read, RR_FILLED), Py_NewRef(end == size ? Py_True : Py_False));
+        if (set_double(m, &rp_mach, RM_NOW, now) < 0) goto out;
+        Py_XSETREF(RSLOT(m, rp_mach, RM_LAST_RX), Py_NewRef(RSLOT(m, rp_mach, RM_NOW)));
+        Py_ssize_t bf, bb, tf, tb, maxseg, direct, sprefetch, in_seq_v;
+        if (!slot_ssize(RSLOT(reader, rp_read, RR_BUDGET_FRAMES), &bf) ||
+            !slot_ssize(RSLOT(reader, rp_read, RR_BUDGET_BYTES), &bb) ||
+            !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_FRAMES), &tf) ||
+            !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_BYTES), &tb) ||
+            !slot_ssize(RSLOT(reader, rp_read, RR_MAX_SEGMENT), &maxseg) ||
+            !slot_ssize(RSLOT(reader, rp_read, RR_DIRECT), &direct) ||
+            !slot_ssize(RSLOT(reader, rp_read, RR_STREAM_PREFETCH), &sprefetch) ||
+            !slot_ssize(RSLOT(s, rp_sess, RS_IN_SEQ), &in_seq_v)) {
+            PyErr_SetString(PyExc_TypeError, "a reader or session slot changed type");
+            goto out;
+        }
+        /* FrameReader._left(): what the budgets still allow */
+        Py_ssize_t lf = bf < 0 ? -1 : (bf - tf > 0 ? bf - tf : 0), lb = bb < 0 ? -1 : (bb - tb > 0 ? bb - tb : 0);
+        PyObject *cl = RSLOT(reader, rp_read, RR_SINK_CLAIMS), *calls = Py_None;
+        int hooks = 1;
+        if (cl && PyTuple_Check(cl) && PyTuple_GET_SIZE(cl) == 2 && PyDict_Check(PyTuple_GET_ITEM(cl, 0))) {
+            calls = PyTuple_GET_ITEM(cl, 0);
+            if ((hooks = PyObject_IsTrue(PyTuple_GET_ITEM(cl, 1))) < 0) goto out;
+        }
+        if (!(msgs = PyList_New(0))) goto out;
+        ScanResult r;
+        if (scan_messages(view, (const uint8_t *)PyByteArray_AS_STRING(buf), start, end, maxseg, direct, lf, lb,
+                          lossless == Py_True, (uint64_t)in_seq_v, conn, msgs, calls, hooks, sprefetch / 2, &r) < 0)
+            goto out;
+        if (set_ssize(reader, &rp_read, RR_START, r.pos) < 0 ||
+            set_ssize(reader, &rp_read, RR_TAKEN_FRAMES, tf + r.frames) < 0 ||
+            set_ssize(reader, &rp_read, RR_TAKEN_BYTES, tb + r.bytes) < 0)
+            goto out;
+        /* SessionConnection._took */
+        if (r.ack && session_acked(s, sent, r.ack) < 0) goto out;
+        if (r.accepted) {
+            Py_ssize_t un;
+            PyObject *seq = PyLong_FromUnsignedLongLong(r.in_seq);
+            if (!seq) goto out;
+            Py_XSETREF(RSLOT(s, rp_sess, RS_IN_SEQ), seq);
+            if (!slot_ssize(RSLOT(m, rp_mach, RM_UNACKED_IN), &un) ||
+                set_ssize(m, &rp_mach, RM_UNACKED_IN, un + r.accepted) < 0)
+                goto out;
+            if (RSLOT(m, rp_mach, RM_ACK_DUE) == Py_None) {
+                double delay = PyFloat_AsDouble(RSLOT(m, rp_mach, RM_ACK_DELAY));
+                if (delay == -1.0 && PyErr_Occurred()) goto out;
+                if (set_double(m, &rp_mach, RM_ACK_DUE, now + delay) < 0) goto out;
+            }
+        }
+        if (PyList_GET_SIZE(msgs)) { /* delivered read by read: fewer of them alive at once */
+            int d = round_deliver(conn, msgr, w, msgs);
+            int t = track_kept(msgs);
+            if (d < 0 || t < 0) goto out;
+        }
+        Py_CLEAR(msgs);
+        if (r.stop == SCAN_SLOW && RSLOT(conn, rp_conn, RC_MACHINE) == m) {
+            /* a frame the core leaves to the Python reader and session */
+            PyObject *z = PyLong_FromLong(0), *t = PyFloat_FromDouble(now);
+            if (!z || !t) {
+                Py_XDECREF(z);
+                Py_XDECREF(t);
+                goto out;
+            }
+            PyObject *a[3] = {m, z, t};
+            msgs = PyObject_VectorcallMethod(rs_received, a, 3, NULL);
+            Py_DECREF(z);
+            Py_DECREF(t);
+            if (!msgs) goto out;
+            if (PyList_Check(msgs) && PyList_GET_SIZE(msgs)) {
+                PyObject *da[3] = {msgr, conn, msgs};
+                PyObject *dr = PyObject_VectorcallMethod(rs_deliver, da, 3, NULL);
+                int t2 = track_kept(msgs);
+                Py_XDECREF(dr);
+                if (!dr || t2 < 0) goto out;
+            }
+            Py_CLEAR(msgs);
+            break; /* the reader may be elsewhere than between frames now: the next round sees */
+        }
+        if (RSLOT(conn, rp_conn, RC_MACHINE) != m || RSLOT(m, rp_mach, RM_STATE) == rp_closed) break;
+        if (k < want) break; /* a short read: drained (saves the EAGAIN round) */
+    }
+    if (settle_reads) { /* SessionConnection.settle_reads, and what the owner does with it */
+        Py_ssize_t un, every;
+        if (slot_ssize(RSLOT(m, rp_mach, RM_UNACKED_IN), &un) && slot_ssize(RSLOT(m, rp_mach, RM_ACK_EVERY), &every) &&
+            un >= every && call_ok(m, rs_send_ack, NULL) < 0)
+            goto out;
+        PyObject *ev = RSLOT(m, rp_mach, RM_EVENTS), *o = RSLOT(m, rp_mach, RM_OUT);
+        if ((ev && (!PyList_Check(ev) || PyList_GET_SIZE(ev))) || (o && (!PyList_Check(o) || PyList_GET_SIZE(o))) ||
+            RSLOT(m, rp_mach, RM_STATE) != sp_ready) {
+            if (call_ok(conn, rs_pump, NULL) < 0) goto out;
+        } else {
+            PyObject *due = RSLOT(m, rp_mach, RM_ACK_DUE);
+            int owed = due && due != Py_None ? PyObject_IsTrue(due) : 0;
+            if (owed < 0) goto out;
+            if (owed) {
+                PyObject *timer = RSLOT(conn, rp_conn, RC_TIMER);
+                int arm = !timer || timer == Py_None;
+                if (!arm) {
+                    PyObject *when = PyObject_GetAttr(timer, rs_when);
+                    if (!when) goto out;
+                    arm = PyObject_RichCompareBool(due, when, Py_LT);
+                    Py_DECREF(when);
+                    if (arm < 0) goto out;
+                }
+                if (arm && call_ok(conn, rs_arm_timer, due) < 0) goto out;
+            }
+        }
+    }
+settled:
+    rc = 1;
+out:
+    Py_XDECREF(msgs);
+    { /* the finally: what the round did not queue goes back, except a frame still being read */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        Py_XSETREF(RSLOT(conn, rp_conn, RC_IN_ROUND), Py_NewRef(Py_False));
+        if (granted) {
+            Py_ssize_t kept_msgs = 0, kept_bytes = 0, v;
+            PyObject *q = RSLOT(conn, rp_conn, RC_QUEUED), *left = RSLOT(reader, rp_read, RR_OPEN_CHARGE);
+            if (q && PyList_Check(q) && PyList_GET_SIZE(q) == 2) {
+                if (slot_ssize(PyList_GET_ITEM(q, 0), &v)) kept_msgs += v;
+                if (slot_ssize(PyList_GET_ITEM(q, 1), &v)) kept_bytes += v;
+            }
+            if (RSLOT(m, rp_mach, RM_STATE) != rp_closed && left && PyTuple_Check(left) && PyTuple_GET_SIZE(left) == 2) {
+                if (slot_ssize(PyTuple_GET_ITEM(left, 0), &v)) kept_msgs += v;
+                if (slot_ssize(PyTuple_GET_ITEM(left, 1), &v)) kept_bytes += v;
+            }
+            if (before && PyTuple_Check(before) && PyTuple_GET_SIZE(before) == 2) {
+                if (slot_ssize(PyTuple_GET_ITEM(before, 0), &v)) kept_msgs -= v;
+                if (slot_ssize(PyTuple_GET_ITEM(before, 1), &v)) kept_bytes -= v;
+            }
+            int bad = 0;
+            if (limit_frames && limit_frames != Py_None)
+                bad |= throttle_give((ThrottleObject *)limit_frames, frames_granted - kept_msgs) < 0;
+            for (Py_ssize_t i = 0; i < nbytes_t; i++)
+                bad |= throttle_give((ThrottleObject *)PyList_GET_ITEM(limit_bytes, i), room[i] - kept_bytes) < 0;
+            if (bad && !et) {
+                rc = -1;
+                PyErr_Fetch(&et, &ev, &tb);
+            } else if (bad) {
+                PyErr_Clear();
+            }
+        }
+        if (et) {
+            PyErr_Restore(et, ev, tb);
+            rc = -1;
+        }
+    }
+    if (rc == 1 && limited && RSLOT(conn, rp_conn, RC_MACHINE) == m && RSLOT(conn, rp_conn, RC_STREAM) == st &&
+        RSLOT(reader, rp_read, RR_PAUSED) == Py_True && RSLOT(conn, rp_conn, RC_PAUSED) == Py_False &&
+        call_ok(conn, rs_pause, st) < 0)
+        rc = -1;
+    Py_XDECREF(before);
+    Py_XDECREF(limit_frames);
+    Py_XDECREF(limit_bytes);
+    for (int i = 0; i < 5; i++) Py_DECREF(held[i]);
+    return rc;
+}
+
+/* read_round(conn, fill=0) -> bool: the round, compiled (True), or False (not the steady
+ * state: nothing done, run the Python round).  The caller holds the connection's lock. */
+static PyObject *py_read_round(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) return PyErr_Format(PyExc_TypeError, "read_round(conn, fill=0)");
+    if (!rp_conn.type) return PyErr_Format(PyExc_RuntimeError, "compiled_read() was not called");
+    Py_ssize_t fill = 0;
+    if (nargs == 2 && (fill = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred()) return NULL;
+    int r = read_round(args[0], fill);
+    return r < 0 ? NULL : PyBool_FromLong(r);
+}
+
+/* Connection._on_readable, compiled: the loop's round under the connection's lock; a
+ * leased connection (a caller reads it), or any state but the steady one, goes to
+ * Connection._on_readable_python. */
+static PyObject *conn_on_readable(PyObject *conn, PyObject *unused) {
+    if (Py_TYPE(conn) != rp_conn.type) goto python;
+    PyObject *lk = RSLOT(conn, rp_conn, RC_LOCK);
+    if (!lk || !Py_IS_TYPE(lk, &LockType)) goto python;
+    LockObject *lock = (LockObject *)Py_NewRef(lk);
+    if (lock_take(lock, -1) < 0) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    int r = RSLOT(conn, rp_conn, RC_LEASED) == Py_False ? read_round(conn, 0) : 0;
+    lock_give(lock);
+    Py_DECREF(lock);
+    if (r < 0) return NULL;
+    if (r) Py_RETURN_NONE;
+python:
+    return PyObject_CallMethodNoArgs(conn, rp_python);
+}
+
+static PyMethodDef conn_on_readable_def = {
+    "_on_readable", (PyCFunction)conn_on_readable, METH_NOARGS,
+    "The I/O loop's read round for this connection, compiled (see read_round); anything but the steady state in "
+    "Connection._on_readable_python."};
+
+#define INTERN(var, s)                                                                                                 \
+    if (!var && !(var = PyUnicode_InternFromString(s))) return NULL
+
+/* compiled_read(Connection, SessionConnection, Session, FrameReader, State.READY,
+ *               State.CLOSED, RemoteProtocolError, _core._track_kept)
+ *     -> Connection._on_readable, compiled (read_round(conn, fill) is the round itself). */
+static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
+    PyObject *conn_t, *mach_t, *sess_t, *read_t, *ready, *closed, *remote, *track;
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:compiled_read", &conn_t, &mach_t, &sess_t, &read_t, &ready, &closed, &remote,
+                          &track))
+        return NULL;
+    if (!sp_deque || !sp_ready || !sp_zero)
+        return PyErr_Format(PyExc_RuntimeError, "compiled_read() comes after compiled_send()");
+    if (ready != sp_ready) return PyErr_Format(PyExc_ValueError, "compiled_read() and compiled_send() disagree on READY");
+    if (bigslot_resolve(&rp_conn, conn_t) < 0 || bigslot_resolve(&rp_mach, mach_t) < 0 ||
+        bigslot_resolve(&rp_sess, sess_t) < 0 || bigslot_resolve(&rp_read, read_t) < 0)
+        return NULL;
+    if (!rp_popleft && !(rp_popleft = PyObject_GetAttrString((PyObject *)sp_deque, "popleft"))) return NULL;
+    Py_XSETREF(rp_closed, Py_NewRef(closed));
+    Py_XSETREF(rp_remote_err, Py_NewRef(remote));
+    Py_XSETREF(rp_track_kept, Py_NewRef(track));
+    INTERN(rp_python, "_on_readable_python");
+    INTERN(rs_limited, "_limited");
+    INTERN(rs_limit_frames, "_limit_frames");
+    INTERN(rs_limit_bytes, "_limit_bytes");
+    INTERN(rs_claims, "_claims");
+    INTERN(rs_calls, "_calls");
+    INTERN(rs_fast, "_fast");
+    INTERN(rs_reply, "_reply");
+    INTERN(rs_enqueue, "_enqueue");
+    INTERN(rs_deliver, "_deliver");
+    INTERN(rs_received, "received");
+    INTERN(rs_connection_lost, "connection_lost");
+    INTERN(rs_teardown, "_teardown_locked");
+    INTERN(rs_send_ack, "send_ack");
+    INTERN(rs_pump, "_pump");
+    INTERN(rs_arm_timer, "_arm_timer");
+    INTERN(rs_when, "when");
+    INTERN(rs_renew, "_renew");
+    INTERN(rs_pause, "_pause");
+    INTERN(rs_acked, "acked");
+    return PyDescr_NewMethod((PyTypeObject *)conn_t, &conn_on_readable_def);
+}
+
 static int cpu_sse42, cpu_fold;
 
 /* _crc_impl(name) -> bool: compute crc32c with "table", "sse4.2" or "fold" (and the
@@ -2603,6 +3216,12 @@ static PyMethodDef codec_methods[] = {
     {"frame_scan", py_frame_scan, METH_VARARGS, "Complete small valid frames in a buffer (see frames.FrameReader)."},
     {"compiled_send", py_compiled_send, METH_VARARGS,
      "compiled_send(Connection, SessionConnection, Session, State.READY) -> Connection.send, compiled."},
+    {"compiled_read", py_compiled_read, METH_VARARGS,
+     "compiled_read(Connection, SessionConnection, Session, FrameReader, State.READY, State.CLOSED, "
+     "RemoteProtocolError, _track_kept) -> Connection._on_readable, compiled."},
+    {"read_round", (PyCFunction)(void (*)(void))py_read_round, METH_FASTCALL,
+     "read_round(conn, fill=0) -> bool: a connection's read round, compiled; False: not the steady state, nothing "
+     "done."},
     {"message_scan", (PyCFunction)(void (*)(void))py_message_scan, METH_FASTCALL,
      "The run of steady-state MESSAGE frames in a buffer, as received Messages (see session.SessionConnection)."},
     {NULL, NULL, 0, NULL},

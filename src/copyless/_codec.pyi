@@ -117,3 +117,19 @@ class Throttle:
 
 def compiled_send(connection: type, machine: type, session: type, ready: object, /) -> Any:
     """Connection.send with its steady state compiled (the classes must declare the slots it uses)."""
+
+def compiled_read(
+    connection: type,
+    machine: type,
+    session: type,
+    reader: type,
+    ready: object,
+    closed: object,
+    remote_error: type,
+    track_kept: Any,
+    /,
+) -> Any:
+    """Connection._on_readable with the read round's steady state compiled (after compiled_send)."""
+
+def read_round(connection: Any, fill: int = 0, /) -> bool:
+    """A connection's read round, compiled (the caller holds its lock); False: not the steady state."""

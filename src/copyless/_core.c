@@ -2060,10 +2060,17 @@ static int capi_outgoing(PyObject *o, CopylessOutFields *out) {
     return 0;
 }
 
+static int capi_reply_tid(PyObject *o, uint64_t *tid) {
+    if (!Py_IS_TYPE(o, &MessageType)) return -1;
+    *tid = ((MessageObject *)o)->tag;
+    return ((MessageObject *)o)->is_reply != 0;
+}
+
 static Py_ssize_t capi_ipc_send(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
+static Py_ssize_t capi_ipc_recv(PyObject *chan, void *dst, Py_ssize_t len);
 static PyTypeObject IpcChannelType;
 static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType,  capi_received, capi_outgoing, capi_received_lazy,
-                            &IpcChannelType,        capi_ipc_send};
+                            &IpcChannelType,        capi_ipc_send, capi_ipc_recv, capi_reply_tid};
 
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
@@ -2657,26 +2664,39 @@ static int ipc_check(IpcChannelObject *c) {
     return 0;
 }
 
+/* Read up to len bytes into dst: > 0 read, 0 the end of the stream (the peer closed or
+ * died, the ring drained), -2 nothing there (the wake-up armed), -1 with an error. */
+static Py_ssize_t ipc_recv(IpcChannelObject *c, void *dst, Py_ssize_t len) {
+    if (ipc_check(c) < 0) return -1;
+    if (c->rbusy) {
+        PyErr_SetString(PyExc_RuntimeError, "ipc channel read from two threads at once");
+        return -1;
+    }
+    Py_ssize_t n = ipc_read(c, dst, len);
+    if (n == 0 && len > 0) {
+        int r = ipc_prepare_sleep(c);
+        if (r < 0) return -1;
+        if (r != 1) return -2;
+        n = ipc_read(c, dst, len); /* 0 here is the end of the stream */
+    }
+    return n;
+}
+
+static Py_ssize_t capi_ipc_recv(PyObject *chan, void *dst, Py_ssize_t len) {
+    return ipc_recv((IpcChannelObject *)chan, dst, len);
+}
+
 /* recv_into(buf) -> bytes read; 0 at the end (peer closed or died, ring drained);
  * raises BlockingIOError when nothing is there (after arming the wake-up). */
 static PyObject *IpcChannel_recv_into(IpcChannelObject *c, PyObject *arg) {
-    if (ipc_check(c) < 0) return NULL;
-    if (c->rbusy) { PyErr_SetString(PyExc_RuntimeError, "ipc channel read from two threads at once"); return NULL; }
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    Py_ssize_t n = ipc_read(c, b.buf, b.len);
-    if (n == 0 && b.len > 0) {
-        int r = ipc_prepare_sleep(c);
-        if (r < 0) n = -1;
-        else if (r == 1) {
-            n = ipc_read(c, b.buf, b.len); /* 0 here is the end of the stream */
-        } else {
-            PyBuffer_Release(&b);
-            PyErr_SetString(PyExc_BlockingIOError, "ipc ring empty");
-            return NULL;
-        }
-    }
+    Py_ssize_t n = ipc_recv(c, b.buf, b.len);
     PyBuffer_Release(&b);
+    if (n == -2) {
+        PyErr_SetString(PyExc_BlockingIOError, "ipc ring empty");
+        return NULL;
+    }
     return n < 0 ? NULL : PyLong_FromSsize_t(n);
 }
 

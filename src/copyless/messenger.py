@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import Lock, Throttle, Writer, compiled_send, recv_fill
+from ._codec import Lock, Throttle, Writer, compiled_read, compiled_send, read_round, recv_fill
 from ._core import (
     Message,  # the one Message type, shared with pub/sub (docs/design.md)
     _track_kept,
@@ -202,7 +202,22 @@ class Connection:
 
     # What the compiled send reads and writes lives in slots (the rest in __dict__): the
     # core finds it at fixed offsets, with no lookup (see compiled_send below).
-    __slots__ = ("_closed", "_lock", "_machine", "_stream", "_sendq", "__dict__", "__weakref__")
+    # So is what the compiled read round reads and writes (compiled_read, below the class).
+    __slots__ = (
+        "_closed",
+        "_lock",
+        "_machine",
+        "_stream",
+        "_sendq",
+        "messenger",
+        "_timer",
+        "_queued",
+        "_in_round",
+        "_leased",
+        "_paused",
+        "__dict__",
+        "__weakref__",
+    )
 
     def __init__(self, messenger: Messenger, loop: IOLoop, policy: Policy, address: str = "") -> None:
         self.messenger, self.loop, self.policy, self.address = messenger, loop, policy, address
@@ -376,7 +391,8 @@ class Connection:
             with self._lock:
                 if self._stream is not st:
                     return  # the transport changed: the loop owns the new one
-                self.__on_readable_locked(fill)
+                if not read_round(self, fill):  # (the steady state, compiled)
+                    self.__on_readable_locked(fill)
                 if self._paused:
                     return  # a throttle is full: the loop resumes reading when it frees
 
@@ -464,6 +480,8 @@ class Connection:
         self._pump()
 
     def _on_readable(self) -> None:
+        """The loop's read round (the class's is the core's: compiled_read, below the
+        class; it runs the steady state in C, and this for everything else)."""
         with self._lock:
             if not self._leased:
                 self.__on_readable_locked()
@@ -548,10 +566,14 @@ class Connection:
                 q = self._queued
                 messenger._settle(grant, q[0] + left[0] - before[0], q[1] + left[1] - before[1])
         if limited and self._machine is m and self._stream is st and reader.paused and not self._paused:
-            self._paused = True
-            if not self._leased:
-                self.loop.detach(st)
-            self.messenger._when_free(lambda: self.loop.call_soon_threadsafe(self._locked, self._resume, st))
+            self._pause(st)
+
+    def _pause(self, st: Stream) -> None:
+        """A throttle is full: the stream is read no more until one frees."""
+        self._paused = True
+        if not self._leased:
+            self.loop.detach(st)
+        self.messenger._when_free(lambda: self.loop.call_soon_threadsafe(self._locked, self._resume, st))
 
     def _resume(self, st: Stream) -> None:
         """A throttle has room again (the first of them to free calls this)."""
@@ -752,6 +774,17 @@ class Connection:
 # slots of Connection, SessionConnection and Session; anything else calls _send_python.
 # docs/design.md, "Send path".
 Connection.send = compiled_send(Connection, SessionConnection, Session, State.READY)  # type: ignore[method-assign]
+
+# Connection._on_readable, compiled: the steady state of the read round (a READY
+# connection whose reader is between frames, over a plain socket or an ipc:// ring:
+# read, parse, sequence, acknowledge, hand out) in one C call under the connection's
+# lock, reading and writing the slots of Connection, SessionConnection, Session and
+# FrameReader; anything else calls _on_readable_python.  A caller that reads its own
+# reply runs read_round(conn, fill) itself.  docs/design.md, "The read round, compiled".
+Connection._on_readable_python = Connection._on_readable  # type: ignore[attr-defined]
+Connection._on_readable = compiled_read(  # type: ignore[method-assign]
+    Connection, SessionConnection, Session, FrameReader, State.READY, State.CLOSED, RemoteProtocolError, _track_kept
+)
 
 
 class Messenger:
@@ -1059,9 +1092,13 @@ class Messenger:
                     go(msg)
                     break
             else:
-                conn._queued[0] += 1
-                conn._queued[1] += len(msg.front) + len(msg.data)
-                self._queue.put((-msg.priority, next(self._arrival), msg))
+                self._enqueue(conn, msg)
+
+    def _enqueue(self, conn: Connection, msg: Message) -> None:
+        """A received message for the dispatch queue (charged to the round that read it)."""
+        conn._queued[0] += 1
+        conn._queued[1] += len(msg.front) + len(msg.data)
+        self._queue.put((-msg.priority, next(self._arrival), msg))
 
     def _reply(self, msg: Message) -> bool:
         """A reply to a posted call finishes it (True); else it is dispatched as any message."""

@@ -167,6 +167,30 @@ class FrameReader:
     part of it that belongs to a frame still being read.
     """
 
+    # What the compiled read round reads and writes is in slots (messenger.py,
+    # compiled_read): the core finds it at fixed offsets.
+    __slots__ = (
+        "_buf",
+        "_view",
+        "_start",
+        "_end",
+        "_phase",
+        "_ready",
+        "_target",
+        "paused",
+        "_filled",
+        "budget_frames",
+        "budget_bytes",
+        "taken_frames",
+        "taken_bytes",
+        "max_segment",
+        "direct",
+        "stream_prefetch",
+        "sink_claims",
+        "open_charge",
+        "__dict__",
+    )
+
     def __init__(
         self,
         max_segment: int = 64 << 20,

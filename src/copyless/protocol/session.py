@@ -261,7 +261,26 @@ class SessionConnection:
 
     # What the compiled send of a Messenger's Connection reads and writes is in slots
     # (copyless._codec.compiled_send); everything else in __dict__.
-    __slots__ = ("state", "session", "_out", "data_crc", "_unacked_in", "_ack_due", "__dict__", "__weakref__")
+    __slots__ = (
+        "state",
+        "session",
+        "_out",
+        "data_crc",
+        "_unacked_in",
+        "_ack_due",
+        # and the compiled read round's (messenger.py, compiled_read)
+        "reader",
+        "compiled",
+        "messages",
+        "_events",
+        "_now",
+        "_last_rx",
+        "ack_every",
+        "ack_delay",
+        "owner",
+        "__dict__",
+        "__weakref__",
+    )
 
     def __init__(
         self,

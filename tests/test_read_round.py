@@ -1,0 +1,51 @@
+"""The read round's steady state runs in the core (messenger.compiled_read): on the
+loop and in a caller that reads its own reply, a run of calls costs no Python round.
+(That it behaves as the Python round does: test_dispatch and test_reliability run
+over both, see conftest.read_path.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+
+
+class Echo(Dispatcher):
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return True
+
+    def fast_dispatch(self, msg: Message) -> None:
+        msg.connection.send(msg.reply(2, data=[bytes(msg.data)]))
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
+def test_calls_in_the_steady_state_run_no_python_round(transport, name, tmp_path, monkeypatch):
+    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock", "ipc": f"ipc://{name}"}[transport]
+    rounds = {"loop": 0, "caller": 0}
+    loop_round, caller_round = Connection._on_readable_python, Connection._Connection__on_readable_locked  # type: ignore[attr-defined]
+
+    def on_loop(self):
+        rounds["loop"] += 1
+        loop_round(self)
+
+    def in_caller(self, fill=0):
+        rounds["caller"] += 1
+        caller_round(self, fill)
+
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Echo())
+        bound = server.bind(address)
+        server.start()
+        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
+            conn = client.connect(bound)
+            conn.wait_ready(5)
+            buf = bytearray(64)
+            for i in range(50):  # the handshake's rounds and the first acks are Python's
+                conn.call(Message(2, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
+            monkeypatch.setattr(Connection, "_on_readable_python", on_loop)
+            monkeypatch.setattr(Connection, "_Connection__on_readable_locked", in_caller)
+            for i in range(300):
+                reply = conn.call(Message(2, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
+                assert int.from_bytes(reply.data, "little") == i
+                assert reply.data.obj is buf, "the reply's data is the posted buffer"
+    assert rounds == {"loop": 0, "caller": 0}
