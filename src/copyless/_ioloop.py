@@ -244,18 +244,24 @@ class IOLoop:
                             cur = self._handlers.get(fd, (None, None))[1]
                         if cur is writer:
                             self._guard(writer)
-                with self._lock:
-                    calls, self._calls = self._calls, deque()
-                for fn, args in calls:
-                    self._guard(fn, *args)
-                now = time.monotonic()
-                while True:
+                # (looked at without the lock first: a busy loop turns once a message, and
+                # mostly finds neither; one added meanwhile is seen on the next turn, which
+                # does not sleep: the timeout is 0 while calls wait, and timers set it)
+                if self._calls:
                     with self._lock:
-                        if not self._timers or self._timers[0][0] > now:
-                            break
-                        _, _, t = heapq.heappop(self._timers)
-                    if not t.cancelled:
-                        self._guard(t.fn)
+                        calls, self._calls = self._calls, deque()
+                    for fn, args in calls:
+                        self._guard(fn, *args)
+                timers = self._timers
+                if timers and timers[0][0] <= time.monotonic():
+                    now = time.monotonic()
+                    while True:
+                        with self._lock:
+                            if not timers or timers[0][0] > now:
+                                break
+                            _, _, t = heapq.heappop(timers)
+                        if not t.cancelled:
+                            self._guard(t.fn)
         finally:
             # what was handed over before stop() still runs: a Connection's close() hands
             # over its teardown, which closes its socket, and stop() may come right after
