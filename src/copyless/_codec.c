@@ -2610,10 +2610,10 @@ static PyObject *py_sole_view(PyObject *self, PyObject *arg) {
  * frames with nothing held or handed out.  Anything else, at the start, is left to
  * the Python round (nothing done yet); within a round, what the Python path would
  * call (a frame the core leaves: received(0); the end of the stream:
- * connection_lost(); a peer that broke the ipc protocol: _teardown_locked(); a reply:
- * Messenger._reply(); a message for the dispatch queue: Messenger._enqueue(); the pump,
- * the ack timer, a pause) it calls.  Only the fast-dispatch callbacks and those run
- * Python code.  Equivalence with the Python round: the whole test suite runs on it,
+ * connection_lost(); a peer that broke the ipc protocol: _teardown_locked(); a message for
+ * the dispatch queue: Messenger._enqueue(); the pump,
+ * the ack timer, a pause) it calls; a reply finishes its _Call here (Messenger._reply,
+ * _Call.finish).  Only the fast-dispatch callbacks and those run Python code.  Equivalence with the Python round: the whole test suite runs on it,
  * and tests/test_fastpath.py counts the Python calls it leaves. */
 typedef struct {
     PyTypeObject *type;
@@ -2641,13 +2641,15 @@ static BigSlotMap rp_mach = {NULL,
                               "_events", "_now", "_last_rx", "ack_every", "ack_delay", "owner"},
                              {0}};
 static BigSlotMap rp_sess = {NULL, {"sent", "in_seq", "lossless"}, {0}};
+enum { RK_INTO, RK_DONE, RK_LATCH, RK_REPLY, RK_ERROR, RK_NOTIFY };
+static BigSlotMap rp_call = {NULL, {"into", "done", "_latch", "reply", "error", "notify"}, {0}};
 static BigSlotMap rp_read = {NULL,
                              {"_buf", "_view", "_start", "_end", "_phase", "_ready", "_target", "paused", "_filled",
                               "budget_frames", "budget_bytes", "taken_frames", "taken_bytes", "max_segment", "direct",
                               "stream_prefetch", "sink_claims", "open_charge"},
                              {0}};
 static PyObject *rp_closed, *rp_popleft, *rp_track_kept, *rp_remote_err, *rp_python;
-static PyObject *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
+static PyObject *rs_data, *rs_release, *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
     *rs_enqueue, *rs_received, *rs_connection_lost, *rs_teardown, *rs_send_ack, *rs_pump, *rs_arm_timer, *rs_when,
     *rs_renew, *rs_pause, *rs_acked;
 
@@ -2735,6 +2737,63 @@ static int session_acked(PyObject *s, PyObject *sent, uint64_t ack) {
     return 0;
 }
 
+/* Messenger._reply: a reply to a posted call (a _Call) finishes it (1); 0: no call
+ * waits for it (it is dispatched as any message). */
+static int round_reply(PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t tid) {
+    PyObject *key = PyLong_FromUnsignedLongLong(tid);
+    if (!key) return -1;
+    PyObject *pending = PyDict_GetItemWithError(calls, key); /* borrowed */
+    Py_DECREF(key);
+    if (!pending) return PyErr_Occurred() ? -1 : 0;
+    if (Py_TYPE(pending) != rp_call.type) { /* not ours: the Python method */
+        PyObject *r = PyObject_CallMethodOneArg(msgr, rs_reply, msg);
+        int taken = r ? PyObject_IsTrue(r) : -1;
+        Py_XDECREF(r);
+        return taken;
+    }
+    Py_INCREF(pending);
+    int rc = -1;
+    PyObject *into = RSLOT(pending, rp_call, RK_INTO), *latch = RSLOT(pending, rp_call, RK_LATCH);
+    if (!into || !latch) {
+        PyErr_SetString(PyExc_AttributeError, "a _Call without its slots");
+        goto done;
+    }
+    if (into != Py_None) { /* a small reply came in the prefetch buffer: one copy into the posted one */
+        PyObject *data = PyObject_GetAttr(msg, rs_data);
+        if (!data) goto done;
+        if (PyMemoryView_Check(data) && PyMemoryView_Check(into)) {
+            Py_buffer *d = PyMemoryView_GET_BUFFER(data), *b = PyMemoryView_GET_BUFFER(into);
+            if (d->obj != b->obj && d->len <= b->len && !b->readonly && PyBuffer_IsContiguous(d, 'C') &&
+                PyBuffer_IsContiguous(b, 'C') && d->itemsize == 1 && b->itemsize == 1) {
+                memcpy(b->buf, d->buf, (size_t)d->len);
+                PyObject *sl = PySequence_GetSlice(into, 0, d->len);
+                int r = sl ? PyObject_SetAttr(msg, rs_data, sl) : -1;
+                Py_XDECREF(sl);
+                if (r < 0) {
+                    Py_DECREF(data);
+                    goto done;
+                }
+            }
+        }
+        Py_DECREF(data);
+    }
+    /* _Call.finish(reply=msg) */
+    Py_XSETREF(RSLOT(pending, rp_call, RK_REPLY), Py_NewRef(msg));
+    Py_XSETREF(RSLOT(pending, rp_call, RK_ERROR), Py_NewRef(Py_None));
+    Py_XSETREF(RSLOT(pending, rp_call, RK_DONE), Py_NewRef(Py_True));
+    if (call_ok(latch, rs_release, NULL) < 0) goto done;
+    PyObject *notify = RSLOT(pending, rp_call, RK_NOTIFY);
+    if (notify && notify != Py_None) {
+        PyObject *r = PyObject_CallNoArgs(notify);
+        if (!r) goto done;
+        Py_DECREF(r);
+    }
+    rc = 1;
+done:
+    Py_DECREF(pending);
+    return rc;
+}
+
 /* Hand a run of received messages out, in order, as Messenger._deliver does. */
 static int round_deliver(PyObject *conn, PyObject *msgr, WriterObject *w, PyObject *msgs) {
     w->read_since = 1; /* a send after this answers it: not part of a burst */
@@ -2748,10 +2807,7 @@ static int round_deliver(PyObject *conn, PyObject *msgr, WriterObject *w, PyObje
         PyObject *msg = PyList_GET_ITEM(msgs, i);
         uint64_t tid;
         if (capi->reply_tid(msg, &tid) == 1 && PyDict_GET_SIZE(calls)) {
-            PyObject *r = PyObject_CallMethodOneArg(msgr, rs_reply, msg);
-            if (!r) goto done;
-            int taken = PyObject_IsTrue(r);
-            Py_DECREF(r);
+            int taken = round_reply(msgr, calls, msg, tid);
             if (taken < 0) goto done;
             if (taken) continue;
         }
@@ -3148,19 +3204,20 @@ static PyMethodDef conn_on_readable_def = {
 #define INTERN(var, s)                                                                                                 \
     if (!var && !(var = PyUnicode_InternFromString(s))) return NULL
 
-/* compiled_read(Connection, SessionConnection, Session, FrameReader, State.READY,
+/* compiled_read(Connection, SessionConnection, Session, FrameReader, _Call, State.READY,
  *               State.CLOSED, RemoteProtocolError, _core._track_kept)
  *     -> Connection._on_readable, compiled (read_round(conn, fill) is the round itself). */
 static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
-    PyObject *conn_t, *mach_t, *sess_t, *read_t, *ready, *closed, *remote, *track;
-    if (!PyArg_ParseTuple(args, "OOOOOOOO:compiled_read", &conn_t, &mach_t, &sess_t, &read_t, &ready, &closed, &remote,
-                          &track))
+    PyObject *conn_t, *mach_t, *sess_t, *read_t, *call_t, *ready, *closed, *remote, *track;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOO:compiled_read", &conn_t, &mach_t, &sess_t, &read_t, &call_t, &ready, &closed,
+                          &remote, &track))
         return NULL;
     if (!sp_deque || !sp_ready || !sp_zero)
         return PyErr_Format(PyExc_RuntimeError, "compiled_read() comes after compiled_send()");
     if (ready != sp_ready) return PyErr_Format(PyExc_ValueError, "compiled_read() and compiled_send() disagree on READY");
     if (bigslot_resolve(&rp_conn, conn_t) < 0 || bigslot_resolve(&rp_mach, mach_t) < 0 ||
-        bigslot_resolve(&rp_sess, sess_t) < 0 || bigslot_resolve(&rp_read, read_t) < 0)
+        bigslot_resolve(&rp_sess, sess_t) < 0 || bigslot_resolve(&rp_read, read_t) < 0 ||
+        bigslot_resolve(&rp_call, call_t) < 0)
         return NULL;
     if (!rp_popleft && !(rp_popleft = PyObject_GetAttrString((PyObject *)sp_deque, "popleft"))) return NULL;
     Py_XSETREF(rp_closed, Py_NewRef(closed));
@@ -3176,6 +3233,8 @@ static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
     INTERN(rs_reply, "_reply");
     INTERN(rs_enqueue, "_enqueue");
     INTERN(rs_deliver, "_deliver");
+    INTERN(rs_data, "data");
+    INTERN(rs_release, "release");
     INTERN(rs_received, "received");
     INTERN(rs_connection_lost, "connection_lost");
     INTERN(rs_teardown, "_teardown_locked");
@@ -3217,7 +3276,7 @@ static PyMethodDef codec_methods[] = {
     {"compiled_send", py_compiled_send, METH_VARARGS,
      "compiled_send(Connection, SessionConnection, Session, State.READY) -> Connection.send, compiled."},
     {"compiled_read", py_compiled_read, METH_VARARGS,
-     "compiled_read(Connection, SessionConnection, Session, FrameReader, State.READY, State.CLOSED, "
+     "compiled_read(Connection, SessionConnection, Session, FrameReader, _Call, State.READY, State.CLOSED, "
      "RemoteProtocolError, _track_kept) -> Connection._on_readable, compiled."},
     {"read_round", (PyCFunction)(void (*)(void))py_read_round, METH_FASTCALL,
      "read_round(conn, fill=0) -> bool: a connection's read round, compiled; False: not the steady state, nothing "

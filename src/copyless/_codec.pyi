@@ -123,6 +123,7 @@ def compiled_read(
     machine: type,
     session: type,
     reader: type,
+    call: type,
     ready: object,
     closed: object,
     remote_error: type,

@@ -163,7 +163,8 @@ class Dispatcher:
 
 
 class _Call:
-    """A call waiting for its reply; `notify` (if set) runs once it is finished."""
+    """A call waiting for its reply; `notify` (if set) runs once it is finished.
+    (The compiled read round finishes it as finish() does, in its slots.)"""
 
     __slots__ = ("conn", "into", "done", "_latch", "reply", "error", "notify")
 
@@ -783,7 +784,15 @@ Connection.send = compiled_send(Connection, SessionConnection, Session, State.RE
 # reply runs read_round(conn, fill) itself.  docs/design.md, "The read round, compiled".
 Connection._on_readable_python = Connection._on_readable  # type: ignore[attr-defined]
 Connection._on_readable = compiled_read(  # type: ignore[method-assign]
-    Connection, SessionConnection, Session, FrameReader, State.READY, State.CLOSED, RemoteProtocolError, _track_kept
+    Connection,
+    SessionConnection,
+    Session,
+    FrameReader,
+    _Call,
+    State.READY,
+    State.CLOSED,
+    RemoteProtocolError,
+    _track_kept,
 )
 
 
