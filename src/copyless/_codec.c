@@ -2972,7 +2972,9 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
         uint8_t *dst = (uint8_t *)PyByteArray_AS_STRING(buf) + end;
         Py_ssize_t k;
         if (chan) {
+            Py_INCREF(buf); /* (a large copy runs without the GIL) */
             k = capi->ipc_recv(chan, dst, want);
+            Py_DECREF(buf);
             if (k == -2) break; /* empty (armed) */
             if (k == -1) {
                 if (PyErr_ExceptionMatches(rp_remote_err)) { /* ipc: a bad ring index */
