@@ -542,3 +542,44 @@ def test_a_send_on_an_idle_connection_is_written_at_once_by_the_sender(child, tm
         after = conn._sendq.statistics
     assert after["sends"] - before["sends"] == 5
     assert after["written_by_sender"] - before["written_by_sender"] == 5
+
+
+def test_a_large_reply_read_in_three_reads_is_scanned_by_the_core_once(monkeypatch):
+    """A reply whose data goes straight into a posted buffer is three reads on a caller:
+    its head, the data, the frame's tail.  The core scans the head once and stops at the
+    frame (the Python path's); scanning it again, or scanning the empty buffer after the
+    tail, found nothing, at a scan's and a few Python calls' cost in each read."""
+    import copyless.protocol.frames as frames
+
+    n = 64 << 10
+    posted = bytearray(n)
+    calls = {9: None}
+
+    def sink(pre, index, earlier):
+        return memoryview(posted)[: pre.lengths[index]] if index == 2 else None
+
+    client = SessionConnection(
+        Role.CLIENT, "client.1", session=Session(lossless=False), lossless=False, messages=True, sink=sink
+    )
+    server = SessionConnection(Role.SERVER, "store.1", registry=SessionRegistry(), lossless=False)
+    for _ in range(10):
+        client.receive_data(drain(server))
+        server.receive_data(drain(client))
+    assert client.state is State.READY and server.state is State.READY
+    client.next_events()
+    client.reader.sink_claims = (calls, False)
+    data = bytes(range(256)) * (n // 256)
+    server.send_message(OutMessage(2, [b"ok"], [data], tid=9, is_reply=True))
+    wire = memoryview(drain(server))
+    scans = []
+    scan = frames.message_scan
+    monkeypatch.setattr(frames, "message_scan", lambda *a: scans.append(1) or scan(*a))
+    got = []
+    for piece in (wire[:4096], wire[4096:-8], wire[-8:]):
+        buf = client.next_read()
+        assert len(buf) >= len(piece)
+        buf[: len(piece)] = piece
+        got += client.received(len(piece), 0.0)
+    assert [(m.tid, bytes(m.front)) for m in got] == [(9, b"ok")]
+    assert got[0].data.obj is posted and posted == data
+    assert len(scans) == 1

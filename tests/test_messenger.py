@@ -112,6 +112,39 @@ def test_a_large_reply_is_read_from_the_socket_into_the_posted_buffer(transport,
                 assert reader.copied - before < FILL_HEAD, "the data went straight into the posted buffer"
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_the_rest_of_a_direct_segment_is_not_read_in_head_sized_pieces(transport, tmp_path, monkeypatch):
+    """A reply of 64 KiB into a 64 KiB buffer: the head read takes FILL_HEAD bytes, and
+    the rest of the segment (under FILL_MIN) went on in FILL_HEAD pieces, a read round
+    each (16 of them, most of the caller's CPU).  A read into the segment's own buffer
+    takes all of it that is there."""
+    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/m.sock"}[transport]
+    rounds = [0]
+    received = SessionConnection.received
+
+    def counted(self: SessionConnection, n: int, now: float) -> list:
+        rounds[0] += 1
+        return received(self, n, now)
+
+    monkeypatch.setattr(SessionConnection, "received", counted)
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Store())
+        addr = server.bind(address)
+        server.start()
+        with Messenger("client.7") as client:
+            conn = client.connect(addr)
+            conn.wait_ready(5)
+            n, calls = 64 << 10, 20
+            buf = bytearray(n)
+            rounds[0] = 0
+            for _ in range(calls):
+                buf[:] = bytes(n)
+                reply = conn.call(Message(READ, front=n.to_bytes(8, "little")), into=buf, timeout=5)
+                assert reply.data.obj is buf and buf == bytes([7]) * n
+            # head, the segment's rest, the frame's tail (and, at times, a piece more)
+            assert rounds[0] <= 5 * calls, f"{rounds[0] / calls:.1f} read rounds a call"
+
+
 def test_queued_dispatch_keeps_order_and_scatter_gather(server):
     _, store, addr = server
     store.expect = 500

@@ -67,8 +67,9 @@ __all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
 PEER_WAIT = 0.5  # a peer told to wait for the other side's connection tries again after this
 _READY = State.READY  # for the per-message paths (a plain global: ~5 ns; State.READY: ~50)
 _CLOSED = State.CLOSED
-# A caller that reads a socket itself reads a direct segment this large with recv_fill,
-# waiting at most FILL_WAIT for more of it while it holds the connection's lock.
+# A caller that reads a socket itself reads a direct segment with recv_fill, waiting at
+# most FILL_WAIT for more of it while it holds the connection's lock; if it posted a
+# buffer of FILL_MIN or more, its reads between frames take only FILL_HEAD bytes.
 FILL_MIN, FILL_WAIT, FILL_HEAD = 64 << 10, 0.005, 4096
 TIMER_RETRY = 0.002  # a connection's timer that found a caller holding it looks again this much later
 
@@ -499,11 +500,13 @@ class Connection:
         # A round of reads.  This runs once per message in a call (on both sides), so the
         # steady state is kept to a few calls: throttles only when one has a limit, and
         # the pump only when the machine has more than messages for us.
-        # fill: a caller reads a plain socket (a lease): a large segment that goes
-        # straight into its buffer is read whole in one C call (recv_fill), not a round
-        # and a poll() per piece the transport delivers (TCP: 64 KiB).  Only a caller
-        # may wait there: on the loop, other connections would wait too.  Other reads
-        # take at most `fill` bytes.
+        # fill: a caller reads a plain socket (a lease): a segment that goes straight
+        # into its buffer is read whole in one C call (recv_fill), not a round and a
+        # poll() per piece the transport delivers (TCP: 64 KiB); so is the rest of one
+        # under FILL_MIN (a 64 KiB reply's, after the head read took 4 KiB of it: it
+        # went on in `fill`-sized pieces, 16 rounds).  Only a caller may wait there: on
+        # the loop, other connections would wait too.  Other reads take at most `fill`
+        # bytes.
         m, st = self._machine, self._stream
         if m is None or st is None:
             return
@@ -527,7 +530,7 @@ class Connection:
                 try:
                     if not fill:
                         k = st.recv_into(buf)
-                    elif len(buf) >= FILL_MIN and reader.in_target:
+                    elif reader.in_target:
                         k = recv_fill(st.fileno(), buf, FILL_WAIT)
                     else:
                         if len(buf) > fill:

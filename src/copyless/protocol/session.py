@@ -526,13 +526,14 @@ class SessionConnection:
                     return out
                 if out:  # a frame the core left to us comes after these
                     self._events.append(MessagesReceived(out))
-                self._parse()
+                self._parse(scanned=True)
                 return self.take_messages()
         self.bytes_read(n, now)
         return self.take_messages()
 
-    def _parse(self) -> None:
-        """Act on what the reader has (after bytes_read)."""
+    def _parse(self, scanned: bool = False) -> None:
+        """Act on what the reader has (after bytes_read).  scanned: the core's scan just
+        stopped at the frame at hand (it is the Python path's)."""
         reader = self.reader
         try:
             if self.state is State.BANNER:
@@ -543,7 +544,11 @@ class SessionConnection:
             fast = self.messages and self.compiled
             while True:
                 if fast and self.state is _READY and reader.at_frame:
-                    if not self._take_messages():
+                    # (not scanning again what the core just stopped at, nor an empty
+                    # buffer: a large reply is three reads, each with a scan or two)
+                    if scanned:
+                        scanned = False
+                    elif not reader.partial or not self._take_messages():
                         break  # nothing else is complete yet
                     f = reader.next_frame(single=True)  # one frame the core left to us
                 else:
