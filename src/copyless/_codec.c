@@ -2413,10 +2413,11 @@ static PyTypeObject ThrottleType = {
  * messages or control frames queued ahead, a closed connection, a subclass, a slot
  * not set or of an unexpected type) takes the Python path, which decides it as
  * before.  Equivalence with the Python path: tests/test_send.py. */
+#define SLOTS_MAX 24
 typedef struct {
     PyTypeObject *type;
-    const char *names[8];
-    Py_ssize_t off[8];
+    const char *names[SLOTS_MAX];
+    Py_ssize_t off[SLOTS_MAX];
 } SlotMap;
 
 /* Connection */
@@ -2437,12 +2438,12 @@ static PyTypeObject *sp_deque;
 /* Where each name's slot is in instances of `type` (a slot it declares itself). */
 static int slotmap_resolve(SlotMap *map, PyObject *type) {
     if (!PyType_Check(type)) {
-        PyErr_SetString(PyExc_TypeError, "compiled_send() takes classes");
+        PyErr_SetString(PyExc_TypeError, "compiled_send() and compiled_read() take classes");
         return -1;
     }
     PyTypeObject *t = (PyTypeObject *)type;
-    Py_ssize_t off[8] = {0};
-    for (int i = 0; i < 8 && map->names[i]; i++) {
+    Py_ssize_t off[SLOTS_MAX] = {0};
+    for (int i = 0; i < SLOTS_MAX && map->names[i]; i++) {
         PyObject *d = PyDict_GetItemString(t->tp_dict, map->names[i]); /* borrowed */
         PyMemberDef *md = d && Py_IS_TYPE(d, &PyMemberDescr_Type) ? ((PyMemberDescrObject *)d)->d_member : NULL;
         if (!md || md->type != T_OBJECT_EX || (md->flags & READONLY)) {
@@ -2615,12 +2616,6 @@ static PyObject *py_sole_view(PyObject *self, PyObject *arg) {
  * the ack timer, a pause) it calls; a reply finishes its _Call here (Messenger._reply,
  * _Call.finish).  Only the fast-dispatch callbacks and those run Python code.  Equivalence with the Python round: the whole test suite runs on it,
  * and tests/test_fastpath.py counts the Python calls it leaves. */
-typedef struct {
-    PyTypeObject *type;
-    const char *names[24];
-    Py_ssize_t off[24];
-} BigSlotMap;
-
 enum { RC_LOCK, RC_MACHINE, RC_STREAM, RC_SENDQ, RC_MESSENGER, RC_TIMER, RC_QUEUED, RC_IN_ROUND, RC_LEASED, RC_PAUSED };
 enum {
     RM_STATE, RM_SESSION, RM_OUT, RM_UNACKED_IN, RM_ACK_DUE, RM_READER, RM_COMPILED, RM_MESSAGES, RM_EVENTS, RM_NOW,
@@ -2632,18 +2627,18 @@ enum {
     RR_BUDGET_BYTES, RR_TAKEN_FRAMES, RR_TAKEN_BYTES, RR_MAX_SEGMENT, RR_DIRECT, RR_STREAM_PREFETCH, RR_SINK_CLAIMS,
     RR_OPEN_CHARGE
 };
-static BigSlotMap rp_conn = {NULL,
+static SlotMap rp_conn = {NULL,
                              {"_lock", "_machine", "_stream", "_sendq", "messenger", "_timer", "_queued", "_in_round",
                               "_leased", "_paused"},
                              {0}};
-static BigSlotMap rp_mach = {NULL,
+static SlotMap rp_mach = {NULL,
                              {"state", "session", "_out", "_unacked_in", "_ack_due", "reader", "compiled", "messages",
                               "_events", "_now", "_last_rx", "ack_every", "ack_delay", "owner"},
                              {0}};
-static BigSlotMap rp_sess = {NULL, {"sent", "in_seq", "lossless"}, {0}};
+static SlotMap rp_sess = {NULL, {"sent", "in_seq", "lossless"}, {0}};
 enum { RK_INTO, RK_DONE, RK_LATCH, RK_REPLY, RK_ERROR, RK_NOTIFY };
-static BigSlotMap rp_call = {NULL, {"into", "done", "_latch", "reply", "error", "notify"}, {0}};
-static BigSlotMap rp_read = {NULL,
+static SlotMap rp_call = {NULL, {"into", "done", "_latch", "reply", "error", "notify"}, {0}};
+static SlotMap rp_read = {NULL,
                              {"_buf", "_view", "_start", "_end", "_phase", "_ready", "_target", "paused", "_filled",
                               "budget_frames", "budget_bytes", "taken_frames", "taken_bytes", "max_segment", "direct",
                               "stream_prefetch", "sink_claims", "open_charge"},
@@ -2652,30 +2647,6 @@ static PyObject *rp_closed, *rp_popleft, *rp_track_kept, *rp_remote_err, *rp_pyt
 static PyObject *rs_data, *rs_release, *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
     *rs_enqueue, *rs_received, *rs_connection_lost, *rs_teardown, *rs_send_ack, *rs_pump, *rs_arm_timer, *rs_when,
     *rs_renew, *rs_pause, *rs_acked;
-
-#define RSLOT(o, map, i) (*(PyObject **)((char *)(o) + (map).off[i]))
-
-static int bigslot_resolve(BigSlotMap *map, PyObject *type) {
-    if (!PyType_Check(type)) {
-        PyErr_SetString(PyExc_TypeError, "compiled_read() takes classes");
-        return -1;
-    }
-    PyTypeObject *t = (PyTypeObject *)type;
-    Py_ssize_t off[24] = {0};
-    for (int i = 0; i < 24 && map->names[i]; i++) {
-        PyObject *d = PyDict_GetItemString(t->tp_dict, map->names[i]); /* borrowed */
-        PyMemberDef *md = d && Py_IS_TYPE(d, &PyMemberDescr_Type) ? ((PyMemberDescrObject *)d)->d_member : NULL;
-        if (!md || md->type != T_OBJECT_EX || (md->flags & READONLY)) {
-            PyErr_Format(PyExc_TypeError, "%s.%s is not a slot of the class (its __slots__)", t->tp_name,
-                         map->names[i]);
-            return -1;
-        }
-        off[i] = md->offset;
-    }
-    Py_XSETREF(map->type, (PyTypeObject *)Py_NewRef(type));
-    memcpy(map->off, off, sizeof off);
-    return 0;
-}
 
 /* A slot holding an exact int: its value in *v (0: unset, not an int, or too large). */
 static int slot_ssize(PyObject *o, Py_ssize_t *v) {
@@ -2689,16 +2660,16 @@ static int slot_ssize(PyObject *o, Py_ssize_t *v) {
 }
 
 /* Set a slot to a new int (or float); -1 if it could not be made. */
-static int set_ssize(PyObject *o, BigSlotMap *map, int i, Py_ssize_t v) {
+static int set_ssize(PyObject *o, SlotMap *map, int i, Py_ssize_t v) {
     PyObject *n = PyLong_FromSsize_t(v);
     if (!n) return -1;
-    Py_XSETREF(RSLOT(o, *map, i), n);
+    Py_XSETREF(SLOT(o, *map, i), n);
     return 0;
 }
-static int set_double(PyObject *o, BigSlotMap *map, int i, double v) {
+static int set_double(PyObject *o, SlotMap *map, int i, double v) {
     PyObject *n = PyFloat_FromDouble(v);
     if (!n) return -1;
-    Py_XSETREF(RSLOT(o, *map, i), n);
+    Py_XSETREF(SLOT(o, *map, i), n);
     return 0;
 }
 
@@ -2753,7 +2724,7 @@ static int round_reply(PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t 
     }
     Py_INCREF(pending);
     int rc = -1;
-    PyObject *into = RSLOT(pending, rp_call, RK_INTO), *latch = RSLOT(pending, rp_call, RK_LATCH);
+    PyObject *into = SLOT(pending, rp_call, RK_INTO), *latch = SLOT(pending, rp_call, RK_LATCH);
     if (!into || !latch) {
         PyErr_SetString(PyExc_AttributeError, "a _Call without its slots");
         goto done;
@@ -2778,11 +2749,11 @@ static int round_reply(PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t 
         Py_DECREF(data);
     }
     /* _Call.finish(reply=msg) */
-    Py_XSETREF(RSLOT(pending, rp_call, RK_REPLY), Py_NewRef(msg));
-    Py_XSETREF(RSLOT(pending, rp_call, RK_ERROR), Py_NewRef(Py_None));
-    Py_XSETREF(RSLOT(pending, rp_call, RK_DONE), Py_NewRef(Py_True));
+    Py_XSETREF(SLOT(pending, rp_call, RK_REPLY), Py_NewRef(msg));
+    Py_XSETREF(SLOT(pending, rp_call, RK_ERROR), Py_NewRef(Py_None));
+    Py_XSETREF(SLOT(pending, rp_call, RK_DONE), Py_NewRef(Py_True));
     if (call_ok(latch, rs_release, NULL) < 0) goto done;
-    PyObject *notify = RSLOT(pending, rp_call, RK_NOTIFY);
+    PyObject *notify = SLOT(pending, rp_call, RK_NOTIFY);
     if (notify && notify != Py_None) {
         PyObject *r = PyObject_CallNoArgs(notify);
         if (!r) goto done;
@@ -2857,26 +2828,26 @@ static int track_kept(PyObject *msgs) {
  * -1 with an error (as the Python round raises, after it settled the throttles). */
 static int read_round(PyObject *conn, Py_ssize_t fill) {
     if (Py_TYPE(conn) != rp_conn.type) return 0;
-    PyObject *m = RSLOT(conn, rp_conn, RC_MACHINE), *st = RSLOT(conn, rp_conn, RC_STREAM);
-    PyObject *wo = RSLOT(conn, rp_conn, RC_SENDQ), *msgr = RSLOT(conn, rp_conn, RC_MESSENGER);
+    PyObject *m = SLOT(conn, rp_conn, RC_MACHINE), *st = SLOT(conn, rp_conn, RC_STREAM);
+    PyObject *wo = SLOT(conn, rp_conn, RC_SENDQ), *msgr = SLOT(conn, rp_conn, RC_MESSENGER);
     if (!m || !Py_IS_TYPE(m, rp_mach.type) || !st || st == Py_None || !wo || !Py_IS_TYPE(wo, &WriterType) || !msgr)
         return 0;
-    if (RSLOT(m, rp_mach, RM_STATE) != sp_ready || RSLOT(m, rp_mach, RM_COMPILED) != Py_True ||
-        RSLOT(m, rp_mach, RM_MESSAGES) != Py_True || RSLOT(m, rp_mach, RM_OWNER) != conn)
+    if (SLOT(m, rp_mach, RM_STATE) != sp_ready || SLOT(m, rp_mach, RM_COMPILED) != Py_True ||
+        SLOT(m, rp_mach, RM_MESSAGES) != Py_True || SLOT(m, rp_mach, RM_OWNER) != conn)
         return 0;
-    PyObject *events = RSLOT(m, rp_mach, RM_EVENTS), *s = RSLOT(m, rp_mach, RM_SESSION);
-    PyObject *reader = RSLOT(m, rp_mach, RM_READER);
+    PyObject *events = SLOT(m, rp_mach, RM_EVENTS), *s = SLOT(m, rp_mach, RM_SESSION);
+    PyObject *reader = SLOT(m, rp_mach, RM_READER);
     if (!events || !PyList_CheckExact(events) || PyList_GET_SIZE(events) || !s || !Py_IS_TYPE(s, rp_sess.type) ||
         !reader || !Py_IS_TYPE(reader, rp_read.type))
         return 0;
-    PyObject *sent = RSLOT(s, rp_sess, RS_SENT), *lossless = RSLOT(s, rp_sess, RS_LOSSLESS);
+    PyObject *sent = SLOT(s, rp_sess, RS_SENT), *lossless = SLOT(s, rp_sess, RS_LOSSLESS);
     if (!sent || !Py_IS_TYPE(sent, sp_deque) || !lossless || !PyBool_Check(lossless)) return 0;
     Py_ssize_t phase, x;
-    PyObject *ready = RSLOT(reader, rp_read, RR_READY);
-    if (!slot_ssize(RSLOT(reader, rp_read, RR_PHASE), &phase) || phase != 0 ||
-        RSLOT(reader, rp_read, RR_PAUSED) != Py_False || RSLOT(reader, rp_read, RR_TARGET) != Py_None || !ready ||
+    PyObject *ready = SLOT(reader, rp_read, RR_READY);
+    if (!slot_ssize(SLOT(reader, rp_read, RR_PHASE), &phase) || phase != 0 ||
+        SLOT(reader, rp_read, RR_PAUSED) != Py_False || SLOT(reader, rp_read, RR_TARGET) != Py_None || !ready ||
         !PyList_CheckExact(ready) || PyList_GET_SIZE(ready) ||
-        !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_FRAMES), &x) || !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_BYTES), &x))
+        !slot_ssize(SLOT(reader, rp_read, RR_TAKEN_FRAMES), &x) || !slot_ssize(SLOT(reader, rp_read, RR_TAKEN_BYTES), &x))
         return 0;
     PyObject *chan = ((WriterObject *)wo)->chan;
     int fd = ((WriterObject *)wo)->fd;
@@ -2900,7 +2871,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
     }
     limited = lim == Py_True;
     Py_DECREF(lim);
-    Py_XSETREF(RSLOT(reader, rp_read, RR_SINK_CLAIMS), claims); /* (what the sink may want this round) */
+    Py_XSETREF(SLOT(reader, rp_read, RR_SINK_CLAIMS), claims); /* (what the sink may want this round) */
     if (limited) { /* Messenger._grant */
         if (!(limit_frames = PyObject_GetAttr(msgr, rs_limit_frames)) ||
             !(limit_bytes = PyObject_GetAttr(msgr, rs_limit_bytes)))
@@ -2917,8 +2888,8 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
                 goto out;
             }
         Py_ssize_t tf = 0, tb = 0;
-        slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_FRAMES), &tf);
-        slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_BYTES), &tb);
+        slot_ssize(SLOT(reader, rp_read, RR_TAKEN_FRAMES), &tf);
+        slot_ssize(SLOT(reader, rp_read, RR_TAKEN_BYTES), &tb);
         if (limit_frames != Py_None) frames_granted = throttle_take((ThrottleObject *)limit_frames, 1);
         long long least = -1;
         for (Py_ssize_t i = 0; i < nbytes_t; i++) {
@@ -2926,29 +2897,29 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
             if (least < 0 || room[i] < least) least = room[i];
         }
         granted = 1; /* (from here on, the finally gives back what is not kept) */
-        before = Py_XNewRef(RSLOT(reader, rp_read, RR_OPEN_CHARGE));
+        before = Py_XNewRef(SLOT(reader, rp_read, RR_OPEN_CHARGE));
         if (set_ssize(reader, &rp_read, RR_BUDGET_FRAMES, frames_granted < 0 ? -1 : tf + (Py_ssize_t)frames_granted) < 0 ||
             set_ssize(reader, &rp_read, RR_BUDGET_BYTES, nbytes_t ? tb + (Py_ssize_t)least : -1) < 0)
             goto out;
-        PyObject *q = RSLOT(conn, rp_conn, RC_QUEUED);
+        PyObject *q = SLOT(conn, rp_conn, RC_QUEUED);
         if (q && PyList_CheckExact(q) && PyList_GET_SIZE(q) == 2) {
             Py_SETREF(PyList_GET_ITEM(q, 0), Py_NewRef(sp_zero)); /* (ints: no code runs) */
             Py_SETREF(PyList_GET_ITEM(q, 1), Py_NewRef(sp_zero));
         } else {
             PyObject *nq = Py_BuildValue("[ii]", 0, 0);
             if (!nq) goto out;
-            Py_XSETREF(RSLOT(conn, rp_conn, RC_QUEUED), nq);
+            Py_XSETREF(SLOT(conn, rp_conn, RC_QUEUED), nq);
         }
     }
-    Py_XSETREF(RSLOT(conn, rp_conn, RC_IN_ROUND), Py_NewRef(Py_True));
+    Py_XSETREF(SLOT(conn, rp_conn, RC_IN_ROUND), Py_NewRef(Py_True));
     double now = (double)mono_ns() / 1e9;
     for (int reads = 0; reads < ROUND_MAX_READS; reads++) {
         /* next_read(): a full buffer, or one drained past half that nothing points into,
          * is renewed (by the reader's own _renew) */
-        PyObject *buf = RSLOT(reader, rp_read, RR_BUF), *view = RSLOT(reader, rp_read, RR_VIEW);
+        PyObject *buf = SLOT(reader, rp_read, RR_BUF), *view = SLOT(reader, rp_read, RR_VIEW);
         Py_ssize_t start, end, size;
         if (!buf || !PyByteArray_CheckExact(buf) || !view || !PyMemoryView_Check(view) ||
-            !slot_ssize(RSLOT(reader, rp_read, RR_START), &start) || !slot_ssize(RSLOT(reader, rp_read, RR_END), &end)) {
+            !slot_ssize(SLOT(reader, rp_read, RR_START), &start) || !slot_ssize(SLOT(reader, rp_read, RR_END), &end)) {
             PyErr_SetString(PyExc_TypeError, "FrameReader's buffer slots changed type");
             goto out;
         }
@@ -2957,11 +2928,11 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
         if (end == size || (start == end && end > size / 2 && Py_REFCNT(view) == 1 && mv->mbuf &&
                             mv->mbuf->exports == 1 && mv->exports == 0)) {
             if (call_ok(reader, rs_renew, NULL) < 0) goto out;
-            buf = RSLOT(reader, rp_read, RR_BUF);
-            view = RSLOT(reader, rp_read, RR_VIEW);
+            buf = SLOT(reader, rp_read, RR_BUF);
+            view = SLOT(reader, rp_read, RR_VIEW);
             if (!buf || !PyByteArray_CheckExact(buf) || !view ||
-                !slot_ssize(RSLOT(reader, rp_read, RR_START), &start) ||
-                !slot_ssize(RSLOT(reader, rp_read, RR_END), &end)) {
+                !slot_ssize(SLOT(reader, rp_read, RR_START), &start) ||
+                !slot_ssize(SLOT(reader, rp_read, RR_END), &end)) {
                 PyErr_SetString(PyExc_TypeError, "FrameReader's buffer slots changed type");
                 goto out;
             }
@@ -3008,24 +2979,24 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
         /* received(k, now) */
         end += k;
         if (set_ssize(reader, &rp_read, RR_END, end) < 0) goto out;
-        Py_XSETREF(RSLOT(reader, rp_read, RR_FILLED), Py_NewRef(end == size ? Py_True : Py_False));
+        Py_XSETREF(SLOT(reader, rp_read, RR_FILLED), Py_NewRef(end == size ? Py_True : Py_False));
         if (set_double(m, &rp_mach, RM_NOW, now) < 0) goto out;
-        Py_XSETREF(RSLOT(m, rp_mach, RM_LAST_RX), Py_NewRef(RSLOT(m, rp_mach, RM_NOW)));
+        Py_XSETREF(SLOT(m, rp_mach, RM_LAST_RX), Py_NewRef(SLOT(m, rp_mach, RM_NOW)));
         Py_ssize_t bf, bb, tf, tb, maxseg, direct, sprefetch, in_seq_v;
-        if (!slot_ssize(RSLOT(reader, rp_read, RR_BUDGET_FRAMES), &bf) ||
-            !slot_ssize(RSLOT(reader, rp_read, RR_BUDGET_BYTES), &bb) ||
-            !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_FRAMES), &tf) ||
-            !slot_ssize(RSLOT(reader, rp_read, RR_TAKEN_BYTES), &tb) ||
-            !slot_ssize(RSLOT(reader, rp_read, RR_MAX_SEGMENT), &maxseg) ||
-            !slot_ssize(RSLOT(reader, rp_read, RR_DIRECT), &direct) ||
-            !slot_ssize(RSLOT(reader, rp_read, RR_STREAM_PREFETCH), &sprefetch) ||
-            !slot_ssize(RSLOT(s, rp_sess, RS_IN_SEQ), &in_seq_v)) {
+        if (!slot_ssize(SLOT(reader, rp_read, RR_BUDGET_FRAMES), &bf) ||
+            !slot_ssize(SLOT(reader, rp_read, RR_BUDGET_BYTES), &bb) ||
+            !slot_ssize(SLOT(reader, rp_read, RR_TAKEN_FRAMES), &tf) ||
+            !slot_ssize(SLOT(reader, rp_read, RR_TAKEN_BYTES), &tb) ||
+            !slot_ssize(SLOT(reader, rp_read, RR_MAX_SEGMENT), &maxseg) ||
+            !slot_ssize(SLOT(reader, rp_read, RR_DIRECT), &direct) ||
+            !slot_ssize(SLOT(reader, rp_read, RR_STREAM_PREFETCH), &sprefetch) ||
+            !slot_ssize(SLOT(s, rp_sess, RS_IN_SEQ), &in_seq_v)) {
             PyErr_SetString(PyExc_TypeError, "a reader or session slot changed type");
             goto out;
         }
         /* FrameReader._left(): what the budgets still allow */
         Py_ssize_t lf = bf < 0 ? -1 : (bf - tf > 0 ? bf - tf : 0), lb = bb < 0 ? -1 : (bb - tb > 0 ? bb - tb : 0);
-        PyObject *cl = RSLOT(reader, rp_read, RR_SINK_CLAIMS), *calls = Py_None;
+        PyObject *cl = SLOT(reader, rp_read, RR_SINK_CLAIMS), *calls = Py_None;
         int hooks = 1;
         if (cl && PyTuple_Check(cl) && PyTuple_GET_SIZE(cl) == 2 && PyDict_Check(PyTuple_GET_ITEM(cl, 0))) {
             calls = PyTuple_GET_ITEM(cl, 0);
@@ -3046,12 +3017,12 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
             Py_ssize_t un;
             PyObject *seq = PyLong_FromUnsignedLongLong(r.in_seq);
             if (!seq) goto out;
-            Py_XSETREF(RSLOT(s, rp_sess, RS_IN_SEQ), seq);
-            if (!slot_ssize(RSLOT(m, rp_mach, RM_UNACKED_IN), &un) ||
+            Py_XSETREF(SLOT(s, rp_sess, RS_IN_SEQ), seq);
+            if (!slot_ssize(SLOT(m, rp_mach, RM_UNACKED_IN), &un) ||
                 set_ssize(m, &rp_mach, RM_UNACKED_IN, un + r.accepted) < 0)
                 goto out;
-            if (RSLOT(m, rp_mach, RM_ACK_DUE) == Py_None) {
-                double delay = PyFloat_AsDouble(RSLOT(m, rp_mach, RM_ACK_DELAY));
+            if (SLOT(m, rp_mach, RM_ACK_DUE) == Py_None) {
+                double delay = PyFloat_AsDouble(SLOT(m, rp_mach, RM_ACK_DELAY));
                 if (delay == -1.0 && PyErr_Occurred()) goto out;
                 if (set_double(m, &rp_mach, RM_ACK_DUE, now + delay) < 0) goto out;
             }
@@ -3062,7 +3033,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
             if (d < 0 || t < 0) goto out;
         }
         Py_CLEAR(msgs);
-        if (r.stop == SCAN_SLOW && RSLOT(conn, rp_conn, RC_MACHINE) == m) {
+        if (r.stop == SCAN_SLOW && SLOT(conn, rp_conn, RC_MACHINE) == m) {
             /* a frame the core leaves to the Python reader and session */
             PyObject *z = PyLong_FromLong(0), *t = PyFloat_FromDouble(now);
             if (!z || !t) {
@@ -3085,24 +3056,24 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
             Py_CLEAR(msgs);
             break; /* the reader may be elsewhere than between frames now: the next round sees */
         }
-        if (RSLOT(conn, rp_conn, RC_MACHINE) != m || RSLOT(m, rp_mach, RM_STATE) == rp_closed) break;
+        if (SLOT(conn, rp_conn, RC_MACHINE) != m || SLOT(m, rp_mach, RM_STATE) == rp_closed) break;
         if (k < want) break; /* a short read: drained (saves the EAGAIN round) */
     }
     if (settle_reads) { /* SessionConnection.settle_reads, and what the owner does with it */
         Py_ssize_t un, every;
-        if (slot_ssize(RSLOT(m, rp_mach, RM_UNACKED_IN), &un) && slot_ssize(RSLOT(m, rp_mach, RM_ACK_EVERY), &every) &&
+        if (slot_ssize(SLOT(m, rp_mach, RM_UNACKED_IN), &un) && slot_ssize(SLOT(m, rp_mach, RM_ACK_EVERY), &every) &&
             un >= every && call_ok(m, rs_send_ack, NULL) < 0)
             goto out;
-        PyObject *ev = RSLOT(m, rp_mach, RM_EVENTS), *o = RSLOT(m, rp_mach, RM_OUT);
+        PyObject *ev = SLOT(m, rp_mach, RM_EVENTS), *o = SLOT(m, rp_mach, RM_OUT);
         if ((ev && (!PyList_Check(ev) || PyList_GET_SIZE(ev))) || (o && (!PyList_Check(o) || PyList_GET_SIZE(o))) ||
-            RSLOT(m, rp_mach, RM_STATE) != sp_ready) {
+            SLOT(m, rp_mach, RM_STATE) != sp_ready) {
             if (call_ok(conn, rs_pump, NULL) < 0) goto out;
         } else {
-            PyObject *due = RSLOT(m, rp_mach, RM_ACK_DUE);
+            PyObject *due = SLOT(m, rp_mach, RM_ACK_DUE);
             int owed = due && due != Py_None ? PyObject_IsTrue(due) : 0;
             if (owed < 0) goto out;
             if (owed) {
-                PyObject *timer = RSLOT(conn, rp_conn, RC_TIMER);
+                PyObject *timer = SLOT(conn, rp_conn, RC_TIMER);
                 int arm = !timer || timer == Py_None;
                 if (!arm) {
                     PyObject *when = PyObject_GetAttr(timer, rs_when);
@@ -3122,15 +3093,15 @@ out:
     { /* the finally: what the round did not queue goes back, except a frame still being read */
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
-        Py_XSETREF(RSLOT(conn, rp_conn, RC_IN_ROUND), Py_NewRef(Py_False));
+        Py_XSETREF(SLOT(conn, rp_conn, RC_IN_ROUND), Py_NewRef(Py_False));
         if (granted) {
             Py_ssize_t kept_msgs = 0, kept_bytes = 0, v;
-            PyObject *q = RSLOT(conn, rp_conn, RC_QUEUED), *left = RSLOT(reader, rp_read, RR_OPEN_CHARGE);
+            PyObject *q = SLOT(conn, rp_conn, RC_QUEUED), *left = SLOT(reader, rp_read, RR_OPEN_CHARGE);
             if (q && PyList_Check(q) && PyList_GET_SIZE(q) == 2) {
                 if (slot_ssize(PyList_GET_ITEM(q, 0), &v)) kept_msgs += v;
                 if (slot_ssize(PyList_GET_ITEM(q, 1), &v)) kept_bytes += v;
             }
-            if (RSLOT(m, rp_mach, RM_STATE) != rp_closed && left && PyTuple_Check(left) && PyTuple_GET_SIZE(left) == 2) {
+            if (SLOT(m, rp_mach, RM_STATE) != rp_closed && left && PyTuple_Check(left) && PyTuple_GET_SIZE(left) == 2) {
                 if (slot_ssize(PyTuple_GET_ITEM(left, 0), &v)) kept_msgs += v;
                 if (slot_ssize(PyTuple_GET_ITEM(left, 1), &v)) kept_bytes += v;
             }
@@ -3155,8 +3126,8 @@ out:
             rc = -1;
         }
     }
-    if (rc == 1 && limited && RSLOT(conn, rp_conn, RC_MACHINE) == m && RSLOT(conn, rp_conn, RC_STREAM) == st &&
-        RSLOT(reader, rp_read, RR_PAUSED) == Py_True && RSLOT(conn, rp_conn, RC_PAUSED) == Py_False &&
+    if (rc == 1 && limited && SLOT(conn, rp_conn, RC_MACHINE) == m && SLOT(conn, rp_conn, RC_STREAM) == st &&
+        SLOT(reader, rp_read, RR_PAUSED) == Py_True && SLOT(conn, rp_conn, RC_PAUSED) == Py_False &&
         call_ok(conn, rs_pause, st) < 0)
         rc = -1;
     Py_XDECREF(before);
@@ -3182,14 +3153,14 @@ static PyObject *py_read_round(PyObject *self, PyObject *const *args, Py_ssize_t
  * Connection._on_readable_python. */
 static PyObject *conn_on_readable(PyObject *conn, PyObject *unused) {
     if (Py_TYPE(conn) != rp_conn.type) goto python;
-    PyObject *lk = RSLOT(conn, rp_conn, RC_LOCK);
+    PyObject *lk = SLOT(conn, rp_conn, RC_LOCK);
     if (!lk || !Py_IS_TYPE(lk, &LockType)) goto python;
     LockObject *lock = (LockObject *)Py_NewRef(lk);
     if (lock_take(lock, -1) < 0) {
         Py_DECREF(lock);
         return NULL;
     }
-    int r = RSLOT(conn, rp_conn, RC_LEASED) == Py_False ? read_round(conn, 0) : 0;
+    int r = SLOT(conn, rp_conn, RC_LEASED) == Py_False ? read_round(conn, 0) : 0;
     lock_give(lock);
     Py_DECREF(lock);
     if (r < 0) return NULL;
@@ -3217,9 +3188,9 @@ static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
     if (!sp_deque || !sp_ready || !sp_zero)
         return PyErr_Format(PyExc_RuntimeError, "compiled_read() comes after compiled_send()");
     if (ready != sp_ready) return PyErr_Format(PyExc_ValueError, "compiled_read() and compiled_send() disagree on READY");
-    if (bigslot_resolve(&rp_conn, conn_t) < 0 || bigslot_resolve(&rp_mach, mach_t) < 0 ||
-        bigslot_resolve(&rp_sess, sess_t) < 0 || bigslot_resolve(&rp_read, read_t) < 0 ||
-        bigslot_resolve(&rp_call, call_t) < 0)
+    if (slotmap_resolve(&rp_conn, conn_t) < 0 || slotmap_resolve(&rp_mach, mach_t) < 0 ||
+        slotmap_resolve(&rp_sess, sess_t) < 0 || slotmap_resolve(&rp_read, read_t) < 0 ||
+        slotmap_resolve(&rp_call, call_t) < 0)
         return NULL;
     if (!rp_popleft && !(rp_popleft = PyObject_GetAttrString((PyObject *)sp_deque, "popleft"))) return NULL;
     Py_XSETREF(rp_closed, Py_NewRef(closed));
