@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+from copyless.protocol.frames import FrameReader
 
 
 class Echo(Dispatcher):
@@ -45,3 +46,38 @@ def test_calls_in_the_steady_state_run_no_python_round(transport, name, tmp_path
                 assert int.from_bytes(reply.data, "little") == i
                 assert reply.data.obj is buf, "the reply's data is the posted buffer"
     assert rounds == [], f"{len(rounds)} Python rounds in 300 calls"
+
+
+class Large(Dispatcher):
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return True
+
+    def fast_dispatch(self, msg: Message) -> None:
+        msg.connection.send(msg.reply(2, data=[bytes(1 << 20)]))
+
+
+def test_a_frame_the_compiled_round_stops_at_is_not_scanned_again(tmp_path, monkeypatch):
+    """A large reply's head: the round's scan stops at it (its data goes to the posted
+    buffer) and hands it to the session, which takes it without a scan of its own."""
+    scans = []
+    take = FrameReader.take_messages
+
+    def counted(self, *args):
+        scans.append(1)
+        return take(self, *args)
+
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Large())
+        bound = server.bind(f"unix://{tmp_path}/s.sock")
+        server.start()
+        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
+            conn = client.connect(bound)
+            conn.wait_ready(5)
+            buf = bytearray(1 << 20)
+            for _ in range(5):
+                conn.call(Message(2), into=buf, timeout=5)
+            monkeypatch.setattr(FrameReader, "take_messages", counted)
+            for _ in range(20):
+                reply = conn.call(Message(2), into=buf, timeout=5)
+                assert reply.data.obj is buf
+    assert scans == [], f"{len(scans)} Python scans in 20 calls"

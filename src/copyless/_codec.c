@@ -2610,7 +2610,7 @@ static PyObject *py_sole_view(PyObject *self, PyObject *arg) {
  * waiting, over a plain socket or an ipc:// ring (not TLS), whose reader is between
  * frames with nothing held or handed out.  Anything else, at the start, is left to
  * the Python round (nothing done yet); within a round, what the Python path would
- * call (a frame the core leaves: received(0); the end of the stream:
+ * call (a frame the core leaves: after_scan(); the end of the stream:
  * connection_lost(); a peer that broke the ipc protocol: _teardown_locked(); a message for
  * the dispatch queue: Messenger._enqueue(); the pump,
  * the ack timer, a pause) it calls; a reply finishes its _Call here (Messenger._reply,
@@ -2645,7 +2645,7 @@ static SlotMap rp_read = {NULL,
                              {0}};
 static PyObject *rp_closed, *rp_popleft, *rp_track_kept, *rp_remote_err, *rp_python;
 static PyObject *rs_data, *rs_release, *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
-    *rs_enqueue, *rs_received, *rs_connection_lost, *rs_teardown, *rs_send_ack, *rs_pump, *rs_arm_timer, *rs_when,
+    *rs_enqueue, *rs_after_scan, *rs_connection_lost, *rs_teardown, *rs_send_ack, *rs_pump, *rs_arm_timer, *rs_when,
     *rs_renew, *rs_pause, *rs_acked;
 
 /* A slot holding an exact int: its value in *v (0: unset, not an int, or too large). */
@@ -2857,7 +2857,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
 
     /* The round.  Held until the end: what the callbacks may drop from the slots. */
     PyObject *held[5] = {Py_NewRef(m), Py_NewRef(st), Py_NewRef(wo), Py_NewRef(reader), Py_NewRef(s)};
-    PyObject *limit_frames = NULL, *limit_bytes = NULL, *before = NULL, *msgs = NULL;
+    PyObject *limit_frames = NULL, *limit_bytes = NULL, *before = NULL, *msgs = NULL, *now_o = NULL;
     long long frames_granted = -1, room[8];
     Py_ssize_t nbytes_t = 0;
     int rc = -1, settle_reads = 1, limited = 0, granted = 0;
@@ -2913,6 +2913,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
     }
     Py_XSETREF(SLOT(conn, rp_conn, RC_IN_ROUND), Py_NewRef(Py_True));
     double now = (double)mono_ns() / 1e9;
+    if (!(now_o = PyFloat_FromDouble(now))) goto out;
     for (int reads = 0; reads < ROUND_MAX_READS; reads++) {
         /* next_read(): a full buffer, or one drained past half that nothing points into,
          * is renewed (by the reader's own _renew) */
@@ -2980,8 +2981,8 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
         end += k;
         if (set_ssize(reader, &rp_read, RR_END, end) < 0) goto out;
         Py_XSETREF(SLOT(reader, rp_read, RR_FILLED), Py_NewRef(end == size ? Py_True : Py_False));
-        if (set_double(m, &rp_mach, RM_NOW, now) < 0) goto out;
-        Py_XSETREF(SLOT(m, rp_mach, RM_LAST_RX), Py_NewRef(SLOT(m, rp_mach, RM_NOW)));
+        Py_XSETREF(SLOT(m, rp_mach, RM_NOW), Py_NewRef(now_o));
+        Py_XSETREF(SLOT(m, rp_mach, RM_LAST_RX), Py_NewRef(now_o));
         Py_ssize_t bf, bb, tf, tb, maxseg, direct, sprefetch, in_seq_v;
         if (!slot_ssize(SLOT(reader, rp_read, RR_BUDGET_FRAMES), &bf) ||
             !slot_ssize(SLOT(reader, rp_read, RR_BUDGET_BYTES), &bb) ||
@@ -3034,18 +3035,8 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
         }
         Py_CLEAR(msgs);
         if (r.stop == SCAN_SLOW && SLOT(conn, rp_conn, RC_MACHINE) == m) {
-            /* a frame the core leaves to the Python reader and session */
-            PyObject *z = PyLong_FromLong(0), *t = PyFloat_FromDouble(now);
-            if (!z || !t) {
-                Py_XDECREF(z);
-                Py_XDECREF(t);
-                goto out;
-            }
-            PyObject *a[3] = {m, z, t};
-            msgs = PyObject_VectorcallMethod(rs_received, a, 3, NULL);
-            Py_DECREF(z);
-            Py_DECREF(t);
-            if (!msgs) goto out;
+            /* a frame the core leaves to the Python reader and session (not scanned again) */
+            if (!(msgs = PyObject_CallMethodNoArgs(m, rs_after_scan))) goto out;
             if (PyList_Check(msgs) && PyList_GET_SIZE(msgs)) {
                 PyObject *da[3] = {msgr, conn, msgs};
                 PyObject *dr = PyObject_VectorcallMethod(rs_deliver, da, 3, NULL);
@@ -3090,6 +3081,7 @@ settled:
     rc = 1;
 out:
     Py_XDECREF(msgs);
+    Py_XDECREF(now_o);
     { /* the finally: what the round did not queue goes back, except a frame still being read */
         PyObject *et, *ev, *tb;
         PyErr_Fetch(&et, &ev, &tb);
@@ -3208,7 +3200,7 @@ static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
     INTERN(rs_deliver, "_deliver");
     INTERN(rs_data, "data");
     INTERN(rs_release, "release");
-    INTERN(rs_received, "received");
+    INTERN(rs_after_scan, "after_scan");
     INTERN(rs_connection_lost, "connection_lost");
     INTERN(rs_teardown, "_teardown_locked");
     INTERN(rs_send_ack, "send_ack");

@@ -526,9 +526,15 @@ class SessionConnection:
                     return out
                 if out:  # a frame the core left to us comes after these
                     self._events.append(MessagesReceived(out))
-                self._parse(scanned=True)
-                return self.take_messages()
+                return self.after_scan()
         self.bytes_read(n, now)
+        return self.take_messages()
+
+    def after_scan(self) -> list[Message]:
+        """The core's scan stopped at a frame that is the Python path's: act on it and
+        on what follows, without scanning it again; then take_messages().  (received()
+        ends so, and the compiled read round calls it after its own scan.)"""
+        self._parse(scanned=True)
         return self.take_messages()
 
     def _parse(self, scanned: bool = False) -> None:
