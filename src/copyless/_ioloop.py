@@ -253,8 +253,7 @@ class IOLoop:
                     for fn, args in calls:
                         self._guard(fn, *args)
                 timers = self._timers
-                if timers and timers[0][0] <= time.monotonic():
-                    now = time.monotonic()
+                if timers and timers[0][0] <= (now := time.monotonic()):
                     while True:
                         with self._lock:
                             if not timers or timers[0][0] > now:
