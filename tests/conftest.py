@@ -123,11 +123,13 @@ def child():
 
 @pytest.fixture(params=["compiled", "python"])
 def read_path(request, monkeypatch):
-    """Run a test over the compiled read round (the default) and over the Python round
-    it stands in for (messenger.compiled_read): both must behave the same."""
+    """Run a test over the compiled read round and call (the default) and over the Python
+    paths they stand in for (messenger.compiled_read, compiled_call): both must behave
+    the same."""
     if request.param == "python":
         from copyless import messenger
 
         monkeypatch.setattr(messenger.Connection, "_on_readable", messenger.Connection._on_readable_python)
+        monkeypatch.setattr(messenger.Connection, "call", messenger.Connection._call_python)
         monkeypatch.setattr(messenger, "read_round", lambda conn, fill=0: False)
     return request.param

@@ -10,7 +10,7 @@
 #include <sys/uio.h>
 
 #define COPYLESS_CAPI_NAME "copyless._core._CAPI"
-#define COPYLESS_CAPI_VERSION 4
+#define COPYLESS_CAPI_VERSION 5
 
 /* What a sender needs of an outgoing Message. */
 typedef struct {
@@ -47,6 +47,13 @@ typedef struct {
     Py_ssize_t (*ipc_recv)(PyObject *chan, void *dst, Py_ssize_t len);
     /* A Message's is_reply flag (1 or 0, and its tid in *tid), -1 if not a Message. */
     int (*reply_tid)(PyObject *msg, uint64_t *tid);
+    /* A caller's lease of an ipc:// channel (Connection.call), as the IpcChannel methods
+     * of the same names: take() (0); before_wait(): 1 something to do now, 0 the wake-up
+     * is armed (block on the socket); give_back(woke): 1 something came already, 0 not,
+     * -1 with an error set. */
+    int (*ipc_take)(PyObject *chan);
+    int (*ipc_before_wait)(PyObject *chan);
+    int (*ipc_give_back)(PyObject *chan, int woke);
 } CopylessCAPI;
 
 #endif

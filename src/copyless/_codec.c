@@ -2636,8 +2636,8 @@ static SlotMap rp_mach = {NULL,
                               "_events", "_now", "_last_rx", "ack_every", "ack_delay", "owner"},
                              {0}};
 static SlotMap rp_sess = {NULL, {"sent", "in_seq", "lossless"}, {0}};
-enum { RK_INTO, RK_DONE, RK_LATCH, RK_REPLY, RK_ERROR, RK_NOTIFY };
-static SlotMap rp_call = {NULL, {"into", "done", "_latch", "reply", "error", "notify"}, {0}};
+enum { RK_INTO, RK_DONE, RK_LATCH, RK_REPLY, RK_ERROR, RK_NOTIFY, RK_CONN };
+static SlotMap rp_call = {NULL, {"into", "done", "_latch", "reply", "error", "notify", "conn"}, {0}};
 static SlotMap rp_read = {NULL,
                              {"_buf", "_view", "_start", "_end", "_phase", "_ready", "_target", "paused", "_filled",
                               "budget_frames", "budget_bytes", "taken_frames", "taken_bytes", "max_segment", "direct",
@@ -3213,6 +3213,341 @@ static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
     return PyDescr_NewMethod((PyTypeObject *)conn_t, &conn_on_readable_def);
 }
 
+/* ------------------------------------------------------------------ compiled call */
+/* Connection.call over a leased ipc:// stream (Connection._call_python: _post_call,
+ * _lease, send, _read_until, _unlease, _await_call), in one C call: the call is
+ * posted as a _Call in Messenger._calls, the stream leased from its loop (the
+ * channel's take()), the request sent (conn_send), the reply read by this thread
+ * (before_wait() spins, then the socket is polled with the GIL released; each round
+ * is read_round() under the connection's lock, or the Python round where that leaves
+ * it), and the stream given back.  What it reads and writes is the Python path's own
+ * slots.  Anything but that case at the start (called on the loop's thread, a plain
+ * socket or TLS stream, a connection that is not READY, leased or paused, an unusual
+ * argument) runs _call_python, which decides it as before; a call whose reply did not
+ * come while the stream was leased (a new transport, a throttle, the deadline) waits
+ * in _await_call, as the Python path does. */
+enum { CC_CLOSED, CC_LOCK, CC_MACHINE, CC_STREAM, CC_SENDQ, CC_MESSENGER, CC_LOOP, CC_LEASED, CC_PAUSED, CC_LEASE_OFF };
+static SlotMap cc_conn = {NULL,
+                             {"_closed", "_lock", "_machine", "_stream", "_sendq", "messenger", "loop", "_leased",
+                              "_paused", "_lease_off"},
+                             {0}};
+static PyObject *cc_python, *cc_await, *cc_ident, *cc_tids, *cc_tid, *cc_allocate_lock, *cc_acquire, *cc_cast, *cc_B,
+    *cc_round, *cc_detach, *cc_attach, *cc_call_soon, *cc_on_readable;
+
+/* Connection._unlease for an ipc stream: the loop reads it again. */
+static int cc_unlease(PyObject *conn, LockObject *lock, PyObject *st, PyObject *chan) {
+    if (lock_take(lock, -1) < 0) return -1;
+    Py_XSETREF(SLOT(conn, cc_conn, CC_LEASED), Py_NewRef(Py_False));
+    int off = SLOT(conn, cc_conn, CC_LEASE_OFF) == Py_True;
+    Py_XSETREF(SLOT(conn, cc_conn, CC_LEASE_OFF), Py_NewRef(Py_False));
+    int came = capi->ipc_give_back(chan, off), rc = came < 0 ? -1 : 0;
+    if (rc == 0 && SLOT(conn, cc_conn, CC_STREAM) == st) {
+        PyObject *loop = Py_XNewRef(SLOT(conn, cc_conn, CC_LOOP)), *r = Py_None;
+        int paused = SLOT(conn, cc_conn, CC_PAUSED) == Py_True;
+        if (!loop) {
+            PyErr_SetString(PyExc_AttributeError, "Connection.loop");
+            r = NULL;
+        } else if (!off && paused) { /* a throttle filled while we read: off until it frees */
+            r = PyObject_CallMethodOneArg(loop, cc_detach, st);
+        } else if (!off && came) { /* something came meanwhile */
+            PyObject *cb = PyObject_GetAttr(conn, cc_on_readable);
+            r = cb ? PyObject_CallMethodOneArg(loop, cc_call_soon, cb) : NULL;
+            Py_XDECREF(cb);
+        } else if (off && !paused) { /* it was taken off its loop (the caller slept) */
+            r = PyObject_CallMethodOneArg(loop, cc_attach, st);
+        } else {
+            Py_INCREF(r);
+        }
+        if (!r) rc = -1;
+        Py_XDECREF(r);
+        Py_XDECREF(loop);
+    }
+    lock_give(lock);
+    return rc;
+}
+
+/* The caller reads its reply: rounds until the call is done (1), or the stream is not
+ * ours any more, a throttle paused it or the deadline (< 0: none) passed (0); -1 error. */
+static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObject *chan, PyObject *pending,
+                         double deadline) {
+    int fd = -1;
+    while (SLOT(pending, rp_call, RK_DONE) != Py_True) {
+        if (!capi->ipc_before_wait(chan)) { /* it spun, and armed the wake-up: sleep on the socket */
+            if (lock_take(lock, -1) < 0) return -1;
+            int ours = SLOT(conn, cc_conn, CC_STREAM) == st; /* (a teardown may have closed it) */
+            lock_give(lock);
+            if (!ours) return 0;
+            if (fd < 0 && (fd = PyObject_AsFileDescriptor(st)) < 0) return -1;
+            int wait = -1;
+            if (deadline >= 0) {
+                double left = deadline - mono_ns() / 1e9;
+                if (left <= 0) return 0;
+                wait = (int)(left * 1000) + 1;
+            }
+            struct pollfd pfd = {fd, POLLIN, 0};
+            int n;
+            Py_BEGIN_ALLOW_THREADS
+            n = poll(&pfd, 1, wait);
+            Py_END_ALLOW_THREADS
+            if (n < 0) {
+                if (errno != EINTR) {
+                    PyErr_SetFromErrno(PyExc_OSError);
+                    return -1;
+                }
+                if (PyErr_CheckSignals() < 0) return -1;
+                continue;
+            }
+            if (n == 0) continue;
+        }
+        if (lock_take(lock, -1) < 0) return -1;
+        if (SLOT(conn, cc_conn, CC_STREAM) != st) {
+            lock_give(lock);
+            return 0; /* the transport changed: the loop owns the new one */
+        }
+        int r = read_round(conn, 0);
+        if (r == 0) { /* not the steady state: the Python round */
+            PyObject *x = PyObject_CallMethodOneArg(conn, cc_round, sp_zero);
+            r = x ? 1 : -1;
+            Py_XDECREF(x);
+        }
+        int paused = SLOT(conn, cc_conn, CC_PAUSED) == Py_True;
+        lock_give(lock);
+        if (r < 0) return -1;
+        if (paused) return 0; /* a throttle is full: the loop resumes reading when it frees */
+    }
+    return 1;
+}
+
+/* A _Call, as _post_call makes it (its latch held until it finishes). */
+static PyObject *cc_new_call(PyObject *conn, PyObject *view) {
+    PyObject *latch = PyObject_CallNoArgs(cc_allocate_lock);
+    if (!latch) return NULL;
+    PyObject *r = PyObject_CallMethodNoArgs(latch, cc_acquire);
+    if (!r) {
+        Py_DECREF(latch);
+        return NULL;
+    }
+    Py_DECREF(r);
+    PyObject *c = rp_call.type->tp_alloc(rp_call.type, 0);
+    if (!c) {
+        Py_DECREF(latch);
+        return NULL;
+    }
+    SLOT(c, rp_call, RK_CONN) = Py_NewRef(conn);
+    SLOT(c, rp_call, RK_INTO) = Py_NewRef(view);
+    SLOT(c, rp_call, RK_DONE) = Py_NewRef(Py_False);
+    SLOT(c, rp_call, RK_LATCH) = latch;
+    SLOT(c, rp_call, RK_REPLY) = Py_NewRef(Py_None);
+    SLOT(c, rp_call, RK_ERROR) = Py_NewRef(Py_None);
+    SLOT(c, rp_call, RK_NOTIFY) = Py_NewRef(Py_None);
+    return c;
+}
+
+/* call(msg, into=None, timeout=None): the method installed as Connection.call. */
+static PyObject *conn_call(PyObject *conn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *msg, *into = Py_None, *timeout = Py_None;
+    if (nargs < 1 || nargs > 3) goto python;
+    msg = args[0];
+    if (nargs > 1) into = args[1];
+    if (nargs > 2) timeout = args[2];
+    for (Py_ssize_t i = 0; kwnames && i < PyTuple_GET_SIZE(kwnames); i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+        if (nargs < 2 && PyUnicode_CompareWithASCIIString(k, "into") == 0)
+            into = args[nargs + i];
+        else if (nargs < 3 && PyUnicode_CompareWithASCIIString(k, "timeout") == 0)
+            timeout = args[nargs + i];
+        else
+            goto python; /* (it raises the TypeError) */
+    }
+    double deadline = -1;
+    if (timeout != Py_None) {
+        if (!PyFloat_CheckExact(timeout) && !PyLong_CheckExact(timeout)) goto python;
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            goto python;
+        }
+        if (!(t >= -1e9 && t <= 1e9)) goto python;
+        deadline = mono_ns() / 1e9 + t;
+        if (deadline < 0) deadline = 0;
+    }
+    uint64_t tid;
+    if (Py_TYPE(conn) != cc_conn.type || SLOT(conn, cc_conn, CC_CLOSED) != Py_False ||
+        capi->reply_tid(msg, &tid) < 0)
+        goto python;
+    PyObject *lk = SLOT(conn, cc_conn, CC_LOCK), *loop = SLOT(conn, cc_conn, CC_LOOP);
+    PyObject *msgr = SLOT(conn, cc_conn, CC_MESSENGER);
+    if (!lk || !Py_IS_TYPE(lk, &LockType) || !loop || !msgr) goto python;
+    PyObject *ident = PyObject_GetAttr(loop, cc_ident); /* the loop's own thread reads nothing itself */
+    if (!ident) {
+        PyErr_Clear();
+        goto python;
+    }
+    unsigned long id = PyLong_AsUnsignedLong(ident);
+    Py_DECREF(ident);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        goto python;
+    }
+    if (id == PyThread_get_thread_ident()) goto python;
+
+    /* the posted buffer: memoryview(into).cast("B") */
+    PyObject *view;
+    if (into == Py_None) {
+        view = Py_NewRef(Py_None);
+    } else {
+        PyObject *v = PyMemoryView_FromObject(into);
+        if (!v) return NULL;
+        Py_buffer *b = PyMemoryView_GET_BUFFER(v);
+        if (b->ndim == 1 && b->itemsize == 1 && b->format && strcmp(b->format, "B") == 0 &&
+            (b->strides == NULL || b->strides[0] == 1)) {
+            view = v;
+        } else {
+            view = PyObject_CallMethodOneArg(v, cc_cast, cc_B);
+            Py_DECREF(v);
+            if (!view) return NULL;
+        }
+    }
+
+    /* the lease (Connection._lease): the caller reads the stream; its loop leaves it */
+    LockObject *lock = (LockObject *)Py_NewRef(lk);
+    if (lock_take(lock, -1) < 0) {
+        Py_DECREF(lock);
+        Py_DECREF(view);
+        return NULL;
+    }
+    PyObject *m = SLOT(conn, cc_conn, CC_MACHINE), *st = SLOT(conn, cc_conn, CC_STREAM);
+    PyObject *wo = SLOT(conn, cc_conn, CC_SENDQ);
+    if (!m || !Py_IS_TYPE(m, sp_mach.type) || SLOT(m, sp_mach, M_STATE) != sp_ready || !st || st == Py_None ||
+        SLOT(conn, cc_conn, CC_LEASED) != Py_False || SLOT(conn, cc_conn, CC_PAUSED) != Py_False ||
+        !SLOT(conn, cc_conn, CC_LEASE_OFF) || !wo || !Py_IS_TYPE(wo, &WriterType) || !((WriterObject *)wo)->chan ||
+        !Py_IS_TYPE(((WriterObject *)wo)->chan, capi->ipc_channel_type)) {
+        lock_give(lock);
+        Py_DECREF(lock);
+        Py_DECREF(view);
+        goto python;
+    }
+    PyObject *chan = Py_NewRef(((WriterObject *)wo)->chan);
+    st = Py_NewRef(st);
+    Py_XSETREF(SLOT(conn, cc_conn, CC_LEASED), Py_NewRef(Py_True));
+    capi->ipc_take(chan);
+    lock_give(lock);
+
+    /* from here on the stream is given back whatever happens */
+    PyObject *calls = NULL, *pending = NULL, *key = NULL, *result = NULL;
+    if (!(calls = PyObject_GetAttr(msgr, rs_calls))) goto unlease;
+    if (!PyDict_Check(calls)) {
+        PyErr_SetString(PyExc_TypeError, "Messenger._calls is not a dict");
+        goto unlease;
+    }
+    if (tid == 0) { /* _post_call: a transaction id */
+        PyObject *tids = PyObject_GetAttr(msgr, cc_tids);
+        PyObject *t = tids ? PyIter_Next(tids) : NULL;
+        Py_XDECREF(tids);
+        if (!t) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "Messenger._tids ran out");
+            goto unlease;
+        }
+        int r = PyObject_SetAttr(msg, cc_tid, t);
+        Py_DECREF(t);
+        if (r < 0 || capi->reply_tid(msg, &tid) < 0) goto unlease;
+    }
+    if (!(key = PyLong_FromUnsignedLongLong(tid)) || !(pending = cc_new_call(conn, view)) ||
+        PyDict_SetItem(calls, key, pending) < 0)
+        goto unlease;
+    PyObject *r = conn_send(conn, msg);
+    if (!r) goto unlease;
+    Py_DECREF(r);
+    if (cc_read_until(conn, lock, st, chan, pending, deadline) < 0) goto unlease;
+    if (cc_unlease(conn, lock, st, chan) < 0) goto out;
+    if (SLOT(pending, rp_call, RK_DONE) != Py_True) { /* (rare: most calls read their own reply) */
+        PyObject *dl = deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline);
+        if (!dl) goto out;
+        PyObject *a[5] = {conn, pending, key, timeout, dl};
+        result = PyObject_VectorcallMethod(cc_await, a, 5, NULL);
+        Py_DECREF(dl);
+        goto out;
+    }
+    PyObject *err = SLOT(pending, rp_call, RK_ERROR), *reply = SLOT(pending, rp_call, RK_REPLY);
+    if (err && err != Py_None)
+        PyErr_SetObject((PyObject *)Py_TYPE(err), err);
+    else if (!reply || reply == Py_None)
+        PyErr_SetString(PyExc_RuntimeError, "a finished call without its reply");
+    else
+        result = Py_NewRef(reply);
+    goto out;
+unlease: { /* an error with the stream leased: give it back first (its own error wins) */
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (cc_unlease(conn, lock, st, chan) < 0) {
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+    } else {
+        PyErr_Restore(et, ev, tb);
+    }
+}
+out:
+    if (key && calls) { /* Messenger._calls.pop(tid, None) */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (PyDict_DelItem(calls, key) < 0) PyErr_Clear();
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_XDECREF(key);
+    Py_XDECREF(pending);
+    Py_XDECREF(calls);
+    Py_DECREF(chan);
+    Py_DECREF(st);
+    Py_DECREF(lock);
+    Py_DECREF(view);
+    return result;
+python: { /* self._call_python(*args, **kwargs) */
+    Py_ssize_t n = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[8], **a = n < 8 ? small : PyMem_Malloc((size_t)(n + 1) * sizeof(PyObject *));
+    if (!a) return PyErr_NoMemory();
+    a[0] = conn;
+    memcpy(a + 1, args, (size_t)n * sizeof(PyObject *));
+    PyObject *res = PyObject_VectorcallMethod(cc_python, a, (size_t)nargs + 1, kwnames);
+    if (a != small) PyMem_Free(a);
+    return res;
+}
+}
+
+static PyMethodDef conn_call_def = {
+    "call", (PyCFunction)(void (*)(void))conn_call, METH_FASTCALL | METH_KEYWORDS,
+    "call(msg, into=None, timeout=None) -> Message: send a request and wait for its reply; the reply's data is read "
+    "straight into `into`.  Compiled for a caller that reads its own reply from an ipc:// stream; everything else "
+    "in Connection._call_python."};
+
+/* compiled_call(Connection) -> the method to install as Connection.call (after
+ * compiled_read: it posts _Calls and reads with read_round). */
+static PyObject *py_compiled_call(PyObject *self, PyObject *conn_t) {
+    if (!rp_call.type || !rp_conn.type) return PyErr_Format(PyExc_RuntimeError, "compiled_call() comes after compiled_read()");
+    if (conn_t != (PyObject *)rp_conn.type) return PyErr_Format(PyExc_ValueError, "compiled_call() and compiled_read() disagree on Connection");
+    if (slotmap_resolve(&cc_conn, conn_t) < 0) return NULL;
+    if (!cc_allocate_lock) {
+        PyObject *thread = PyImport_ImportModule("_thread");
+        cc_allocate_lock = thread ? PyObject_GetAttrString(thread, "allocate_lock") : NULL;
+        Py_XDECREF(thread);
+        if (!cc_allocate_lock) return NULL;
+    }
+    INTERN(cc_python, "_call_python");
+    INTERN(cc_await, "_await_call");
+    INTERN(cc_ident, "_ident");
+    INTERN(cc_tids, "_tids");
+    INTERN(cc_tid, "tid");
+    INTERN(cc_acquire, "acquire");
+    INTERN(cc_cast, "cast");
+    INTERN(cc_B, "B");
+    INTERN(cc_round, "_Connection__on_readable_locked");
+    INTERN(cc_detach, "detach");
+    INTERN(cc_attach, "attach");
+    INTERN(cc_call_soon, "call_soon_threadsafe");
+    INTERN(cc_on_readable, "_on_readable");
+    return PyDescr_NewMethod((PyTypeObject *)conn_t, &conn_call_def);
+}
+
 static int cpu_sse42, cpu_fold;
 
 /* _crc_impl(name) -> bool: compute crc32c with "table", "sse4.2" or "fold" (and the
@@ -3243,6 +3578,9 @@ static PyMethodDef codec_methods[] = {
     {"compiled_read", py_compiled_read, METH_VARARGS,
      "compiled_read(Connection, SessionConnection, Session, FrameReader, _Call, State.READY, State.CLOSED, "
      "RemoteProtocolError, _track_kept) -> Connection._on_readable, compiled."},
+    {"compiled_call", py_compiled_call, METH_O,
+     "compiled_call(Connection) -> Connection.call, compiled for a caller that reads an ipc:// stream (after "
+     "compiled_read)."},
     {"read_round", (PyCFunction)(void (*)(void))py_read_round, METH_FASTCALL,
      "read_round(conn, fill=0) -> bool: a connection's read round, compiled; False: not the steady state, nothing "
      "done."},

@@ -2068,9 +2068,13 @@ static int capi_reply_tid(PyObject *o, uint64_t *tid) {
 
 static Py_ssize_t capi_ipc_send(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
 static Py_ssize_t capi_ipc_recv(PyObject *chan, void *dst, Py_ssize_t len);
+static int capi_ipc_take(PyObject *chan);
+static int capi_ipc_before_wait(PyObject *chan);
+static int capi_ipc_give_back(PyObject *chan, int woke);
 static PyTypeObject IpcChannelType;
-static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType,  capi_received, capi_outgoing, capi_received_lazy,
-                            &IpcChannelType,        capi_ipc_send, capi_ipc_recv, capi_reply_tid};
+static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType,         capi_received,       capi_outgoing,
+                            capi_received_lazy,    &IpcChannelType,      capi_ipc_send,       capi_ipc_recv,
+                            capi_reply_tid,        capi_ipc_take,        capi_ipc_before_wait, capi_ipc_give_back};
 
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
@@ -2900,8 +2904,8 @@ static PyObject *IpcChannel_wait(IpcChannelObject *c, PyObject *arg) {
 /* About to block on the socket: arm the wake-up (unless it is armed already
  * and nothing came: then no system call).  True: do not block, there is
  * something to do (read, or write for a waiting writer). */
-static PyObject *ipc_arm(IpcChannelObject *c) {
-    if (!c->m || c->broken || c->rbusy) Py_RETURN_TRUE; /* the owner finds out by reading */
+static int ipc_arm(IpcChannelObject *c) {
+    if (!c->m || c->broken || c->rbusy) return 1; /* the owner finds out by reading */
     int r;
     if (c->armed) {
         int64_t a = ipc_avail(c);
@@ -2910,26 +2914,31 @@ static PyObject *ipc_arm(IpcChannelObject *c) {
         r = ipc_prepare_sleep(c);
     }
     if (r < 0) PyErr_Clear();
-    return PyBool_FromLong(r != 0);
+    return r != 0;
 }
 
 /* arm() -> bool: what the I/O loop calls for each ipc stream before it sleeps. */
-static PyObject *IpcChannel_arm(IpcChannelObject *c, PyObject *unused) { return ipc_arm(c); }
+static PyObject *IpcChannel_arm(IpcChannelObject *c, PyObject *unused) { return PyBool_FromLong(ipc_arm(c)); }
 
 /* take(): a caller reads this stream from now on, spinning (Connection.call): its loop
  * leaves it out (ipc_spin_streams, arming), and the peer need not ring. */
-static PyObject *IpcChannel_take(IpcChannelObject *c, PyObject *unused) {
+static int capi_ipc_take(PyObject *chan) {
+    IpcChannelObject *c = (IpcChannelObject *)chan;
     c->leased = 1;
     if (c->m) ipc_disarm_reader(c);
     c->lease_sleep = c->sleep_val; /* (a new value: the caller armed) */
+    return 0;
+}
+static PyObject *IpcChannel_take(IpcChannelObject *c, PyObject *unused) {
+    capi_ipc_take((PyObject *)c);
     Py_RETURN_NONE;
 }
 
 /* arm() without reading the doorbell first, for a caller that hands reading back to a
  * loop that may sleep (a byte left in the socket costs the loop one early wake-up, in
  * which it drains it; a recv per hand-back would cost every call). */
-static PyObject *ipc_rearm(IpcChannelObject *c) {
-    if (!c->m || c->broken || c->rbusy) Py_RETURN_TRUE;
+static int ipc_rearm(IpcChannelObject *c) {
+    if (!c->m || c->broken || c->rbusy) return 1;
     c->sleep_val += c->armed ? 2 : 1; /* odd, and new */
     c->armed = 1;
     STORE_REL(u32_at(c->m, IPC_RX_SLEEP), c->sleep_val);
@@ -2937,7 +2946,7 @@ static PyObject *ipc_rearm(IpcChannelObject *c) {
     int64_t a = ipc_avail(c);
     int r = a != 0 || c->eof || LOAD_ACQ(u32_at(c->p, IPC_CLOSED)) || ipc_writer_may_go(c);
     if (a < 0) PyErr_Clear();
-    return PyBool_FromLong(r);
+    return r;
 }
 
 /* give_back(woke=False) -> bool: the loop reads it again: rearm() for a loop that may be
@@ -2956,17 +2965,25 @@ static PyObject *IpcChannel_give_back(IpcChannelObject *c, PyObject *const *args
         return NULL;
     }
     if (nargs == 1 && (woke = PyObject_IsTrue(args[0])) < 0) return NULL;
+    return PyBool_FromLong(capi_ipc_give_back((PyObject *)c, woke));
+}
+static int capi_ipc_give_back(PyObject *chan, int woke) {
+    IpcChannelObject *c = (IpcChannelObject *)chan;
     c->leased = 0;
     if ((woke || c->sleep_val != c->lease_sleep) && c->m && !c->rbusy) ipc_drain(c);
     return ipc_rearm(c);
 }
 
 /* before_wait() -> bool: spin for `spin` seconds (GIL released), then arm(). */
-static PyObject *IpcChannel_before_wait(IpcChannelObject *c, PyObject *unused) {
-    if (!c->m || c->broken) Py_RETURN_TRUE;
-    if (c->head_seen != c->tail) Py_RETURN_TRUE;
-    if (ipc_spin(c, c->spin_ns)) Py_RETURN_TRUE;
+static int capi_ipc_before_wait(PyObject *chan) {
+    IpcChannelObject *c = (IpcChannelObject *)chan;
+    if (!c->m || c->broken) return 1;
+    if (c->head_seen != c->tail) return 1;
+    if (ipc_spin(c, c->spin_ns)) return 1;
     return ipc_arm(c);
+}
+static PyObject *IpcChannel_before_wait(IpcChannelObject *c, PyObject *unused) {
+    return PyBool_FromLong(capi_ipc_before_wait((PyObject *)c));
 }
 
 /* close(): say we closed gracefully (everything written is published) and drop the mappings. */

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._codec import Lock, Throttle, Writer, compiled_read, compiled_send, read_round, recv_fill
+from ._codec import Lock, Throttle, Writer, compiled_call, compiled_read, compiled_send, read_round, recv_fill
 from ._core import (
     Message,  # the one Message type, shared with pub/sub (docs/design.md)
     _track_kept,
@@ -217,6 +217,8 @@ class Connection:
         "_in_round",
         "_leased",
         "_paused",
+        "loop",
+        "_lease_off",
         "__dict__",
         "__weakref__",
     )
@@ -292,7 +294,11 @@ class Connection:
             self.loop.call_soon_threadsafe(self._locked, self._pump)
 
     def call(self, msg: Message, into: Any = None, timeout: float | None = None) -> Message:
-        """Send a request and wait for its reply; the reply's data is read straight into `into`."""
+        """Send a request and wait for its reply; the reply's data is read straight into `into`.
+
+        The class's call is the core's (compiled_call, below the class): it runs a call
+        whose caller reads its own reply from an ipc:// stream in C, exactly as this
+        does, and calls this, as _call_python, for everything else."""
         pending = self._post_call(msg, into)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -304,12 +310,18 @@ class Connection:
             finally:
                 if leased is not None:
                     self._unlease(leased)  # before waiting: the loop reads a new transport
-            if not pending.done:  # (most calls read their own reply: no wait)
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not pending.wait(left):
-                    raise Timeout(f"no reply to tid {msg.tid} within {timeout} s")
+            return self._await_call(pending, msg.tid, timeout, deadline)
         finally:
             self.messenger._calls.pop(msg.tid, None)
+
+    _call_python = call  # the compiled call's fallback
+
+    def _await_call(self, pending: _Call, tid: int, timeout: float | None, deadline: float | None) -> Message:
+        """The reply, once the call is finished (by the loop, if the caller did not read it)."""
+        if not pending.done:  # (most calls read their own reply: no wait)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not pending.wait(left):
+                raise Timeout(f"no reply to tid {tid} within {timeout} s")
         return pending.result()
 
     def _post_call(self, msg: Message, into: Any) -> _Call:
@@ -797,6 +809,12 @@ Connection._on_readable = compiled_read(  # type: ignore[method-assign]
     RemoteProtocolError,
     _track_kept,
 )
+
+# Connection.call, compiled: a caller that reads its own reply from an ipc:// stream
+# (post the call, lease the stream, send, spin and read rounds, give it back) in one C
+# call, on the same slots; anything else calls _call_python.  docs/design.md, "The
+# call, compiled".
+Connection.call = compiled_call(Connection)  # type: ignore[method-assign]
 
 
 class Messenger:

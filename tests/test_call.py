@@ -1,0 +1,172 @@
+"""Connection.call over ipc:// runs in the core (messenger.compiled_call): it posts the
+call, leases the stream, sends, reads its reply and gives the stream back in one C
+call.  These tests check that it is taken, and that at every edge (a timeout, a sleep,
+an error mid-call, unusual arguments) it leaves what the Python path leaves; each runs
+over both (conftest.read_path)."""
+
+from __future__ import annotations
+
+import array
+import threading
+import time
+
+import pytest
+
+from copyless.errors import ConfigurationError, Timeout
+from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+
+ECHO, SILENT, LATE = 2, 3, 4
+
+
+class Server(Dispatcher):
+    """ECHO replies on the loop; SILENT never replies; LATE replies 50 ms later (the
+    caller spins, then sleeps on the socket)."""
+
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return msg.type != LATE
+
+    def fast_dispatch(self, msg: Message) -> None:
+        if msg.type == ECHO:
+            msg.connection.send(msg.reply(ECHO, data=[bytes(msg.data)]))
+
+    def dispatch(self, msg: Message) -> None:
+        time.sleep(0.05)
+        msg.connection.send(msg.reply(LATE, data=[bytes(msg.data)]))
+
+
+@pytest.fixture
+def ipc(name):
+    """(client Messenger, its Connection) to a server over ipc://."""
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Server())
+        bound = server.bind(f"ipc://{name}")
+        server.start()
+        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
+            conn = client.connect(bound)
+            conn.wait_ready(5)
+            yield client, conn
+
+
+def given_back(client: Messenger, conn: Connection) -> bool:
+    """Nothing of a call is left: no posted call, the stream back with its loop."""
+    st = conn._stream
+    return client._calls == {} and not conn._leased and st is not None and not st.channel.leased
+
+
+def echo(conn: Connection, i: int, buf: bytearray) -> None:
+    reply = conn.call(Message(ECHO, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
+    assert int.from_bytes(reply.data, "little") == i
+    assert reply.data.obj is buf, "the reply's data is the posted buffer"
+
+
+def test_ipc_calls_do_not_run_the_python_call(ipc, monkeypatch):
+    client, conn = ipc
+    python_call = Connection._call_python
+    calls = []
+
+    def counted(self, *args, **kw):
+        calls.append(args)
+        return python_call(self, *args, **kw)
+
+    monkeypatch.setattr(Connection, "_call_python", counted)
+    buf = bytearray(64)
+    for i in range(300):
+        echo(conn, i, buf)
+    assert calls == []
+    assert given_back(client, conn)
+
+
+def test_a_plain_socket_call_takes_the_python_path(tmp_path, monkeypatch):
+    """(So the count above can fail: the compiled call only takes ipc streams.)"""
+    calls = []
+    python_call = Connection._call_python
+    monkeypatch.setattr(Connection, "_call_python", lambda self, *a, **k: calls.append(a) or python_call(self, *a, **k))
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Server())
+        bound = server.bind(f"unix://{tmp_path}/s.sock")
+        server.start()
+        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
+            conn = client.connect(bound)
+            conn.wait_ready(5)
+            buf = bytearray(64)
+            for i in range(10):
+                echo(conn, i, buf)
+    assert len(calls) == 10
+
+
+def test_a_call_that_times_out(ipc, read_path):
+    client, conn = ipc
+    start = time.monotonic()
+    with pytest.raises(Timeout, match="no reply to tid"):
+        conn.call(Message(SILENT, data=[b"x"]), timeout=0.2)
+    assert 0.2 <= time.monotonic() - start < 2
+    assert given_back(client, conn)
+    echo(conn, 7, bytearray(64))  # and the connection goes on
+    with pytest.raises(Timeout):
+        conn.call(Message(SILENT), timeout=0)  # (a deadline already past: still one try)
+    assert given_back(client, conn)
+
+
+def test_a_late_reply_wakes_the_sleeping_caller(ipc, read_path):
+    client, conn = ipc
+    buf = bytearray(64)
+    for i in range(5):  # the caller spins past its budget, arms, and sleeps on the socket
+        reply = conn.call(Message(LATE, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
+        assert int.from_bytes(reply.data, "little") == i and reply.data.obj is buf
+        assert given_back(client, conn)
+    for i in range(100):  # and the calls after a sleep are read by the caller again
+        echo(conn, i, buf)
+
+
+def test_an_error_mid_call_gives_the_stream_back(ipc, read_path):
+    client, conn = ipc
+    with pytest.raises(ConfigurationError):
+        conn.call(Message(1 << 16), timeout=5)  # the send refuses a type beyond the session's u16
+    assert given_back(client, conn)
+    echo(conn, 1, bytearray(64))
+
+
+def test_calls_from_threads_at_once(ipc, read_path):
+    """One caller leases the stream; the others' replies come through it or the loop."""
+    client, conn = ipc
+    errors = []
+
+    def caller(k: int) -> None:
+        buf = bytearray(64)
+        try:
+            for i in range(200):
+                echo(conn, k * 1000 + i, buf)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert given_back(client, conn)
+
+
+def test_arguments(ipc, read_path):
+    client, conn = ipc
+    buf = bytearray(64)
+    reply = conn.call(Message(ECHO, data=[bytes(range(64))]), buf, 5)  # positional
+    assert bytes(reply.data) == bytes(range(64)) and reply.data.obj is buf
+    reply = conn.call(Message(ECHO, data=[b"abc"]))  # no buffer, no timeout
+    assert bytes(reply.data) == b"abc"
+    words = array.array("I", [0] * 16)  # not bytes: cast to them, as memoryview(into).cast("B")
+    reply = conn.call(Message(ECHO, data=[array.array("I", range(16)).tobytes()]), into=words, timeout=5)
+    assert list(words) == list(range(16))
+    msg = Message(ECHO, data=[b"t"])
+    conn.call(msg, timeout=5)
+    assert msg.tid != 0  # the call gave it its transaction id
+    with pytest.raises(TypeError):
+        conn.call(Message(ECHO), buf, into=buf)
+    with pytest.raises(TypeError):
+        conn.call(Message(ECHO), deadline=5)
+    with pytest.raises(TypeError):
+        conn.call(Message(ECHO), memoryview(bytearray(8))[::2])  # not contiguous
+    with pytest.raises(AttributeError):
+        conn.call(b"not a message", timeout=5)
+    assert given_back(client, conn)
