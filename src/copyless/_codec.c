@@ -2822,6 +2822,174 @@ static int track_kept(PyObject *msgs) {
     return r ? 0 : -1;
 }
 
+/* SessionConnection._took: the acks and sequence numbers of what a scan accepted. */
+static int round_took(PyObject *m, PyObject *s, PyObject *sent, uint64_t ack, Py_ssize_t accepted, uint64_t in_seq,
+                      double now) {
+    if (ack && session_acked(s, sent, ack) < 0) return -1;
+    if (!accepted) return 0;
+    Py_ssize_t un;
+    PyObject *seq = PyLong_FromUnsignedLongLong(in_seq);
+    if (!seq) return -1;
+    Py_XSETREF(SLOT(s, rp_sess, RS_IN_SEQ), seq);
+    if (!slot_ssize(SLOT(m, rp_mach, RM_UNACKED_IN), &un) || set_ssize(m, &rp_mach, RM_UNACKED_IN, un + accepted) < 0)
+        return -1;
+    if (SLOT(m, rp_mach, RM_ACK_DUE) == Py_None) {
+        double delay = PyFloat_AsDouble(SLOT(m, rp_mach, RM_ACK_DELAY));
+        if (delay == -1.0 && PyErr_Occurred()) return -1;
+        if (set_double(m, &rp_mach, RM_ACK_DUE, now + delay) < 0) return -1;
+    }
+    return 0;
+}
+
+/* ---- a direct reply, read to its end by the caller */
+static int direct_wait_ms = 5; /* as messenger.FILL_WAIT: how long the stream may stall before the
+                                  Python reader takes over (and the caller's deadline is looked at) */
+static PyObject *rs_resume_direct, *rs_copied;
+
+/* The frame at buf[start:end] is a reply whose large data segment goes straight into
+ * the buffer its call posted (Messenger._sink), and the caller reads a plain socket
+ * (a lease): read it to its end here, with the GIL released, in scatter reads (the
+ * rest of the data into the posted buffer, the frame's tail and whatever follows into
+ * the read buffer), check it and hand it out, as the Python reader and session do
+ * (FrameReader._slow, _open_segment, _fill_target; SessionConnection._on_frame).
+ * 0: not such a frame (or not all of its head here yet), nothing done; 1: done, the
+ * reader's start and end moved past it; 2: the read stopped short of the frame's end
+ * (the stream stalled, or ended: *eof), or what came fails a check: the reader is put
+ * where the Python reader would be had it read the same bytes (_resume_direct), and
+ * after_scan() goes on from there with its precise errors; -1 with an error. */
+static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent, PyObject *reader, PyObject *msgr,
+                        WriterObject *w, int fd, PyObject *buf, PyObject *view, Py_ssize_t start, Py_ssize_t end,
+                        Py_ssize_t maxseg, Py_ssize_t direct, Py_ssize_t lf, Py_ssize_t lb, Py_ssize_t tf,
+                        Py_ssize_t tb, int lossless, uint64_t in_seq, PyObject *calls, double now, int *eof) {
+    Py_ssize_t size = PyByteArray_GET_SIZE(buf);
+    uint8_t *b = (uint8_t *)PyByteArray_AS_STRING(buf);
+    const uint8_t *p = b + start;
+    if (!PyDict_Check(calls) || end - start < PREAMBLE_SIZE) return 0;
+    if (p[0] != TAG_MESSAGE || p[1] != 3 || (get16(p + 2) & ~FLAG_NO_DATA_CRC) || get32(p + 22) || get16(p + 26) ||
+        crc32c_update(0, p, 28) != get32(p + 28))
+        return 0;
+    Py_ssize_t hl = get32(p + 4), fl = get32(p + 10), dl = get32(p + 16);
+    if (hl != MSG_HEADER_SIZE || fl >= direct || dl < direct || dl > maxseg) return 0;
+    Py_ssize_t hoff = start + PREAMBLE_SIZE, foff = hoff + hl + 4, doff = foff + fl + 4;
+    if (doff > end) return 0; /* the header and front are not all here */
+    uint32_t chain = crc32c_update(get32(p + 28), b + hoff, (size_t)hl);
+    if (chain != get32(b + hoff + hl)) return 0;
+    chain = crc32c_update(chain, b + foff, (size_t)fl);
+    if (chain != get32(b + foff + fl)) return 0;
+    const uint8_t *h = b + hoff;
+    uint64_t tid = get64(h + 4), seq = get64(h + 12), ack = get64(h + 20);
+    if (!(h[3] & MSG_FLAG_REPLY) || (lossless ? seq != in_seq + 1 : seq <= in_seq)) return 0; /* (a gap, a replay) */
+    Py_ssize_t body = fl + dl, k0 = end - doff < dl ? end - doff : dl, tpos = doff + k0;
+    if (lf == 0 || (lb >= 0 && body > lb) || size - tpos < 8) return 0; /* (a budget: the Python reader holds it) */
+    PyObject *key = PyLong_FromUnsignedLongLong(tid);
+    if (!key) return -1;
+    PyObject *pending = PyDict_GetItemWithError(calls, key); /* borrowed */
+    Py_DECREF(key);
+    if (!pending) return PyErr_Occurred() ? -1 : 0;
+    if (Py_TYPE(pending) != rp_call.type) return 0;
+    PyObject *into = SLOT(pending, rp_call, RK_INTO);
+    if (!into || !PyMemoryView_Check(into)) return 0;
+    Py_buffer *ib = PyMemoryView_GET_BUFFER(into);
+    if (ib->readonly || ib->len < dl || ib->itemsize != 1 || !PyBuffer_IsContiguous(ib, 'C')) return 0;
+
+    /* It is ours.  FrameReader._fits: charged to the budgets; _fill_target: what the read
+     * buffer holds of the data is copied over. */
+    int data_crc = !(get16(p + 2) & FLAG_NO_DATA_CRC), rc = -1;
+    if (set_ssize(reader, &rp_read, RR_TAKEN_FRAMES, tf + 1) < 0 ||
+        set_ssize(reader, &rp_read, RR_TAKEN_BYTES, tb + body) < 0)
+        return -1;
+    PyObject *held[2] = {Py_NewRef(pending), Py_NewRef(into)}, *msgs = NULL, *target = NULL;
+    uint8_t *data = ib->buf;
+    memcpy(data, b + doff, (size_t)k0);
+    Py_ssize_t have = k0, after = end - tpos; /* after: bytes past the data in the read buffer */
+    int ended = 0;
+    uint32_t crc = chain;
+    Py_BEGIN_ALLOW_THREADS
+    while (have < dl || after < 8) {
+        struct iovec iov[2];
+        int n = 0;
+        if (have < dl) iov[n++] = (struct iovec){data + have, (size_t)(dl - have)};
+        iov[n++] = (struct iovec){b + tpos + after, (size_t)(size - tpos - after)};
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        ssize_t k = recvmsg(fd, &mh, MSG_DONTWAIT);
+        if (k > 0) {
+            Py_ssize_t a = k < dl - have ? (Py_ssize_t)k : dl - have;
+            have += a;
+            after += (Py_ssize_t)k - a;
+            continue;
+        }
+        if (k < 0 && errno == EINTR) continue;
+        if (k == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) { /* the end, or a broken connection */
+            ended = 1;
+            break;
+        }
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int r = poll(&pfd, 1, direct_wait_ms);
+        if (r == 0 || (r < 0 && errno != EINTR)) break; /* stalled */
+    }
+    if (data_crc) crc = crc32c_update(chain, data, (size_t)have); /* (the Python reader's running crc) */
+    Py_END_ALLOW_THREADS
+    { /* FrameReader.copied += k0 */
+        PyObject *kk = PyLong_FromSsize_t(k0), *cv = PyObject_GetAttr(reader, rs_copied), *sum = NULL;
+        if (kk && cv) sum = PyNumber_Add(cv, kk);
+        int bad = !sum || PyObject_SetAttr(reader, rs_copied, sum) < 0;
+        Py_XDECREF(kk);
+        Py_XDECREF(cv);
+        Py_XDECREF(sum);
+        if (bad) goto done;
+    }
+    int whole = have == dl && after >= 8;
+    if (whole && (!data_crc || crc == get32(b + tpos)) && get32(b + tpos + 4) == LATE_COMPLETE) {
+        /* SessionConnection._on_frame: a message in sequence; Messenger._deliver */
+        PyObject *front = slice_view(view, foff, foff + fl), *dv = front ? PySequence_GetSlice(into, 0, dl) : NULL;
+        PyObject *msg = dv ? capi->received(get16(h), front, dv, tid, h[2], seq, 1, conn) : NULL;
+        Py_XDECREF(front);
+        Py_XDECREF(dv);
+        if (!msg) goto done;
+        msgs = PyList_New(1);
+        if (!msgs) {
+            Py_DECREF(msg);
+            goto done;
+        }
+        PyList_SET_ITEM(msgs, 0, msg);
+        if (set_ssize(reader, &rp_read, RR_START, tpos + 8) < 0 || set_ssize(reader, &rp_read, RR_END, tpos + after) < 0 ||
+            round_took(m, s, sent, ack, 1, seq, now) < 0)
+            goto done;
+        int d = round_deliver(conn, msgr, w, msgs), t = track_kept(msgs);
+        if (d < 0 || t < 0) goto done;
+        rc = 1;
+        goto done;
+    }
+    /* Short of the end, or a check fails: where the Python reader would be. */
+    *eof = ended && !whole;
+    if (set_ssize(reader, &rp_read, RR_START, tpos) < 0 || set_ssize(reader, &rp_read, RR_END, tpos + after) < 0)
+        goto done;
+    {
+        PyObject *a[8] = {reader, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+        a[1] = slice_view(view, start, start + PREAMBLE_SIZE);
+        a[2] = slice_view(view, hoff, hoff + hl);
+        a[3] = slice_view(view, foff, foff + fl);
+        a[4] = target = PySequence_GetSlice(into, 0, dl);
+        a[5] = PyLong_FromSsize_t(have);
+        a[6] = data_crc ? PyLong_FromUnsignedLong(crc) : Py_NewRef(Py_None);
+        a[7] = PyLong_FromUnsignedLong(chain);
+        PyObject *r = NULL;
+        if (a[1] && a[2] && a[3] && a[4] && a[5] && a[6] && a[7])
+            r = PyObject_VectorcallMethod(rs_resume_direct, a, 8, NULL);
+        for (int i = 1; i < 8; i++)
+            if (i != 4) Py_XDECREF(a[i]);
+        if (!r) goto done;
+        Py_DECREF(r);
+    }
+    rc = 2;
+done:
+    Py_XDECREF(msgs);
+    Py_XDECREF(target);
+    Py_DECREF(held[0]);
+    Py_DECREF(held[1]);
+    return rc;
+}
+
 #define ROUND_MAX_READS 64 /* bounded: other connections on this loop get their turn */
 
 /* 1: the round is done; 0: not the steady state, nothing done (the Python round runs);
@@ -2853,6 +3021,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
     int fd = ((WriterObject *)wo)->fd;
     if (!chan && fd < 0) return 0; /* TLS: the stream reads itself */
     if (chan) fill = 0;
+    int caller = fill > 0; /* a caller reads a plain socket (a lease): it may wait for a direct reply */
     if (fill <= 0) fill = PY_SSIZE_T_MAX;
 
     /* The round.  Held until the end: what the callbacks may drop from the slots. */
@@ -2983,6 +3152,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
         Py_XSETREF(SLOT(reader, rp_read, RR_FILLED), Py_NewRef(end == size ? Py_True : Py_False));
         Py_XSETREF(SLOT(m, rp_mach, RM_NOW), Py_NewRef(now_o));
         Py_XSETREF(SLOT(m, rp_mach, RM_LAST_RX), Py_NewRef(now_o));
+    rescan:;
         Py_ssize_t bf, bb, tf, tb, maxseg, direct, sprefetch, in_seq_v;
         if (!slot_ssize(SLOT(reader, rp_read, RR_BUDGET_FRAMES), &bf) ||
             !slot_ssize(SLOT(reader, rp_read, RR_BUDGET_BYTES), &bb) ||
@@ -2991,7 +3161,8 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
             !slot_ssize(SLOT(reader, rp_read, RR_MAX_SEGMENT), &maxseg) ||
             !slot_ssize(SLOT(reader, rp_read, RR_DIRECT), &direct) ||
             !slot_ssize(SLOT(reader, rp_read, RR_STREAM_PREFETCH), &sprefetch) ||
-            !slot_ssize(SLOT(s, rp_sess, RS_IN_SEQ), &in_seq_v)) {
+            !slot_ssize(SLOT(s, rp_sess, RS_IN_SEQ), &in_seq_v) ||
+            !slot_ssize(SLOT(reader, rp_read, RR_START), &start) || !slot_ssize(SLOT(reader, rp_read, RR_END), &end)) {
             PyErr_SetString(PyExc_TypeError, "a reader or session slot changed type");
             goto out;
         }
@@ -3012,28 +3183,36 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
             set_ssize(reader, &rp_read, RR_TAKEN_FRAMES, tf + r.frames) < 0 ||
             set_ssize(reader, &rp_read, RR_TAKEN_BYTES, tb + r.bytes) < 0)
             goto out;
-        /* SessionConnection._took */
-        if (r.ack && session_acked(s, sent, r.ack) < 0) goto out;
-        if (r.accepted) {
-            Py_ssize_t un;
-            PyObject *seq = PyLong_FromUnsignedLongLong(r.in_seq);
-            if (!seq) goto out;
-            Py_XSETREF(SLOT(s, rp_sess, RS_IN_SEQ), seq);
-            if (!slot_ssize(SLOT(m, rp_mach, RM_UNACKED_IN), &un) ||
-                set_ssize(m, &rp_mach, RM_UNACKED_IN, un + r.accepted) < 0)
-                goto out;
-            if (SLOT(m, rp_mach, RM_ACK_DUE) == Py_None) {
-                double delay = PyFloat_AsDouble(SLOT(m, rp_mach, RM_ACK_DELAY));
-                if (delay == -1.0 && PyErr_Occurred()) goto out;
-                if (set_double(m, &rp_mach, RM_ACK_DUE, now + delay) < 0) goto out;
-            }
-        }
+        if (round_took(m, s, sent, r.ack, r.accepted, r.in_seq, now) < 0) goto out;
         if (PyList_GET_SIZE(msgs)) { /* delivered read by read: fewer of them alive at once */
             int d = round_deliver(conn, msgr, w, msgs);
             int t = track_kept(msgs);
             if (d < 0 || t < 0) goto out;
         }
         Py_CLEAR(msgs);
+        int eof = 0;
+        if (r.stop == SCAN_SLOW && caller && SLOT(conn, rp_conn, RC_MACHINE) == m &&
+            SLOT(m, rp_mach, RM_STATE) == sp_ready) {
+            /* a reply read straight into its call's buffer: to its end, here (what the
+             * callbacks above left of the reader and session: from their slots) */
+            Py_ssize_t tf2, tb2, seq2, start2, end2;
+            if (!slot_ssize(SLOT(reader, rp_read, RR_TAKEN_FRAMES), &tf2) ||
+                !slot_ssize(SLOT(reader, rp_read, RR_TAKEN_BYTES), &tb2) ||
+                !slot_ssize(SLOT(s, rp_sess, RS_IN_SEQ), &seq2) || !slot_ssize(SLOT(reader, rp_read, RR_START), &start2) ||
+                !slot_ssize(SLOT(reader, rp_read, RR_END), &end2) || SLOT(reader, rp_read, RR_BUF) != buf) {
+                PyErr_SetString(PyExc_TypeError, "a reader or session slot changed type");
+                goto out;
+            }
+            int d = direct_reply(conn, m, s, sent, reader, msgr, w, fd, buf, view, start2, end2, maxseg, direct,
+                                 lf < 0 ? -1 : lf - r.frames, lb < 0 ? -1 : lb - r.bytes, tf2, tb2,
+                                 lossless == Py_True, (uint64_t)seq2, calls, now, &eof);
+            if (d < 0) goto out;
+            if (d == 1) {
+                if (SLOT(conn, rp_conn, RC_MACHINE) != m || SLOT(m, rp_mach, RM_STATE) == rp_closed) break;
+                k = 0; /* (the socket is as good as drained: no more reads this round) */
+                goto rescan; /* what followed the frame is in the read buffer */
+            }
+        }
         if (r.stop == SCAN_SLOW && SLOT(conn, rp_conn, RC_MACHINE) == m) {
             /* a frame the core leaves to the Python reader and session (not scanned again) */
             if (!(msgs = PyObject_CallMethodNoArgs(m, rs_after_scan))) goto out;
@@ -3045,6 +3224,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
                 if (!dr || t2 < 0) goto out;
             }
             Py_CLEAR(msgs);
+            if (eof && SLOT(conn, rp_conn, RC_MACHINE) == m && call_ok(m, rs_connection_lost, NULL) < 0) goto out;
             break; /* the reader may be elsewhere than between frames now: the next round sees */
         }
         if (SLOT(conn, rp_conn, RC_MACHINE) != m || SLOT(m, rp_mach, RM_STATE) == rp_closed) break;
@@ -3210,6 +3390,8 @@ static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
     INTERN(rs_renew, "_renew");
     INTERN(rs_pause, "_pause");
     INTERN(rs_acked, "acked");
+    INTERN(rs_resume_direct, "_resume_direct");
+    INTERN(rs_copied, "copied");
     return PyDescr_NewMethod((PyTypeObject *)conn_t, &conn_on_readable_def);
 }
 

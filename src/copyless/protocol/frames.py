@@ -476,6 +476,36 @@ class FrameReader:
                 raise FrameError(f"bad epilogue {late:#010x}")
             return Frame(pre.tag, segments)
 
+    def _resume_direct(
+        self,
+        preamble: memoryview,
+        header: memoryview,
+        front: memoryview,
+        target: memoryview,
+        have: int,
+        tcrc: int | None,
+        chain: int,
+    ) -> None:
+        """The core read a reply's data straight into its target (messenger's compiled
+        read round, for a caller) and stopped short of the frame's end, or found it fails
+        a check: go on from there as if this reader had read those bytes itself.  The
+        core charged the frame, checked its preamble, header and front (chain: the crc
+        after the front), copied `have` bytes into the target (tcrc: their running crc,
+        None if the data carries none) and left _start/_end at what follows them."""
+        pre = self._parse_preamble(preamble)
+        self._pre, self._index, self._crcs, self._chain = pre, 2, {}, chain
+        self.open_charge = (1, sum(pre.lengths[1:]))
+        if have < len(target):
+            self._segments = [header, front]
+            self._target, self._have, self._tcrc = target, have, tcrc
+            self._phase = _SEGMENT
+        else:
+            self._segments = [header, front, target]
+            self._target, self._tcrc = None, None
+            if tcrc is not None:
+                self._crcs[2] = tcrc
+            self._phase = _CRC
+
     def _open_segment(self, pre: Preamble) -> bool:
         """Start segment _index: a small one is taken from the prefetch buffer once
         it is all here (False: not yet); a large one gets its own buffer."""
