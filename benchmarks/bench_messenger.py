@@ -500,37 +500,53 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def run_row(row, mode, tmp):
-    lib = ROWS[row][0]
-    cells, raw, notes = {c: None for c in COLUMNS}, {}, []
+def run_rows(rows, mode, tmp):
+    """Every row's cells.  Rows are interleaved: for each metric and repeat, each row in
+    turn, so a row and the peer it is compared with are measured seconds apart (this
+    VM changes speed over minutes: measured one row after the other, a ratio said as
+    much about the VM as about the code)."""
+    cells = {row: {c: None for c in COLUMNS} for row in rows}
+    runs = {row: {} for row in rows}
+    notes = {row: [] for row in rows}
+    done = set()  # rows not implemented, or that cannot import their library
     for metric, size, test in TESTS:
-        if LIBS[lib][1].one_way and metric == "rtt":
-            continue
-        if LIBS[lib][1].metrics is not None and metric not in LIBS[lib][1].metrics:
-            continue
-        try:
-            runs = [measure(row, size, test, mode, tmp) for _ in range(mode["repeats"])]
-        except NotImplementedRow as e:
-            cells["not_implemented"] = str(e)
-            log(f"  {row:14s} not implemented: {e}")
-            break
-        except Exception as e:
-            msg = f"{type(e).__name__}: {e}"
-            notes.append(f"{metric}: {msg}")
-            log(f"  {row:14s} {metric:16s} FAILED {msg}")
-            if "ImportError" in msg or "ModuleNotFoundError" in msg:
-                break
-            continue
-        raw[metric] = runs
-        if metric == "rtt":
-            for q in ("p50_us", "p99_us"):
-                cells[f"rtt_{q}"] = median([r[q] for r in runs])
-            shown = f"p50 {cells['rtt_p50_us']:.1f} us  p99 {cells['rtt_p99_us']:.1f} us"
-        else:
-            cells[metric] = median([r["gbps" if metric.startswith("gbps") else "msgs_per_s"] for r in runs])
-            shown = f"{cells[metric]:,.2f}"
-        log(f"  {row:14s} {metric:16s} {shown}")
-    return cells, raw, notes
+        failed = set()
+        for _ in range(mode["repeats"]):
+            for row in rows:
+                lib = ROWS[row][0]
+                if row in done or row in failed:
+                    continue
+                if LIBS[lib][1].one_way and metric == "rtt":
+                    continue
+                if LIBS[lib][1].metrics is not None and metric not in LIBS[lib][1].metrics:
+                    continue
+                try:
+                    runs[row].setdefault(metric, []).append(measure(row, size, test, mode, tmp))
+                except NotImplementedRow as e:
+                    cells[row]["not_implemented"] = str(e)
+                    log(f"  {row:14s} not implemented: {e}")
+                    done.add(row)
+                except Exception as e:
+                    msg = f"{type(e).__name__}: {e}"
+                    notes[row].append(f"{metric}: {msg}")
+                    log(f"  {row:14s} {metric:16s} FAILED {msg}")
+                    failed.add(row)
+                    runs[row].pop(metric, None)
+                    if "ImportError" in msg or "ModuleNotFoundError" in msg:
+                        done.add(row)
+        for row in rows:
+            got = runs[row].get(metric)
+            if not got or row in failed:
+                continue
+            if metric == "rtt":
+                for q in ("p50_us", "p99_us"):
+                    cells[row][f"rtt_{q}"] = median([r[q] for r in got])
+                shown = f"p50 {cells[row]['rtt_p50_us']:.1f} us  p99 {cells[row]['rtt_p99_us']:.1f} us"
+            else:
+                cells[row][metric] = median([r["gbps" if metric.startswith("gbps") else "msgs_per_s"] for r in got])
+                shown = f"{cells[row][metric]:,.2f}"
+            log(f"  {row:14s} {metric:16s} {shown}")
+    return cells, runs, notes
 
 
 def ratio(a, b, metric):
@@ -634,12 +650,9 @@ def main(argv=None):
 
     t_start = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="clbench-")
-    results, raw = {}, {}
     try:
-        for row in rows:
-            log(f"[{row}]")
-            cells, raw[row], notes = run_row(row, mode, tmp)
-            results[row] = dict(cells, notes=notes)
+        cells, raw, notes = run_rows(rows, mode, tmp)
+        results = {row: dict(cells[row], notes=notes[row]) for row in rows}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         info["loadavg_end"] = os.getloadavg()

@@ -1,8 +1,9 @@
-"""Connection.call over ipc:// runs in the core (messenger.compiled_call): it posts the
-call, leases the stream, sends, reads its reply and gives the stream back in one C
-call.  These tests check that it is taken, and that at every edge (a timeout, a sleep,
-an error mid-call, unusual arguments) it leaves what the Python path leaves; each runs
-over both (conftest.read_path)."""
+"""Connection.call runs in the core (messenger.compiled_call) when its caller reads the
+reply itself, over ipc:// or a plain socket: it posts the call, leases the stream,
+sends, reads its reply and gives the stream back in one C call.  These tests check
+that it is taken, and that at every edge (a timeout, a sleep, an error mid-call,
+unusual arguments) it leaves what the Python path leaves; each runs over both
+(conftest.read_path).  (TLS streams take the Python path: test_tls.py.)"""
 
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ class Server(Dispatcher):
         msg.connection.send(msg.reply(LATE, data=[bytes(msg.data)]))
 
 
-@pytest.fixture
-def ipc(name):
-    """(client Messenger, its Connection) to a server over ipc://."""
+@pytest.fixture(params=["ipc", "unix", "tcp"])
+def pair(request, name, tmp_path):
+    """(client Messenger, its Connection) to a server over each transport."""
+    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock", "ipc": f"ipc://{name}"}[request.param]
     with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
         server.add_dispatcher(Server())
-        bound = server.bind(f"ipc://{name}")
+        bound = server.bind(address)
         server.start()
         with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
             conn = client.connect(bound)
@@ -50,7 +52,10 @@ def ipc(name):
 def given_back(client: Messenger, conn: Connection) -> bool:
     """Nothing of a call is left: no posted call, the stream back with its loop."""
     st = conn._stream
-    return client._calls == {} and not conn._leased and st is not None and not st.channel.leased
+    if client._calls or conn._leased or st is None:
+        return False
+    channel = getattr(st, "channel", None)
+    return not channel.leased if channel is not None else st.fileno() not in conn.loop._detached
 
 
 def echo(conn: Connection, i: int, buf: bytearray) -> None:
@@ -59,8 +64,8 @@ def echo(conn: Connection, i: int, buf: bytearray) -> None:
     assert reply.data.obj is buf, "the reply's data is the posted buffer"
 
 
-def test_ipc_calls_do_not_run_the_python_call(ipc, monkeypatch):
-    client, conn = ipc
+def test_calls_do_not_run_the_python_call(pair, monkeypatch):
+    client, conn = pair
     python_call = Connection._call_python
     calls = []
 
@@ -76,26 +81,8 @@ def test_ipc_calls_do_not_run_the_python_call(ipc, monkeypatch):
     assert given_back(client, conn)
 
 
-def test_a_plain_socket_call_takes_the_python_path(tmp_path, monkeypatch):
-    """(So the count above can fail: the compiled call only takes ipc streams.)"""
-    calls = []
-    python_call = Connection._call_python
-    monkeypatch.setattr(Connection, "_call_python", lambda self, *a, **k: calls.append(a) or python_call(self, *a, **k))
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
-        server.add_dispatcher(Server())
-        bound = server.bind(f"unix://{tmp_path}/s.sock")
-        server.start()
-        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
-            conn = client.connect(bound)
-            conn.wait_ready(5)
-            buf = bytearray(64)
-            for i in range(10):
-                echo(conn, i, buf)
-    assert len(calls) == 10
-
-
-def test_a_call_that_times_out(ipc, read_path):
-    client, conn = ipc
+def test_a_call_that_times_out(pair, read_path):
+    client, conn = pair
     start = time.monotonic()
     with pytest.raises(Timeout, match="no reply to tid"):
         conn.call(Message(SILENT, data=[b"x"]), timeout=0.2)
@@ -107,8 +94,8 @@ def test_a_call_that_times_out(ipc, read_path):
     assert given_back(client, conn)
 
 
-def test_a_late_reply_wakes_the_sleeping_caller(ipc, read_path):
-    client, conn = ipc
+def test_a_late_reply_wakes_the_sleeping_caller(pair, read_path):
+    client, conn = pair
     buf = bytearray(64)
     for i in range(5):  # the caller spins past its budget, arms, and sleeps on the socket
         reply = conn.call(Message(LATE, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
@@ -118,17 +105,17 @@ def test_a_late_reply_wakes_the_sleeping_caller(ipc, read_path):
         echo(conn, i, buf)
 
 
-def test_an_error_mid_call_gives_the_stream_back(ipc, read_path):
-    client, conn = ipc
+def test_an_error_mid_call_gives_the_stream_back(pair, read_path):
+    client, conn = pair
     with pytest.raises(ConfigurationError):
         conn.call(Message(1 << 16), timeout=5)  # the send refuses a type beyond the session's u16
     assert given_back(client, conn)
     echo(conn, 1, bytearray(64))
 
 
-def test_calls_from_threads_at_once(ipc, read_path):
+def test_calls_from_threads_at_once(pair, read_path):
     """One caller leases the stream; the others' replies come through it or the loop."""
-    client, conn = ipc
+    client, conn = pair
     errors = []
 
     def caller(k: int) -> None:
@@ -148,8 +135,8 @@ def test_calls_from_threads_at_once(ipc, read_path):
     assert given_back(client, conn)
 
 
-def test_arguments(ipc, read_path):
-    client, conn = ipc
+def test_arguments(pair, read_path):
+    client, conn = pair
     buf = bytearray(64)
     reply = conn.call(Message(ECHO, data=[bytes(range(64))]), buf, 5)  # positional
     assert bytes(reply.data) == bytes(range(64)) and reply.data.obj is buf

@@ -2905,6 +2905,8 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
     int ended = 0;
     uint32_t crc = chain;
     Py_BEGIN_ALLOW_THREADS
+    /* the data's crc as it lands (still in cache, and while the rest is on its way) */
+    if (data_crc) crc = crc32c_update(crc, data, (size_t)have);
     while (have < dl || after < 8) {
         struct iovec iov[2];
         int n = 0;
@@ -2914,6 +2916,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
         ssize_t k = recvmsg(fd, &mh, MSG_DONTWAIT);
         if (k > 0) {
             Py_ssize_t a = k < dl - have ? (Py_ssize_t)k : dl - have;
+            if (data_crc) crc = crc32c_update(crc, data + have, (size_t)a);
             have += a;
             after += (Py_ssize_t)k - a;
             continue;
@@ -2927,7 +2930,6 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
         int r = poll(&pfd, 1, direct_wait_ms);
         if (r == 0 || (r < 0 && errno != EINTR)) break; /* stalled */
     }
-    if (data_crc) crc = crc32c_update(chain, data, (size_t)have); /* (the Python reader's running crc) */
     Py_END_ALLOW_THREADS
     { /* FrameReader.copied += k0 */
         PyObject *kk = PyLong_FromSsize_t(k0), *cv = PyObject_GetAttr(reader, rs_copied), *sum = NULL;
@@ -3396,33 +3398,37 @@ static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
 }
 
 /* ------------------------------------------------------------------ compiled call */
-/* Connection.call over a leased ipc:// stream (Connection._call_python: _post_call,
- * _lease, send, _read_until, _unlease, _await_call), in one C call: the call is
- * posted as a _Call in Messenger._calls, the stream leased from its loop (the
- * channel's take()), the request sent (conn_send), the reply read by this thread
- * (before_wait() spins, then the socket is polled with the GIL released; each round
- * is read_round() under the connection's lock, or the Python round where that leaves
- * it), and the stream given back.  What it reads and writes is the Python path's own
- * slots.  Anything but that case at the start (called on the loop's thread, a plain
- * socket or TLS stream, a connection that is not READY, leased or paused, an unusual
- * argument) runs _call_python, which decides it as before; a call whose reply did not
- * come while the stream was leased (a new transport, a throttle, the deadline) waits
- * in _await_call, as the Python path does. */
+/* Connection.call for a caller that reads its own reply (Connection._call_python:
+ * _post_call, _lease, send, _read_until, _unlease, _await_call), in one C call, over
+ * an ipc:// stream or a plain socket: the call is posted as a _Call in
+ * Messenger._calls, the stream leased from its loop (ipc: the channel's take(); a
+ * socket: the loop's detach()), the request sent (conn_send), the reply read by this
+ * thread (ipc: before_wait() spins first; then the socket is polled with the GIL
+ * released; each round is read_round() under the connection's lock, or the Python
+ * round where that declines), and the stream given back.  What it reads and writes is
+ * the Python path's own slots.  Anything but that case at the start (called on the
+ * loop's thread, a TLS stream, a connection that is not READY, leased or paused, an
+ * unusual argument) runs _call_python, which decides it as before; a call whose reply
+ * did not come while the stream was leased (a new transport, a throttle, the
+ * deadline) waits in _await_call, as the Python path does. */
 enum { CC_CLOSED, CC_LOCK, CC_MACHINE, CC_STREAM, CC_SENDQ, CC_MESSENGER, CC_LOOP, CC_LEASED, CC_PAUSED, CC_LEASE_OFF };
 static SlotMap cc_conn = {NULL,
                              {"_closed", "_lock", "_machine", "_stream", "_sendq", "messenger", "loop", "_leased",
                               "_paused", "_lease_off"},
                              {0}};
+static PyTypeObject *cc_stream; /* transports.Stream: a plain socket (not TLS, not ipc) */
+static Py_ssize_t cc_fill_head, cc_fill_min;
 static PyObject *cc_python, *cc_await, *cc_ident, *cc_tids, *cc_tid, *cc_allocate_lock, *cc_acquire, *cc_cast, *cc_B,
     *cc_round, *cc_detach, *cc_attach, *cc_call_soon, *cc_on_readable;
 
-/* Connection._unlease for an ipc stream: the loop reads it again. */
+/* Connection._unlease: the loop reads the stream again (chan: an ipc stream's channel;
+ * NULL, a plain socket, which the lease took off the loop). */
 static int cc_unlease(PyObject *conn, LockObject *lock, PyObject *st, PyObject *chan) {
     if (lock_take(lock, -1) < 0) return -1;
     Py_XSETREF(SLOT(conn, cc_conn, CC_LEASED), Py_NewRef(Py_False));
-    int off = SLOT(conn, cc_conn, CC_LEASE_OFF) == Py_True;
+    int off = SLOT(conn, cc_conn, CC_LEASE_OFF) == Py_True || !chan; /* (a socket is off its loop) */
     Py_XSETREF(SLOT(conn, cc_conn, CC_LEASE_OFF), Py_NewRef(Py_False));
-    int came = capi->ipc_give_back(chan, off), rc = came < 0 ? -1 : 0;
+    int came = chan ? capi->ipc_give_back(chan, off) : 0, rc = came < 0 ? -1 : 0;
     if (rc == 0 && SLOT(conn, cc_conn, CC_STREAM) == st) {
         PyObject *loop = Py_XNewRef(SLOT(conn, cc_conn, CC_LOOP)), *r = Py_None;
         int paused = SLOT(conn, cc_conn, CC_PAUSED) == Py_True;
@@ -3435,7 +3441,7 @@ static int cc_unlease(PyObject *conn, LockObject *lock, PyObject *st, PyObject *
             PyObject *cb = PyObject_GetAttr(conn, cc_on_readable);
             r = cb ? PyObject_CallMethodOneArg(loop, cc_call_soon, cb) : NULL;
             Py_XDECREF(cb);
-        } else if (off && !paused) { /* it was taken off its loop (the caller slept) */
+        } else if (off && !paused) { /* it was taken off its loop (a socket; an ipc caller slept) */
             r = PyObject_CallMethodOneArg(loop, cc_attach, st);
         } else {
             Py_INCREF(r);
@@ -3450,11 +3456,12 @@ static int cc_unlease(PyObject *conn, LockObject *lock, PyObject *st, PyObject *
 
 /* The caller reads its reply: rounds until the call is done (1), or the stream is not
  * ours any more, a throttle paused it or the deadline (< 0: none) passed (0); -1 error. */
-static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObject *chan, PyObject *pending,
-                         double deadline) {
+static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObject *chan, WriterObject *w,
+                         Py_ssize_t fill, PyObject *pending, double deadline) {
     int fd = -1;
     while (SLOT(pending, rp_call, RK_DONE) != Py_True) {
-        if (!capi->ipc_before_wait(chan)) { /* it spun, and armed the wake-up: sleep on the socket */
+        /* ipc: spin, then arm the wake-up; a socket: straight to the poll */
+        if (!chan || !capi->ipc_before_wait(chan)) {
             if (lock_take(lock, -1) < 0) return -1;
             int ours = SLOT(conn, cc_conn, CC_STREAM) == st; /* (a teardown may have closed it) */
             lock_give(lock);
@@ -3466,7 +3473,8 @@ static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObjec
                 if (left <= 0) return 0;
                 wait = (int)(left * 1000) + 1;
             }
-            struct pollfd pfd = {fd, POLLIN, 0};
+            /* (a socket with a stalled send: room to write too, as on the loop) */
+            struct pollfd pfd = {fd, (short)(POLLIN | (!chan && w->pending ? POLLOUT : 0)), 0};
             int n;
             Py_BEGIN_ALLOW_THREADS
             n = poll(&pfd, 1, wait);
@@ -3486,9 +3494,11 @@ static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObjec
             lock_give(lock);
             return 0; /* the transport changed: the loop owns the new one */
         }
-        int r = read_round(conn, 0);
+        int r = read_round(conn, fill);
         if (r == 0) { /* not the steady state: the Python round */
-            PyObject *x = PyObject_CallMethodOneArg(conn, cc_round, sp_zero);
+            PyObject *f = PyLong_FromSsize_t(fill);
+            PyObject *x = f ? PyObject_CallMethodOneArg(conn, cc_round, f) : NULL;
+            Py_XDECREF(f);
             r = x ? 1 : -1;
             Py_XDECREF(x);
         }
@@ -3600,20 +3610,38 @@ static PyObject *conn_call(PyObject *conn, PyObject *const *args, Py_ssize_t nar
     }
     PyObject *m = SLOT(conn, cc_conn, CC_MACHINE), *st = SLOT(conn, cc_conn, CC_STREAM);
     PyObject *wo = SLOT(conn, cc_conn, CC_SENDQ);
+    WriterObject *w = wo && Py_IS_TYPE(wo, &WriterType) ? (WriterObject *)wo : NULL;
     if (!m || !Py_IS_TYPE(m, sp_mach.type) || SLOT(m, sp_mach, M_STATE) != sp_ready || !st || st == Py_None ||
         SLOT(conn, cc_conn, CC_LEASED) != Py_False || SLOT(conn, cc_conn, CC_PAUSED) != Py_False ||
-        !SLOT(conn, cc_conn, CC_LEASE_OFF) || !wo || !Py_IS_TYPE(wo, &WriterType) || !((WriterObject *)wo)->chan ||
-        !Py_IS_TYPE(((WriterObject *)wo)->chan, capi->ipc_channel_type)) {
+        !SLOT(conn, cc_conn, CC_LEASE_OFF) || !w ||
+        !(w->chan ? Py_IS_TYPE(w->chan, capi->ipc_channel_type) : w->fd >= 0 && Py_IS_TYPE(st, cc_stream))) {
         lock_give(lock);
         Py_DECREF(lock);
         Py_DECREF(view);
         goto python;
     }
-    PyObject *chan = Py_NewRef(((WriterObject *)wo)->chan);
+    PyObject *chan = Py_XNewRef(w->chan);
+    Py_INCREF(w);
     st = Py_NewRef(st);
     Py_XSETREF(SLOT(conn, cc_conn, CC_LEASED), Py_NewRef(Py_True));
-    capi->ipc_take(chan);
+    /* an ipc stream stays on its loop (take: the loop leaves it, the peer need not ring);
+     * a socket comes off it before the request goes (the loop never sees the reply) */
+    PyObject *det = chan ? (capi->ipc_take(chan), Py_NewRef(Py_None)) : PyObject_CallMethodOneArg(loop, cc_detach, st);
+    if (!det) {
+        Py_XSETREF(SLOT(conn, cc_conn, CC_LEASED), Py_NewRef(Py_False));
+        lock_give(lock);
+        Py_XDECREF(chan);
+        Py_DECREF(w);
+        Py_DECREF(st);
+        Py_DECREF(lock);
+        Py_DECREF(view);
+        return NULL;
+    }
+    Py_DECREF(det);
     lock_give(lock);
+    /* a socket: if the reply is to land in a large buffer, reads between frames take only
+     * the head, so its data goes straight there (as _read_until) */
+    Py_ssize_t fill = chan ? 0 : view != Py_None && PyObject_Length(view) >= cc_fill_min ? cc_fill_head : (Py_ssize_t)1 << 30;
 
     /* from here on the stream is given back whatever happens */
     PyObject *calls = NULL, *pending = NULL, *key = NULL, *result = NULL;
@@ -3640,7 +3668,7 @@ static PyObject *conn_call(PyObject *conn, PyObject *const *args, Py_ssize_t nar
     PyObject *r = conn_send(conn, msg);
     if (!r) goto unlease;
     Py_DECREF(r);
-    if (cc_read_until(conn, lock, st, chan, pending, deadline) < 0) goto unlease;
+    if (cc_read_until(conn, lock, st, chan, w, fill, pending, deadline) < 0) goto unlease;
     if (cc_unlease(conn, lock, st, chan) < 0) goto out;
     if (SLOT(pending, rp_call, RK_DONE) != Py_True) { /* (rare: most calls read their own reply) */
         PyObject *dl = deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline);
@@ -3679,7 +3707,8 @@ out:
     Py_XDECREF(key);
     Py_XDECREF(pending);
     Py_XDECREF(calls);
-    Py_DECREF(chan);
+    Py_XDECREF(chan);
+    Py_DECREF(w);
     Py_DECREF(st);
     Py_DECREF(lock);
     Py_DECREF(view);
@@ -3699,15 +3728,21 @@ python: { /* self._call_python(*args, **kwargs) */
 static PyMethodDef conn_call_def = {
     "call", (PyCFunction)(void (*)(void))conn_call, METH_FASTCALL | METH_KEYWORDS,
     "call(msg, into=None, timeout=None) -> Message: send a request and wait for its reply; the reply's data is read "
-    "straight into `into`.  Compiled for a caller that reads its own reply from an ipc:// stream; everything else "
-    "in Connection._call_python."};
+    "straight into `into`.  Compiled for a caller that reads its own reply from an ipc:// stream or a plain socket; "
+    "everything else in Connection._call_python."};
 
 /* compiled_call(Connection) -> the method to install as Connection.call (after
  * compiled_read: it posts _Calls and reads with read_round). */
-static PyObject *py_compiled_call(PyObject *self, PyObject *conn_t) {
+static PyObject *py_compiled_call(PyObject *self, PyObject *args) {
+    PyObject *conn_t, *stream_t;
+    Py_ssize_t head, min;
+    if (!PyArg_ParseTuple(args, "OO!nn:compiled_call", &conn_t, &PyType_Type, &stream_t, &head, &min)) return NULL;
     if (!rp_call.type || !rp_conn.type) return PyErr_Format(PyExc_RuntimeError, "compiled_call() comes after compiled_read()");
     if (conn_t != (PyObject *)rp_conn.type) return PyErr_Format(PyExc_ValueError, "compiled_call() and compiled_read() disagree on Connection");
     if (slotmap_resolve(&cc_conn, conn_t) < 0) return NULL;
+    Py_XSETREF(cc_stream, (PyTypeObject *)Py_NewRef(stream_t));
+    cc_fill_head = head;
+    cc_fill_min = min;
     if (!cc_allocate_lock) {
         PyObject *thread = PyImport_ImportModule("_thread");
         cc_allocate_lock = thread ? PyObject_GetAttrString(thread, "allocate_lock") : NULL;
@@ -3760,9 +3795,9 @@ static PyMethodDef codec_methods[] = {
     {"compiled_read", py_compiled_read, METH_VARARGS,
      "compiled_read(Connection, SessionConnection, Session, FrameReader, _Call, State.READY, State.CLOSED, "
      "RemoteProtocolError, _track_kept) -> Connection._on_readable, compiled."},
-    {"compiled_call", py_compiled_call, METH_O,
-     "compiled_call(Connection) -> Connection.call, compiled for a caller that reads an ipc:// stream (after "
-     "compiled_read)."},
+    {"compiled_call", py_compiled_call, METH_VARARGS,
+     "compiled_call(Connection, Stream, FILL_HEAD, FILL_MIN) -> Connection.call, compiled for a caller that reads "
+     "its reply from an ipc:// stream or a plain socket (after compiled_read)."},
     {"read_round", (PyCFunction)(void (*)(void))py_read_round, METH_FASTCALL,
      "read_round(conn, fill=0) -> bool: a connection's read round, compiled; False: not the steady state, nothing "
      "done."},

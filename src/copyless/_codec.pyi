@@ -132,8 +132,9 @@ def compiled_read(
 ) -> Any:
     """Connection._on_readable with the read round's steady state compiled (after compiled_send)."""
 
-def compiled_call(connection: type, /) -> Any:
-    """Connection.call compiled for a caller that reads an ipc:// stream (after compiled_read)."""
+def compiled_call(connection: type, stream: type, fill_head: int, fill_min: int, /) -> Any:
+    """Connection.call compiled for a caller that reads its reply from an ipc:// stream or a
+    plain socket (after compiled_read)."""
 
 def read_round(connection: Any, fill: int = 0, /) -> bool:
     """A connection's read round, compiled (the caller holds its lock); False: not the steady state."""

@@ -297,8 +297,8 @@ class Connection:
         """Send a request and wait for its reply; the reply's data is read straight into `into`.
 
         The class's call is the core's (compiled_call, below the class): it runs a call
-        whose caller reads its own reply from an ipc:// stream in C, exactly as this
-        does, and calls this, as _call_python, for everything else."""
+        whose caller reads its own reply from an ipc:// stream or a plain socket in C,
+        exactly as this does, and calls this, as _call_python, for everything else."""
         pending = self._post_call(msg, into)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -810,11 +810,12 @@ Connection._on_readable = compiled_read(  # type: ignore[method-assign]
     _track_kept,
 )
 
-# Connection.call, compiled: a caller that reads its own reply from an ipc:// stream
-# (post the call, lease the stream, send, spin and read rounds, give it back) in one C
-# call, on the same slots; anything else calls _call_python.  docs/design.md, "The
+# Connection.call, compiled: a caller that reads its own reply from an ipc:// stream or
+# a plain socket (post the call, lease the stream, send, read rounds, give it back) in
+# one C call, on the same slots; anything else (TLS, the loop's own thread, a leased or
+# paused connection) calls _call_python.  docs/design.md, "The
 # call, compiled".
-Connection.call = compiled_call(Connection)  # type: ignore[method-assign]
+Connection.call = compiled_call(Connection, Stream, FILL_HEAD, FILL_MIN)  # type: ignore[method-assign]
 
 
 class Messenger:
