@@ -7,6 +7,7 @@ tests check both halves over tcp (data crc on by default) and unix (off)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -36,12 +37,21 @@ def ask(conn, i: int, n: int, buf: bytearray, timeout: float = 10) -> None:
     assert len(reply.data) == n and reply.data == SOURCE[off : off + n], f"call {i}: wrong bytes"
 
 
-def serve(tmp_path, transport):
-    server = Messenger("store.1", policies={"client": Policy.stateful_server()})
-    server.add_dispatcher(Slices())
-    bound = server.bind({"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock"}[transport])
-    server.start()
-    return server, bound
+@contextlib.contextmanager
+def session(tmp_path, transport, proxied=False):
+    """(client Messenger, its Connection, the FaultProxy between them or None) to a
+    server that replies with slices of SOURCE."""
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Slices())
+        bound = server.bind({"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock"}[transport])
+        server.start()
+        with contextlib.ExitStack() as stack:
+            proxy = stack.enter_context(FaultProxy(bound)) if proxied else None
+            client = stack.enter_context(Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1))
+            conn = client.connect(proxy.address if proxy else bound)
+            conn.wait_ready(5)
+            yield client, conn, proxy
+            assert client._calls == {} and not conn._leased, "a call was left posted, or the stream leased"
 
 
 def counting(monkeypatch):
@@ -64,10 +74,7 @@ def counting(monkeypatch):
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_large_replies_are_read_to_their_end_in_the_core(transport, tmp_path, monkeypatch):
-    server, bound = serve(tmp_path, transport)
-    with server, Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
-        conn = client.connect(bound)
-        conn.wait_ready(5)
+    with session(tmp_path, transport) as (client, conn, _):
         buf = bytearray(2 << 20)
         for i in range(3):
             ask(conn, i, 1 << 20, buf)
@@ -80,59 +87,43 @@ def test_large_replies_are_read_to_their_end_in_the_core(transport, tmp_path, mo
         assert seen == {"slow": 0, "resumed": []}, "the Python reader took part"
         # what the head read had of the data was copied out of the read buffer: no more
         assert 0 < reader.copied - copied <= 40 * 4096
-        assert client._calls == {} and not conn._leased
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_a_stalled_reply_is_finished_by_the_python_reader(transport, tmp_path, monkeypatch):
     """Through a proxy that holds each chunk back 10 ms: the core's read stalls in the
     middle of the data (it waits 5 ms), and the Python reader goes on from there."""
-    server, bound = serve(tmp_path, transport)
-    with server, FaultProxy(bound) as proxy:
-        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
-            conn = client.connect(proxy.address)
-            conn.wait_ready(5)
-            buf = bytearray(1 << 20)
-            seen = counting(monkeypatch)
-            proxy.delay(0.01)
-            for i in range(5):
-                ask(conn, i, 1 << 20, buf)
-            assert any(have < n for have, n in seen["resumed"]), seen["resumed"]
-            assert client._calls == {} and not conn._leased
+    with session(tmp_path, transport, proxied=True) as (client, conn, proxy):
+        buf = bytearray(1 << 20)
+        seen = counting(monkeypatch)
+        proxy.delay(0.01)
+        for i in range(5):
+            ask(conn, i, 1 << 20, buf)
+        assert any(have < n for have, n in seen["resumed"]), seen["resumed"]
 
 
 def test_a_damaged_reply_fails_its_crc_and_is_sent_again(tmp_path, monkeypatch):
     """tcp carries a data crc: bytes flipped in a reply's data fail it (the core hands
     the whole frame to the Python reader, which raises BadChecksum); the connection is
     reset, the lossless session replays, and every call gets the right bytes."""
-    server, bound = serve(tmp_path, "tcp")
-    with server, FaultProxy(bound) as proxy:
-        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
-            conn = client.connect(proxy.address)
-            conn.wait_ready(5)
-            buf = bytearray(1 << 20)
-            ask(conn, 0, 1 << 20, buf)
-            seen = counting(monkeypatch)
-            proxy.corrupt(0.02, seed=3)
-            for i in range(30):
-                ask(conn, i, 1 << 20, buf, timeout=30)
-            proxy.corrupt(0)
-            assert proxy.statistics().chunks_corrupted > 0
-            assert any(have == n for have, n in seen["resumed"]), "no whole reply failed its check in the core"
-            assert client._calls == {} and not conn._leased
+    with session(tmp_path, "tcp", proxied=True) as (client, conn, proxy):
+        buf = bytearray(1 << 20)
+        ask(conn, 0, 1 << 20, buf)
+        seen = counting(monkeypatch)
+        proxy.corrupt(0.02, seed=3)
+        for i in range(30):
+            ask(conn, i, 1 << 20, buf, timeout=30)
+        proxy.corrupt(0)
+        assert proxy.statistics().chunks_corrupted > 0
+        assert any(have == n for have, n in seen["resumed"]), "no whole reply failed its check in the core"
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_a_reply_cut_in_the_middle_is_sent_again(transport, tmp_path):
-    server, bound = serve(tmp_path, transport)
-    with server, FaultProxy(bound) as proxy:
-        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
-            conn = client.connect(proxy.address)
-            conn.wait_ready(5)
-            buf = bytearray(1 << 20)
-            ask(conn, 0, 1 << 20, buf)
-            for i in range(1, 4):
-                proxy.cut_after(300_000 * i, "downstream")  # in the middle of the next reply's data
-                ask(conn, i, 1 << 20, buf, timeout=30)
-            assert proxy.statistics().connections_cut == 3
-            assert client._calls == {} and not conn._leased
+    with session(tmp_path, transport, proxied=True) as (client, conn, proxy):
+        buf = bytearray(1 << 20)
+        ask(conn, 0, 1 << 20, buf)
+        for i in range(1, 4):
+            proxy.cut_after(300_000 * i, "downstream")  # in the middle of the next reply's data
+            ask(conn, i, 1 << 20, buf, timeout=30)
+        assert proxy.statistics().connections_cut == 3
