@@ -2957,6 +2957,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
         if (set_ssize(reader, &rp_read, RR_START, tpos + 8) < 0 || set_ssize(reader, &rp_read, RR_END, tpos + after) < 0 ||
             round_took(m, s, sent, ack, 1, seq, now) < 0)
             goto done;
+        Py_XSETREF(SLOT(reader, rp_read, RR_FILLED), Py_NewRef(tpos + after == size ? Py_True : Py_False));
         int d = round_deliver(conn, msgr, w, msgs), t = track_kept(msgs);
         if (d < 0 || t < 0) goto done;
         rc = 1;
@@ -2966,6 +2967,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
     *eof = ended && !whole;
     if (set_ssize(reader, &rp_read, RR_START, tpos) < 0 || set_ssize(reader, &rp_read, RR_END, tpos + after) < 0)
         goto done;
+    Py_XSETREF(SLOT(reader, rp_read, RR_FILLED), Py_NewRef(tpos + after == size ? Py_True : Py_False));
     {
         PyObject *a[8] = {reader, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
         a[1] = slice_view(view, start, start + PREAMBLE_SIZE);
@@ -3226,7 +3228,9 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
                 if (!dr || t2 < 0) goto out;
             }
             Py_CLEAR(msgs);
-            if (eof && SLOT(conn, rp_conn, RC_MACHINE) == m && call_ok(m, rs_connection_lost, NULL) < 0) goto out;
+            if (eof && SLOT(conn, rp_conn, RC_MACHINE) == m && SLOT(m, rp_mach, RM_STATE) != rp_closed &&
+                call_ok(m, rs_connection_lost, NULL) < 0)
+                goto out;
             break; /* the reader may be elsewhere than between frames now: the next round sees */
         }
         if (SLOT(conn, rp_conn, RC_MACHINE) != m || SLOT(m, rp_mach, RM_STATE) == rp_closed) break;
