@@ -3,9 +3,11 @@ lossless replay across transport faults, and thread/fd hygiene."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import wait_for
@@ -87,13 +89,9 @@ def test_call_reply_lands_in_the_posted_buffer(server):
         assert [c.peer_name for c in store.accepted] == ["client.7"]
 
 
-@pytest.mark.parametrize("transport", ["tcp", "unix"])
-def test_a_large_reply_is_read_from_the_socket_into_the_posted_buffer(transport, tmp_path):
-    """Not through the prefetch buffer: a caller that posted a large buffer reads only
-    FILL_HEAD bytes ahead (the frame's head, and what follows it in that read), so at
-    most that sliver of the data is copied (reader.copied counts every byte of a direct
-    segment that was).  Reading the head to the byte would cost two more system calls
-    than copying 4 KiB does."""
+@contextlib.contextmanager
+def connected_to_store(transport: str, tmp_path) -> Iterator[Connection]:
+    """A client's READY connection to a Store over tcp or unix."""
     address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/m.sock"}[transport]
     with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
         server.add_dispatcher(Store())
@@ -102,14 +100,25 @@ def test_a_large_reply_is_read_from_the_socket_into_the_posted_buffer(transport,
         with Messenger("client.7") as client:
             conn = client.connect(addr)
             conn.wait_ready(5)
-            for _ in range(20):
-                buf = bytearray(1 << 20)
-                assert conn._machine is not None
-                reader = conn._machine.reader
-                before = reader.copied
-                reply = conn.call(Message(READ, front=(1 << 20).to_bytes(8, "little")), into=buf, timeout=5)
-                assert reply.data.obj is buf and buf == bytes([7]) * (1 << 20)
-                assert reader.copied - before < FILL_HEAD, "the data went straight into the posted buffer"
+            yield conn
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_large_reply_is_read_from_the_socket_into_the_posted_buffer(transport, tmp_path):
+    """Not through the prefetch buffer: a caller that posted a large buffer reads only
+    FILL_HEAD bytes ahead (the frame's head, and what follows it in that read), so at
+    most that sliver of the data is copied (reader.copied counts every byte of a direct
+    segment that was).  Reading the head to the byte would cost two more system calls
+    than copying 4 KiB does."""
+    with connected_to_store(transport, tmp_path) as conn:
+        for _ in range(20):
+            buf = bytearray(1 << 20)
+            assert conn._machine is not None
+            reader = conn._machine.reader
+            before = reader.copied
+            reply = conn.call(Message(READ, front=(1 << 20).to_bytes(8, "little")), into=buf, timeout=5)
+            assert reply.data.obj is buf and buf == bytes([7]) * (1 << 20)
+            assert reader.copied - before < FILL_HEAD, "the data went straight into the posted buffer"
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
@@ -118,7 +127,6 @@ def test_the_rest_of_a_direct_segment_is_not_read_in_head_sized_pieces(transport
     the rest of the segment (under FILL_MIN) went on in FILL_HEAD pieces, a read round
     each (16 of them, most of the caller's CPU).  A read into the segment's own buffer
     takes all of it that is there."""
-    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/m.sock"}[transport]
     rounds = [0]
     received = SessionConnection.received
 
@@ -127,22 +135,16 @@ def test_the_rest_of_a_direct_segment_is_not_read_in_head_sized_pieces(transport
         return received(self, n, now)
 
     monkeypatch.setattr(SessionConnection, "received", counted)
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
-        server.add_dispatcher(Store())
-        addr = server.bind(address)
-        server.start()
-        with Messenger("client.7") as client:
-            conn = client.connect(addr)
-            conn.wait_ready(5)
-            n, calls = 64 << 10, 20
-            buf = bytearray(n)
-            rounds[0] = 0
-            for _ in range(calls):
-                buf[:] = bytes(n)
-                reply = conn.call(Message(READ, front=n.to_bytes(8, "little")), into=buf, timeout=5)
-                assert reply.data.obj is buf and buf == bytes([7]) * n
-            # head, the segment's rest, the frame's tail (and, at times, a piece more)
-            assert rounds[0] <= 5 * calls, f"{rounds[0] / calls:.1f} read rounds a call"
+    with connected_to_store(transport, tmp_path) as conn:
+        n, calls = 64 << 10, 20
+        buf = bytearray(n)
+        rounds[0] = 0
+        for _ in range(calls):
+            buf[:] = bytes(n)
+            reply = conn.call(Message(READ, front=n.to_bytes(8, "little")), into=buf, timeout=5)
+            assert reply.data.obj is buf and buf == bytes([7]) * n
+        # head, the segment's rest, the frame's tail (and, at times, a piece more)
+        assert rounds[0] <= 5 * calls, f"{rounds[0] / calls:.1f} read rounds a call"
 
 
 def test_queued_dispatch_keeps_order_and_scatter_gather(server):
