@@ -411,6 +411,17 @@ static PyObject *slice_view(PyObject *base, Py_ssize_t a, Py_ssize_t b) {
  * at most max_frames of them (negative: no limit).
  * Frames of two or more segments count against the budgets (a message each, and
  * the bytes of the segments after the header); a negative budget is unlimited. */
+/* base's buffer, if [start:end] is within it (the scans' common check). */
+static int scan_buffer(PyObject *base, Py_ssize_t start, Py_ssize_t end, Py_buffer *vb) {
+    if (PyObject_GetBuffer(base, vb, PyBUF_SIMPLE) < 0) return -1;
+    if (start < 0 || end > vb->len || start > end) {
+        PyBuffer_Release(vb);
+        PyErr_SetString(PyExc_ValueError, "bad scan range");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
     PyObject *base, *frame_type;
     Py_ssize_t start, end, max_segment, direct, budget_frames, budget_bytes, max_frames = -1;
@@ -423,12 +434,7 @@ static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_buffer vb;
-    if (PyObject_GetBuffer(base, &vb, PyBUF_SIMPLE) < 0) return NULL;
-    if (start < 0 || end > vb.len || start > end) {
-        PyBuffer_Release(&vb);
-        PyErr_SetString(PyExc_ValueError, "bad scan range");
-        return NULL;
-    }
+    if (scan_buffer(base, start, end, &vb) < 0) return NULL;
     const uint8_t *buf = vb.buf;
     PyObject *frames = PyList_New(0);
     Py_ssize_t pos = start, used_frames = 0, used_bytes = 0;
@@ -666,12 +672,7 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
         return NULL;
     }
     Py_buffer vb;
-    if (PyObject_GetBuffer(base, &vb, PyBUF_SIMPLE) < 0) return NULL;
-    if (start < 0 || end > vb.len || start > end) {
-        PyBuffer_Release(&vb);
-        PyErr_SetString(PyExc_ValueError, "bad scan range");
-        return NULL;
-    }
+    if (scan_buffer(base, start, end, &vb) < 0) return NULL;
     ScanResult r;
     int rc = scan_messages(base, vb.buf, start, end, max_segment, direct, budget_frames, budget_bytes, lossless,
                            in_seq, conn, out, calls, hooks, room, &r);

@@ -1959,6 +1959,9 @@ static PyObject *Message_vectorcall(PyObject *cls, PyObject *const *args, size_t
  * the messenger's received message in one call, from fields its session has
  * already verified (ints from the header, front and data as memoryviews).
  * data is kept as it is, one buffer. */
+static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, uint64_t tid, int priority, uint64_t seq,
+                               int is_reply, PyObject *connection);
+
 static PyObject *Message_received(PyObject *cls, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError, "_received(type, front, data, tid, priority, seq, is_reply, connection)");
@@ -1974,23 +1977,13 @@ static PyObject *Message_received(PyObject *cls, PyObject *const *args, Py_ssize
         PyErr_SetString(err_type(ConfigErr, PyExc_ValueError), "message type or priority out of range");
         return NULL;
     }
-    MessageObject *m = msg_alloc();
-    if (!m) return NULL;
-    m->type = (uint32_t)type;
-    m->tag = tid;
-    m->priority = (int)prio;
-    m->seq = seq;
-    m->is_reply = is_reply;
-    m->front = Py_NewRef(args[1]);
-    m->data = Py_NewRef(args[2]);
-    m->connection = args[7] == Py_None ? NULL : Py_NewRef(args[7]);
-    PyObject_GC_Track(m);
-    return (PyObject *)m;
+    return capi_received((uint32_t)type, args[1], args[2], tid, (int)prio, seq, is_reply, args[7]);
 }
 
 /* ---------------------------------------------------------------- the C API (_capi.h) */
-static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, uint64_t tid, int priority, uint64_t seq,
-                               int is_reply, PyObject *connection) {
+/* A received message's header fields (its segments are the caller's to set). */
+static MessageObject *msg_received(uint32_t type, uint64_t tid, int priority, uint64_t seq, int is_reply,
+                                   PyObject *connection) {
     MessageObject *m = msg_alloc();
     if (!m) return NULL;
     m->type = type;
@@ -1998,9 +1991,16 @@ static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, u
     m->priority = priority;
     m->seq = seq;
     m->is_reply = is_reply;
+    m->connection = connection == NULL || connection == Py_None ? NULL : Py_NewRef(connection);
+    return m;
+}
+
+static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, uint64_t tid, int priority, uint64_t seq,
+                               int is_reply, PyObject *connection) {
+    MessageObject *m = msg_received(type, tid, priority, seq, is_reply, connection);
+    if (!m) return NULL;
     m->front = Py_NewRef(front);
     m->data = Py_NewRef(data);
-    m->connection = connection == NULL || connection == Py_None ? NULL : Py_NewRef(connection);
     PyObject_GC_Track(m);
     return (PyObject *)m;
 }
@@ -2012,19 +2012,13 @@ static PyObject *capi_received(uint32_t type, PyObject *front, PyObject *data, u
 static PyObject *capi_received_lazy(uint32_t type, PyObject *base, Py_ssize_t foff, Py_ssize_t flen, Py_ssize_t doff,
                                     Py_ssize_t dlen, uint64_t tid, int priority, uint64_t seq, int is_reply,
                                     PyObject *connection) {
-    MessageObject *m = msg_alloc();
+    MessageObject *m = msg_received(type, tid, priority, seq, is_reply, connection);
     if (!m) return NULL;
-    m->type = type;
-    m->tag = tid;
-    m->priority = priority;
-    m->seq = seq;
-    m->is_reply = is_reply;
     m->base = Py_NewRef(base);
     m->foff = foff;
     m->flen = flen;
     m->doff = doff;
     m->dlen = dlen;
-    m->connection = connection == NULL || connection == Py_None ? NULL : Py_NewRef(connection);
     return (PyObject *)m;
 }
 
