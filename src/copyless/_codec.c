@@ -2222,6 +2222,28 @@ static PyTypeObject LockType = {
 };
 
 /* ------------------------------------------------------------------ recv_fill */
+/* A reply that stops coming for a moment is looked for again this long before the caller
+ * sleeps in poll.  A TCP sender paced by its congestion control (BBR, the default on many
+ * hosts, paces even on loopback) sends a large reply in bursts some 10-30 us apart: a
+ * caller that slept between them was woken for each (~15 us on a VM, an IPI to a halted
+ * vCPU), and its acks, as late, kept BBR's bandwidth estimate and so its pacing low (a
+ * 1 MiB reply over loopback took ~310 us a call, ~165 us with this spin). */
+#define DIRECT_SPIN_NS 50000
+
+/* After an EAGAIN in the middle of a reply, without the GIL: 1 to read again at once
+ * (*gap: when this gap began, 0 when data came since), 0 to sleep in poll. */
+static int look_again(int64_t *gap) {
+    int64_t now = mono_ns();
+    if (!*gap) *gap = now;
+    if (now - *gap < DIRECT_SPIN_NS) { /* the next burst is on its way */
+        cpu_relax();
+        sched_yield(); /* the sender may need this CPU */
+        return 1;
+    }
+    *gap = 0;
+    return 0;
+}
+
 /* recv_fill(fd, buf, wait) -> n: read into buf from a non-blocking socket until it is
  * full, without the GIL and without going back to Python between the pieces the
  * transport delivers (TCP hands a large message over in 64 KiB pieces: a Python read
@@ -2237,11 +2259,13 @@ static PyObject *py_recv_fill(PyObject *self, PyObject *args) {
     size_t got = 0, len = (size_t)b.len;
     int err = 0, eof = 0;
     int ms = wait <= 0 ? 0 : wait > 3600 ? 3600000 : (int)(wait * 1000) + 1;
+    int64_t gap = 0;
     Py_BEGIN_ALLOW_THREADS
     while (got < len) {
         ssize_t n = recv(fd, (char *)b.buf + got, len - got, MSG_DONTWAIT);
         if (n > 0) {
             got += (size_t)n;
+            gap = 0;
             continue;
         }
         if (n == 0) {
@@ -2253,6 +2277,7 @@ static PyObject *py_recv_fill(PyObject *self, PyObject *args) {
             err = errno;
             break;
         }
+        if (ms && look_again(&gap)) continue;
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
         int r = poll(&pfd, 1, ms);
         if (r < 0 && errno != EINTR) {
@@ -2845,13 +2870,6 @@ static int round_took(PyObject *m, PyObject *s, PyObject *sent, uint64_t ack, Py
 /* ---- a direct reply, read to its end by the caller */
 static int direct_wait_ms = 5; /* as messenger.FILL_WAIT: how long the stream may stall before the
                                   Python reader takes over (and the caller's deadline is looked at) */
-/* A reply that stops coming for a moment is looked for again this long before the caller
- * sleeps in poll.  A TCP sender paced by its congestion control (BBR, the default on many
- * hosts, paces even on loopback) sends a large reply in bursts some 10-30 us apart: a
- * caller that slept between them was woken for each (~15 us on a VM, an IPI to a halted
- * vCPU), and its acks, as late, kept BBR's bandwidth estimate and so its pacing low (a
- * 1 MiB reply over loopback took ~310 us a call, ~165 us with this spin). */
-#define DIRECT_SPIN_NS 50000
 static PyObject *rs_resume_direct, *rs_copied;
 
 /* The frame at buf[start:end] is a reply whose large data segment goes straight into
@@ -2912,7 +2930,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
     Py_ssize_t have = k0, after = end - tpos; /* after: bytes past the data in the read buffer */
     int ended = 0;
     uint32_t crc = chain;
-    int64_t spin0 = 0; /* when the stream stopped coming (0: it comes) */
+    int64_t gap = 0; /* when the stream stopped coming (0: it comes) */
     Py_BEGIN_ALLOW_THREADS
     /* the data's crc as it lands (still in cache, and while the rest is on its way) */
     if (data_crc) crc = crc32c_update(crc, data, (size_t)have);
@@ -2924,7 +2942,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
         struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)n};
         ssize_t k = recvmsg(fd, &mh, MSG_DONTWAIT);
         if (k > 0) {
-            spin0 = 0;
+            gap = 0;
             Py_ssize_t a = k < dl - have ? (Py_ssize_t)k : dl - have;
             if (data_crc) crc = crc32c_update(crc, data + have, (size_t)a);
             have += a;
@@ -2936,13 +2954,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
             ended = 1;
             break;
         }
-        if (!spin0) spin0 = mono_ns();
-        if (mono_ns() - spin0 < DIRECT_SPIN_NS) { /* the next burst is on its way: look again */
-            cpu_relax();
-            sched_yield(); /* the sender may need this CPU */
-            continue;
-        }
-        spin0 = 0;
+        if (look_again(&gap)) continue;
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
         int r = poll(&pfd, 1, direct_wait_ms);
         if (r == 0 || (r < 0 && errno != EINTR)) break; /* stalled */
