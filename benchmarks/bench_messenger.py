@@ -19,13 +19,11 @@ Columns (issue 3's benchmark section):
 Rows, by transport (copyless messenger rows first):
   copyless   Messenger: conn.send(Message(1, data=[payload])) into a Dispatcher
              that counts in fast_dispatch; conn.call(msg, into=buf)
-             with its defaults: a data crc on tcp, none on unix and ipc (the
-             transport keeps the bytes intact there; docs/design.md)
-  copyless-nocrc  tcp with Messenger(data_crc=False), large messages only: raw
-             sockets and pyzmq check no data, so this row is the like-for-like one
-             against raw (the target is judged on the default row)
-  copyless-crc  unix with Messenger(data_crc=True), large messages only: what
-             the checksum costs where the default has none
+             with its defaults: no data crc on unix, ipc and TCP over loopback (only
+             this host's kernel copies the bytes there; TCP to another address gets
+             one: transports.on_this_host, docs/design.md)
+  copyless-crc  tcp and unix with Messenger(data_crc=True), large messages only:
+             what the checksum costs (the default of TCP to another host)
   raw        sockets: 4-byte length prefix, sendall; the receiver parses its
              stream from greedy recv_into calls; replies recv_into the buffer
   zmq        pyzmq PUSH/PULL and REQ/REP (large replies copy=False, then one
@@ -369,27 +367,17 @@ class PubSubClient(Client):
         self.pub.close()
 
 
-class NoCrcPeer(CopylessPeer):
-    data_crc = False
-
-
-class NoCrcClient(CopylessClient):
-    data_crc = False  # Messenger(data_crc=False): what raw sockets and pyzmq do (no data checksum)
-    metrics = ("gbps_1MiB", "gbps_16MiB")  # the row shows what the checksum costs large messages
-
-
 class CrcPeer(CopylessPeer):
     data_crc = True
 
 
 class CrcClient(CopylessClient):
-    data_crc = True  # Messenger(data_crc=True): the checksum where the default has none (unix)
-    metrics = ("gbps_1MiB", "gbps_16MiB")
+    data_crc = True  # Messenger(data_crc=True): the checksum where the default has none
+    metrics = ("gbps_1MiB", "gbps_16MiB")  # the row shows what the checksum costs large messages
 
 
 LIBS = {
     "copyless": (CopylessPeer, CopylessClient),
-    "copyless-nocrc": (NoCrcPeer, NoCrcClient),
     "copyless-crc": (CrcPeer, CrcClient),
     "raw": (RawPeer, RawClient),
     "zmq": (ZmqPeer, ZmqClient),
@@ -401,7 +389,7 @@ ROWS = {
     "copyless/tcp": ("copyless", "tcp", "tcp://127.0.0.1:0"),
     "raw/tcp": ("raw", "tcp", "tcp://127.0.0.1:0"),
     "zmq/tcp": ("zmq", "tcp", "tcp://127.0.0.1:0"),
-    "copyless-nocrc/tcp": ("copyless-nocrc", "tcp", "tcp://127.0.0.1:0"),
+    "copyless-crc/tcp": ("copyless-crc", "tcp", "tcp://127.0.0.1:0"),
     "copyless/unix": ("copyless", "unix", "unix://{d}/{n}"),
     "copyless-crc/unix": ("copyless-crc", "unix", "unix://{d}/{n}"),
     "raw/unix": ("raw", "unix", "unix://{d}/{n}"),
@@ -601,7 +589,7 @@ def ratios(results):
     """{'copyless/T vs PEER': {metric: ratio}} for every peer of every copyless row."""
     out = {}
     for t, peers in PEERS.items():
-        for mine in (f"copyless/{t}", f"copyless-nocrc/{t}", f"copyless-crc/{t}"):
+        for mine in (f"copyless/{t}", f"copyless-crc/{t}"):
             for name, peer in peers.items():
                 if mine in results and peer in results and (mine.startswith("copyless/") or name == "raw"):
                     out[f"{mine} vs {peer}"] = {
@@ -678,7 +666,7 @@ def main(argv=None):
     print(
         "  messenger, raw and zmq rows: nobody reads the payload inside the clock (the stream receiver\n"
         "  counts; one call after the clock checks its reply); pubsub rows read a byte of every 4 KiB page.\n"
-        "  copyless runs with its defaults (data crc on tcp only); raw and zmq carry no checksum.\n"
+        "  copyless runs with its defaults (no data crc over loopback, unix or ipc); nor do raw and zmq.\n"
         "  The ipc RTT target says 'busy': over ipc, conn.call spins (the address's spin, 100 us by\n"
         "  default) before it sleeps, and so does the server's loop; the cell measures conn.call with its\n"
         "  defaults, so it includes the Python session layer.  The transport alone: bench_ipc.py."

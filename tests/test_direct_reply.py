@@ -40,14 +40,18 @@ def ask(conn, i: int, n: int, buf: bytearray, timeout: float = 10) -> None:
 @contextlib.contextmanager
 def session(tmp_path, transport, proxied=False):
     """(client Messenger, its Connection, the FaultProxy between them or None) to a
-    server that replies with slices of SOURCE."""
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+    server that replies with slices of SOURCE.  Through a proxy, which stands for a wire
+    that may damage bytes, both ends put the data crc on (loopback TCP has none by
+    default: transports.on_this_host)."""
+    crc = True if proxied else None
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}, data_crc=crc) as server:
         server.add_dispatcher(Slices())
         bound = server.bind({"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock"}[transport])
         server.start()
         with contextlib.ExitStack() as stack:
             proxy = stack.enter_context(FaultProxy(bound)) if proxied else None
-            client = stack.enter_context(Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1))
+            policy = Policy.lossless_client()
+            client = stack.enter_context(Messenger("client.1", default_policy=policy, io_loops=1, data_crc=crc))
             conn = client.connect(proxy.address if proxy else bound)
             conn.wait_ready(5)
             yield client, conn, proxy
@@ -103,7 +107,7 @@ def test_a_stalled_reply_is_finished_by_the_python_reader(transport, tmp_path, m
 
 
 def test_a_damaged_reply_fails_its_crc_and_is_sent_again(tmp_path, monkeypatch):
-    """tcp carries a data crc: bytes flipped in a reply's data fail it (the core hands
+    """With the data crc (a proxy's session asks for it): bytes flipped in a reply's data fail it (the core hands
     the whole frame to the Python reader, which raises BadChecksum); the connection is
     reset, the lossless session replays, and every call gets the right bytes."""
     with session(tmp_path, "tcp", proxied=True) as (client, conn, proxy):

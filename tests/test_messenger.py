@@ -4,6 +4,7 @@ lossless replay across transport faults, and thread/fd hygiene."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ from conftest import wait_for
 from copyless.errors import ClosedError, PeerLost
 from copyless.messenger import FILL_HEAD, Connection, Dispatcher, Message, Messenger, Policy
 from copyless.protocol.session import SessionConnection
+from copyless.transports import on_this_host
 
 READ, READ_REPLY, WRITE = 1, 2, 3
 
@@ -453,9 +455,10 @@ def test_the_loop_reads_again_after_a_caller_slept_on_the_stream(address):
 
 @pytest.mark.parametrize("forced", [None, True, False])
 def test_the_data_crc_is_on_by_default_only_where_the_transport_can_corrupt(address, forced):
-    """Plain TCP gets the data crc; a unix socket or shared memory (copies made on this
-    host) does not, unless the messenger asks for it; data_crc=False turns it off anywhere."""
-    want = address.startswith("tcp://") if forced is None else forced
+    """A unix socket, shared memory and TCP over loopback (copies made by this host) get
+    no data crc unless the messenger asks for it (TCP to another host does: the rule is
+    tested below); data_crc=False turns it off anywhere."""
+    want = False if forced is None else forced
     store = Store()
     with Messenger("store.1", policies={"client": Policy.stateful_server()}, data_crc=forced) as server:
         server.add_dispatcher(store)
@@ -469,6 +472,52 @@ def test_the_data_crc_is_on_by_default_only_where_the_transport_can_corrupt(addr
             wait_for(lambda: store.accepted)
             assert conn._machine is not None and conn._machine.data_crc is want
             assert store.accepted[0]._machine.data_crc is want
+
+
+@pytest.mark.parametrize(
+    "family, peer, local",
+    [
+        (socket.AF_UNIX, "unix:///run/x.sock", True),
+        (socket.AF_UNIX, "unix://(client)", True),
+        (socket.AF_INET, "tcp://127.0.0.1:6800", True),
+        (socket.AF_INET, "tcp://127.3.2.1:1", True),
+        (socket.AF_INET6, "tcp://[::1]:6800", True),
+        (socket.AF_INET6, "tcp://[::ffff:127.0.0.1]:6800", True),
+        (socket.AF_INET, "tcp://10.0.0.2:6800", False),
+        (socket.AF_INET, "tcp://192.0.2.2:6800", False),
+        (socket.AF_INET6, "tcp://[fd00::2]:6800", False),
+        (socket.AF_INET6, "tcp://[::ffff:10.0.0.1]:6800", False),
+        (socket.AF_INET, "tcp://localhost:6800", False),  # a name: taken for another host
+        (socket.AF_INET, "tcp://store.example:6800", False),
+    ],
+)
+def test_only_copies_made_by_this_host_count_as_integrity(family, peer, local):
+    """The data crc's default follows transports.on_this_host: TCP to any address that is
+    not loopback may cross a NIC, a wire and middleboxes."""
+    assert on_this_host(family, peer) is local
+
+
+def test_tcp_to_another_address_of_this_host_keeps_the_data_crc():
+    """Through a non-loopback address (here one of this host's own, if it has one) the
+    stream does not count as this host's copy, so the data crc stays on by default."""
+    try:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: it only picks a source address
+        here = probe.getsockname()[0]
+        probe.close()
+    except OSError:
+        pytest.skip("no route off loopback on this host")
+    if ipaddress.ip_address(here).is_loopback:
+        pytest.skip("this host has no address off loopback")
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
+        server.add_dispatcher(Store())
+        addr = server.bind(f"tcp://{here}:0")
+        server.start()
+        with Messenger("client.7") as client:
+            conn = client.connect(addr)
+            conn.wait_ready(5)
+            conn.call(Message(READ, front=(1 << 16).to_bytes(4, "little")), timeout=5)
+            assert conn._machine is not None and conn._machine.data_crc is True
 
 
 def test_a_due_timer_does_not_block_its_loop_on_a_connection_a_caller_holds(server):

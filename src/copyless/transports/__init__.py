@@ -17,6 +17,7 @@ retry both the read and the pending write.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import ssl
@@ -60,6 +61,23 @@ def parse_address(address: str) -> tuple[int, str | bytes | tuple[str, int]]:
     raise ConfigurationError(f"unknown transport in {address!r} (tcp://, unix://, ipc://)")
 
 
+def on_this_host(family: int, peer: str) -> bool:
+    """Whether a stream's bytes are only ever copied by this host's kernel: a unix
+    socket, or TCP to a loopback address (the lo device: no NIC, no wire, no middlebox;
+    Linux does not even compute TCP's checksum there).  TCP to any other address is
+    not: its 16-bit checksum misses too much of what NICs, switches and middleboxes do
+    to data.  A host name is taken for another host (resolving it here would block)."""
+    if family == socket.AF_UNIX:
+        return True
+    host = peer[6:].rpartition(":")[0].strip("[]") if peer.startswith("tcp://") else ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return (mapped or ip).is_loopback
+
+
 def _format(family: int, sockaddr: object) -> str:
     if family == socket.AF_UNIX:
         if isinstance(sockaddr, bytes):
@@ -79,11 +97,9 @@ class Stream:
     buffered = False  # True: pending() may hold bytes a read takes without the fd turning readable (TLS)
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
-        # The transport itself delivers the bytes as they were sent: a unix socket is a
-        # copy by the kernel of this host.  TCP is not (its 16-bit checksum misses too
-        # much of what NICs, switches and middleboxes do to data): a messenger puts its
-        # own data crc on TCP by default, and on no transport that has integrity.
-        self.integrity = sock.family == socket.AF_UNIX
+        # The transport itself delivers the bytes as they were sent (see on_this_host): a
+        # messenger puts its own data crc on a stream by default only where it does not.
+        self.integrity = on_this_host(sock.family, peer)
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
