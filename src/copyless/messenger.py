@@ -981,7 +981,8 @@ class Messenger:
     def _machine(self, conn: Connection, stream: Stream, role: Role, **kw: Any) -> SessionConnection:
         hs, idle, ka = self._timeouts
         # The data crc by default where the transport does not keep the bytes intact
-        # itself: plain TCP (docs/design.md, "Where the data crc is on").
+        # itself: TCP to another host (transports.on_this_host; docs/design.md, "Where
+        # the data crc is on").
         data_crc = not stream.integrity if self._data_crc is None else self._data_crc
 
         def sink(pre: Preamble, index: int, earlier: Sequence[memoryview]) -> memoryview | None:
