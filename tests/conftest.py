@@ -3,6 +3,7 @@ and wait_for(), for tests that wait on another thread's work."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -119,6 +120,31 @@ def child():
     yield start
     for c in made:
         c.close()
+
+
+def address_of(transport: str, tmp_path, name: str = "") -> str:
+    """A fresh address of a transport: tcp on loopback, a unix socket in tmp_path, ipc `name`."""
+    return {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock", "ipc": f"ipc://{name}"}[transport]
+
+
+@contextlib.contextmanager
+def served(dispatcher, address: str, *, data_crc=None, proxied=False, **client_options):
+    """(client Messenger, its READY Connection, the FaultProxy between them or None): a
+    stateful server at `address` that dispatches to `dispatcher`, and a client Messenger
+    made with client_options; data_crc goes to both."""
+    from copyless.messenger import Messenger, Policy
+    from copyless.testing import FaultProxy
+
+    with Messenger("store.1", policies={"client": Policy.stateful_server()}, data_crc=data_crc) as server:
+        server.add_dispatcher(dispatcher)
+        bound = server.bind(address)
+        server.start()
+        with contextlib.ExitStack() as stack:
+            proxy = stack.enter_context(FaultProxy(bound)) if proxied else None
+            client = stack.enter_context(Messenger("client.7", data_crc=data_crc, **client_options))
+            conn = client.connect(proxy.address if proxy else bound)
+            conn.wait_ready(5)
+            yield client, conn, proxy
 
 
 @pytest.fixture(params=["compiled", "python"])

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import address_of, served
 
 from copyless.errors import ConfigurationError, Timeout
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
@@ -38,15 +39,9 @@ class Server(Dispatcher):
 @pytest.fixture(params=["ipc", "unix", "tcp"])
 def pair(request, name, tmp_path):
     """(client Messenger, its Connection) to a server over each transport."""
-    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock", "ipc": f"ipc://{name}"}[request.param]
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
-        server.add_dispatcher(Server())
-        bound = server.bind(address)
-        server.start()
-        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
-            conn = client.connect(bound)
-            conn.wait_ready(5)
-            yield client, conn
+    address = address_of(request.param, tmp_path, name)
+    with served(Server(), address, default_policy=Policy.lossless_client(), io_loops=1) as (client, conn, _):
+        yield client, conn
 
 
 def given_back(client: Messenger, conn: Connection) -> bool:

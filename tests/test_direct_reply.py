@@ -11,10 +11,10 @@ import contextlib
 import os
 
 import pytest
+from conftest import address_of, served
 
-from copyless.messenger import Dispatcher, Message, Messenger, Policy
+from copyless.messenger import Dispatcher, Message, Policy
 from copyless.protocol.frames import FrameReader
-from copyless.testing import FaultProxy
 
 SOURCE = memoryview(os.urandom(3 << 20))  # replies are slices of it: each call's are different bytes
 
@@ -44,18 +44,12 @@ def session(tmp_path, transport, proxied=False):
     that may damage bytes, both ends put the data crc on (loopback TCP has none by
     default: transports.on_this_host)."""
     crc = True if proxied else None
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}, data_crc=crc) as server:
-        server.add_dispatcher(Slices())
-        bound = server.bind({"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock"}[transport])
-        server.start()
-        with contextlib.ExitStack() as stack:
-            proxy = stack.enter_context(FaultProxy(bound)) if proxied else None
-            policy = Policy.lossless_client()
-            client = stack.enter_context(Messenger("client.1", default_policy=policy, io_loops=1, data_crc=crc))
-            conn = client.connect(proxy.address if proxy else bound)
-            conn.wait_ready(5)
-            yield client, conn, proxy
-            assert client._calls == {} and not conn._leased, "a call was left posted, or the stream leased"
+    address = address_of(transport, tmp_path)
+    policy = Policy.lossless_client()
+    with served(Slices(), address, data_crc=crc, proxied=proxied, default_policy=policy, io_loops=1) as got:
+        yield got
+        client, conn, _ = got
+        assert client._calls == {} and not conn._leased, "a call was left posted, or the stream leased"
 
 
 def counting(monkeypatch):

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import wait_for
+from conftest import address_of, served, wait_for
 
 from copyless.errors import ClosedError, PeerLost
 from copyless.messenger import FILL_HEAD, Connection, Dispatcher, Message, Messenger, Policy
@@ -62,7 +62,7 @@ class Slow(Store):
 
 @pytest.fixture(params=["tcp", "unix", "ipc"])
 def address(request, tmp_path, name):
-    return {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/m.sock", "ipc": f"ipc://{name}"}[request.param]
+    return address_of(request.param, tmp_path, name)
 
 
 @pytest.fixture
@@ -94,15 +94,8 @@ def test_call_reply_lands_in_the_posted_buffer(server):
 @contextlib.contextmanager
 def connected_to_store(transport: str, tmp_path) -> Iterator[Connection]:
     """A client's READY connection to a Store over tcp or unix."""
-    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/m.sock"}[transport]
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
-        server.add_dispatcher(Store())
-        addr = server.bind(address)
-        server.start()
-        with Messenger("client.7") as client:
-            conn = client.connect(addr)
-            conn.wait_ready(5)
-            yield conn
+    with served(Store(), address_of(transport, tmp_path)) as (_, conn, _):
+        yield conn
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
@@ -509,15 +502,9 @@ def test_tcp_to_another_address_of_this_host_keeps_the_data_crc():
         pytest.skip("no route off loopback on this host")
     if ipaddress.ip_address(here).is_loopback:
         pytest.skip("this host has no address off loopback")
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
-        server.add_dispatcher(Store())
-        addr = server.bind(f"tcp://{here}:0")
-        server.start()
-        with Messenger("client.7") as client:
-            conn = client.connect(addr)
-            conn.wait_ready(5)
-            conn.call(Message(READ, front=(1 << 16).to_bytes(4, "little")), timeout=5)
-            assert conn._machine is not None and conn._machine.data_crc is True
+    with served(Store(), f"tcp://{here}:0") as (_, conn, _):
+        conn.call(Message(READ, front=(1 << 16).to_bytes(4, "little")), timeout=5)
+        assert conn._machine is not None and conn._machine.data_crc is True
 
 
 def test_a_due_timer_does_not_block_its_loop_on_a_connection_a_caller_holds(server):

@@ -6,6 +6,7 @@ over both, see conftest.read_path.)"""
 from __future__ import annotations
 
 import pytest
+from conftest import address_of, served
 
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
 from copyless.protocol.frames import FrameReader
@@ -21,7 +22,7 @@ class Echo(Dispatcher):
 
 @pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
 def test_calls_in_the_steady_state_run_no_python_round(transport, name, tmp_path, monkeypatch):
-    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock", "ipc": f"ipc://{name}"}[transport]
+    address = address_of(transport, tmp_path, name)
     # every Python round, the loop's (through _on_readable_python) and a caller's, is this
     python_round = Connection._Connection__on_readable_locked  # type: ignore[attr-defined]
     rounds = []
@@ -30,21 +31,15 @@ def test_calls_in_the_steady_state_run_no_python_round(transport, name, tmp_path
         rounds.append(fill)
         python_round(self, fill)
 
-    with Messenger("store.1", policies={"client": Policy.stateful_server()}) as server:
-        server.add_dispatcher(Echo())
-        bound = server.bind(address)
-        server.start()
-        with Messenger("client.1", default_policy=Policy.lossless_client(), io_loops=1) as client:
-            conn = client.connect(bound)
-            conn.wait_ready(5)
-            buf = bytearray(64)
-            for i in range(50):  # the handshake's rounds and the first acks are Python's
-                conn.call(Message(2, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
-            monkeypatch.setattr(Connection, "_Connection__on_readable_locked", counted)
-            for i in range(300):
-                reply = conn.call(Message(2, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
-                assert int.from_bytes(reply.data, "little") == i
-                assert reply.data.obj is buf, "the reply's data is the posted buffer"
+    with served(Echo(), address, default_policy=Policy.lossless_client(), io_loops=1) as (_, conn, _):
+        buf = bytearray(64)
+        for i in range(50):  # the handshake's rounds and the first acks are Python's
+            conn.call(Message(2, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
+        monkeypatch.setattr(Connection, "_Connection__on_readable_locked", counted)
+        for i in range(300):
+            reply = conn.call(Message(2, data=[i.to_bytes(64, "little")]), into=buf, timeout=5)
+            assert int.from_bytes(reply.data, "little") == i
+            assert reply.data.obj is buf, "the reply's data is the posted buffer"
     assert rounds == [], f"{len(rounds)} Python rounds in 300 calls"
 
 

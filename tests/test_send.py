@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import address_of, served
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -473,17 +474,10 @@ def sending_threads(conn: Connection, threads: int, n: int, seed: int, pace: Rec
 
 @pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
 def test_threads_sending_at_once_each_arrive_exactly_once_in_order(transport, tmp_path, name):
-    address = {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock", "ipc": f"ipc://{name}"}[transport]
     threads, n = 4, 3000
     store = Recorder()
-    with (
-        Messenger("store.1", policies={"client": Policy.stateful_server()}) as srv,
-        Messenger("client.7", default_policy=Policy.lossless_client(), io_loops=1) as client,
-    ):
-        srv.add_dispatcher(store)
-        srv.start()
-        conn = client.connect(srv.bind(address))
-        conn.wait_ready(5)
+    address = address_of(transport, tmp_path, name)
+    with served(store, address, default_policy=Policy.lossless_client(), io_loops=1) as (_, conn, _):
         sending_threads(conn, threads, n, seed=1)
         got = store.wait(threads, n)
         assert conn.session is not None
