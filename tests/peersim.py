@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 
 from copyless.protocol.session import (
+    Backoff,
     Closed,
     Established,
     MessageReceived,
@@ -46,7 +47,7 @@ class Node:
         self.current = None  # (pipe, machine) the Connection holds
         self.pending_dial = None  # a pipe whose connect has not completed
         self.retry_at = 0.0 if dials else None
-        self.backoff = 0.01
+        self.backoff = Backoff()  # the Messenger's own
         self.waited = False
         self.got = []
         self.resets = []
@@ -70,7 +71,7 @@ class Node:
         if not self.dials or not self.alive:
             return
         if delay is None:
-            delay, self.backoff = self.backoff, min(self.backoff * 2, 2.0)
+            delay = self.backoff.next_delay()
         self.retry_at = now + delay
 
 
@@ -93,9 +94,14 @@ class Pipe:
         self.wires = ([], [])
         self.fin = [None, None]  # time after which direction i has nothing more (its writer closed)
         self.connect_at = w.now + self.lat[0]
-        self.ends[1].m = SessionConnection(Role.SERVER, listener.name, registry=listener.reg, now=w.now,
-                                           incarnation=listener.inc,
-                                           handshake_timeout=listener.hs_timeout)
+        self.ends[1].m = SessionConnection(
+            Role.SERVER,
+            listener.name,
+            registry=listener.reg,
+            now=w.now,
+            incarnation=listener.inc,
+            handshake_timeout=listener.hs_timeout,
+        )
         self.dead = False
         self.id = w.next_id
         w.next_id += 1
@@ -179,7 +185,7 @@ class World:
                 node.waited = True
                 node.waits += 1
             elif isinstance(ev, Established):
-                node.backoff = 0.01
+                node.backoff.reset()
                 self.log(f"{node.name}#{node.inc} established on pipe {p.id} as {e.role.name} new={ev.new}")
                 if e.srv_conn:
                     # _adopt: the session's Connection takes this transport
@@ -210,8 +216,14 @@ class World:
         self.now += dt
         now = self.now
         for node in self.nodes:
-            if node.alive and node.dials and node.current is None and node.pending_dial is None \
-                    and node.retry_at is not None and now >= node.retry_at:
+            if (
+                node.alive
+                and node.dials
+                and node.current is None
+                and node.pending_dial is None
+                and node.retry_at is not None
+                and now >= node.retry_at
+            ):
                 node.retry_at = None
                 self.dial(node)
         for p in list(self.pipes):
@@ -221,9 +233,15 @@ class World:
                 node = c.node
                 if node.pending_dial is p and node.alive:
                     node.pending_dial = None
-                    c.m = SessionConnection(Role.CLIENT, node.name, session=node.session, expect=node.peer_name,
-                                            incarnation=node.inc,
-                                            now=now, handshake_timeout=node.hs_timeout)
+                    c.m = SessionConnection(
+                        Role.CLIENT,
+                        node.name,
+                        session=node.session,
+                        expect=node.peer_name,
+                        incarnation=node.inc,
+                        now=now,
+                        handshake_timeout=node.hs_timeout,
+                    )
                     node.current = (p, c.m)
                 else:
                     self.close_end(p, 0)
@@ -301,7 +319,12 @@ class World:
 
     def quiet(self):
         a, b = self.nodes
-        return (self.carriers_agree() and not a.session.unsent and not b.session.unsent
-                and not a.session.sent and not b.session.sent
-                and not any(e.m._out for p in self.pipes for e in p.ends if e.m is not None)
-                and not any(p.wires[0] or p.wires[1] for p in self.pipes))
+        return (
+            self.carriers_agree()
+            and not a.session.unsent
+            and not b.session.unsent
+            and not a.session.sent
+            and not b.session.sent
+            and not any(e.m._out for p in self.pipes for e in p.ends if e.m is not None)
+            and not any(p.wires[0] or p.wires[1] for p in self.pipes)
+        )

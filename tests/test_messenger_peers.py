@@ -254,8 +254,14 @@ def test_a_transport_replaced_in_the_middle_of_a_frame_gives_its_throttle_charge
     holds a READY transport with a frame half read: charged to its byte throttle).  osd.2
     gives up on it and reconnects by another route; osd.1 takes the new transport in place
     of the old one, whose charge must go back, or the throttle shrinks for good."""
-    a = Messenger("osd.1", policies={"osd": Policy.lossless_peer()}, idle_timeout=None, keepalive_interval=None,
-                  throttle_bytes=8 << 20, dispatch_throttle_bytes=None)
+    a = Messenger(
+        "osd.1",
+        policies={"osd": Policy.lossless_peer()},
+        idle_timeout=None,
+        keepalive_interval=None,
+        throttle_bytes=8 << 20,
+        dispatch_throttle_bytes=None,
+    )
     da = Peer()
     a.add_dispatcher(da)
     addr_a = a.bind(f"unix://{tmp_path}/a.sock")

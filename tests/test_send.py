@@ -89,10 +89,20 @@ class Twin:
 
     def state(self) -> tuple[Any, ...]:
         s = self.session
-        sent = [(r.seq, r.type, r.tid, r.priority, r.is_reply, [bytes(b) for b in r.front], [bytes(b) for b in r.data])
-                for r in s.sent]
-        return (s.out_seq, s.in_seq, sent, len(s.unsent), self.m._unacked_in, self.m._ack_due, len(self.m._out),
-                self.m.state)
+        sent = [
+            (r.seq, r.type, r.tid, r.priority, r.is_reply, [bytes(b) for b in r.front], [bytes(b) for b in r.data])
+            for r in s.sent
+        ]
+        return (
+            s.out_seq,
+            s.in_seq,
+            sent,
+            len(s.unsent),
+            self.m._unacked_in,
+            self.m._ack_due,
+            len(self.m._out),
+            self.m.state,
+        )
 
     def close(self) -> None:
         self.w.clear()

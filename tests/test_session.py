@@ -15,6 +15,7 @@ from copyless.protocol.session import (
     BANNER,
     FEATURE_GOODBYE,
     AuthenticationFailed,
+    Backoff,
     Closed,
     Established,
     FeatureMismatch,
@@ -450,3 +451,13 @@ def test_goodbye_is_only_sent_to_a_peer_that_understands_it():
     link.c.peer_features &= ~FEATURE_GOODBYE  # as a server of an earlier version
     link.c.goodbye()
     assert not link.c._out
+
+
+def test_reconnect_backoff_doubles_up_to_its_cap_and_starts_over_on_success():
+    b = Backoff(0.01, 0.05)
+    assert [b.next_delay() for _ in range(5)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+    b.reset()
+    assert b.next_delay() == 0.01
+    for first, cap in ((0, 1), (-1, 1), (2, 1)):
+        with pytest.raises(ValueError):
+            Backoff(first, cap)

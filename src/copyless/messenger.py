@@ -47,6 +47,7 @@ from .protocol.frames import UNLIMITED, FrameReader, Preamble, Tag
 from .protocol.session import (
     MSG_FLAG_REPLY,
     MSG_HEADER,
+    Backoff,
     Closed,
     Established,
     MessagesReceived,
@@ -232,7 +233,7 @@ class Connection:
         self._sendq = Writer()  # the core's send queue (docs/design.md, "Send path")
         self._timer: Timer | None = None
         self._closed = False
-        self._backoff = 0.01
+        self._backoff = Backoff()
         self._ready = threading.Event()
         # Held by every loop-side entry point, and by send() from any thread, which
         # writes to the socket itself (run to completion: no hop to the loop thread).
@@ -433,7 +434,9 @@ class Connection:
         try:
             tls = self.messenger._tls_client if self.address.startswith("tcp://") else None
             stream = connect(self.address, tls=tls)
-        except OSError:
+        except OSError as e:  # refused at once (unix://, ipc://: nobody listens there)
+            self.last_error = e
+            self.messenger._each(lambda d: d.handle_refused(self))
             self._schedule_reconnect()
             return
         self._stream = stream
@@ -446,11 +449,13 @@ class Connection:
 
     def __on_connected_locked(self, stream: Stream) -> None:
         self.loop.set_writer(stream, None)
+        error: OSError | None = None
         try:
             ok = stream.connected()
-        except OSError:
-            ok = False
+        except OSError as e:
+            ok, error = False, e
         if not ok:
+            self.last_error = error or ConnectionRefusedError(f"{self.address}: not connected")
             self.loop.remove(stream)
             stream.close()
             self._stream = None
@@ -674,7 +679,7 @@ class Connection:
                 _track_kept(ev.messages)
         elif isinstance(ev, Established):
             self.peer_name = ev.peer_name
-            self._backoff = 0.01
+            self._backoff.reset()
             if self.session is None and self._machine is not None:
                 self.session = self._machine.session
             self._ready.set()
@@ -778,7 +783,7 @@ class Connection:
         if self._closed:
             return
         if delay is None:
-            delay, self._backoff = self._backoff, min(self._backoff * 2, 2.0)
+            delay = self._backoff.next_delay()
         if self._retry is not None:
             self._retry.cancel()
         self._retry = self.loop.call_later(delay, lambda: self._locked(self._start_connect))

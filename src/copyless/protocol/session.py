@@ -218,6 +218,28 @@ class Session:
         return dropped
 
 
+class Backoff:
+    """When to try again after a failed connection attempt: `first` seconds, doubled
+    after each failure up to `cap`; back to `first` once a session is established.
+    A peer that is down costs a few attempts a second at most, and one that comes
+    back is found within `cap`."""
+
+    def __init__(self, first: float = 0.01, cap: float = 2.0) -> None:
+        if not 0 < first <= cap:
+            raise ValueError(f"backoff needs 0 < first <= cap, got {first}, {cap}")
+        self.first, self.cap = first, cap
+        self._next = first
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt (each call is one more failure)."""
+        d = self._next
+        self._next = min(d * 2, self.cap)
+        return d
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
 class SessionRegistry:
     """A Messenger's sessions: clients' by their cookie, peers' by name.
 
