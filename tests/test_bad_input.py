@@ -16,10 +16,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from copyless.errors import PeerLost, RemoteProtocolError
+from copyless.errors import ConfigurationError, PeerLost, RemoteProtocolError
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
-from copyless.protocol.frames import Tag, encode_frame
-from copyless.protocol.session import BANNER, BANNER_MAGIC, FEATURES_SUPPORTED, HELLO, PROTOCOL_VERSION
+from copyless.protocol.frames import FrameTooLarge, Tag, encode_frame
+from copyless.protocol.session import (
+    BANNER,
+    BANNER_MAGIC,
+    FEATURES_SUPPORTED,
+    HELLO,
+    PROTOCOL_VERSION,
+    FeatureMismatch,
+)
 from copyless.transports import connect
 
 READ, REPLY = 1, 2
@@ -185,3 +192,65 @@ def test_a_wrong_secret_is_a_specific_error_for_both_ends(tmp_path):
         cli.shutdown()
         srv.shutdown()
     assert threading.active_count() >= 1
+
+
+def test_a_banner_that_requires_a_feature_we_lack_costs_only_its_connection(live):
+    srv, watch, addr, healthy = live
+    before = len(watch.faults)
+    banner = BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED | 1 << 40, 1 << 40)
+    if addr.startswith("ipc://"):
+        send_over_ipc(addr, banner, close=False)
+    else:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(addr[len("unix://") :])
+            s.sendall(banner)
+            while s.recv(65536):  # our banner, then the hang-up
+                pass
+    end = time.monotonic() + 2
+    while len(watch.faults) == before and time.monotonic() < end:
+        time.sleep(0.005)
+    assert [type(e) for e in watch.faults[before:]] == [FeatureMismatch]
+    assert "0x10000000000" in str(watch.faults[before])
+    r = healthy.call(Message(READ, front=b"still here"), timeout=5)
+    assert bytes(r.front) == b"still here" and healthy.last_error is None
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
+def test_a_segment_over_max_segment_costs_only_its_connection(transport, tmp_path, name):
+    """The limit is the receiver's (Messenger(max_segment=)): a longer segment is refused
+    from its preamble, before any of it is read; what came before it was delivered, and
+    the server's other connections carry on."""
+    from conftest import address_of
+
+    watch = Watch()
+    got: list[bytes] = []
+    watch.can_fast_dispatch = lambda msg: msg.type == READ  # type: ignore[method-assign]
+    watch.dispatch = lambda msg: got.append(bytes(msg.front))  # type: ignore[method-assign]
+    with Messenger("store.1", max_segment=64 << 10) as srv:
+        srv.add_dispatcher(watch)
+        addr = srv.bind(address_of(transport, tmp_path, name))
+        srv.start()
+        with Messenger("client.7") as good, Messenger("client.8", default_policy=Policy.lossy_client()) as bad:
+            healthy = good.connect(addr)
+            conn = bad.connect(addr)
+            conn.send(Message(3, front=b"first"))
+            conn.send(Message(3, front=b"big", data=[bytes(100_000)]))
+            end = time.monotonic() + 5
+            while not watch.faults and time.monotonic() < end:
+                time.sleep(0.005)
+            assert [type(e) for e in watch.faults] == [FrameTooLarge], watch.faults
+            assert "65536" in str(watch.faults[0])
+            assert got == [b"first"]
+            r = healthy.call(Message(READ, front=b"still here"), timeout=5)
+            assert bytes(r.front) == b"still here" and healthy.last_error is None
+            healthy.send(Message(3, front=b"x" * 60_000))  # under the limit: delivered
+            end = time.monotonic() + 5
+            while len(got) < 2 and time.monotonic() < end:
+                time.sleep(0.005)
+            assert got[1:] == [b"x" * 60_000]
+
+
+def test_max_segment_must_leave_room_for_the_handshake():
+    with pytest.raises(ConfigurationError):
+        Messenger("client.7", max_segment=100)

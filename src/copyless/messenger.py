@@ -72,6 +72,7 @@ _CLOSED = State.CLOSED
 # most FILL_WAIT for more of it while it holds the connection's lock; if it posted a
 # buffer of FILL_MIN or more, its reads between frames take only FILL_HEAD bytes.
 FILL_MIN, FILL_WAIT, FILL_HEAD = 64 << 10, 0.005, 4096
+MIN_MAX_SEGMENT = 4096
 TIMER_RETRY = 0.002  # a connection's timer that found a caller holding it looks again this much later
 
 
@@ -842,11 +843,17 @@ class Messenger:
         throttle_messages: int | None = None,
         throttle_bytes: int | None = None,
         dispatch_throttle_bytes: int | None = 100 << 20,
+        max_segment: int = 64 << 20,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
     ) -> None:
         if io_loops < 1:
             raise ConfigurationError("io_loops must be >= 1")
+        if max_segment < MIN_MAX_SEGMENT:
+            raise ConfigurationError(f"max_segment must be >= {MIN_MAX_SEGMENT} (the handshake's frames)")
+        # the largest segment (front, or all the data of a message) accepted from a peer:
+        # a longer one is refused from its preamble, before any of it is read
+        self._max_segment = max_segment
         self.name = name
         self.policies = dict(policies or {})
         self.default_policy = default_policy or Policy.lossless_client()
@@ -1005,6 +1012,7 @@ class Messenger:
             handshake_timeout=hs,
             idle_timeout=idle,
             keepalive_interval=ka,
+            max_segment=self._max_segment,
             **kw,
         )
         machine.owner = conn  # the connection of what it receives (_deliver corrects it after an _adopt)
