@@ -52,7 +52,7 @@ class Tag(enum.IntEnum):
     AUTH_BAD = 6
     CLIENT_IDENT = 7
     SERVER_IDENT = 8
-    IDENT_MISSING_FEATURES = 9
+    IDENT_MISSING_FEATURES = 9  # reserved: nothing sends it (the banners settle features); docs/protocol.md
     SESSION_RECONNECT = 10
     SESSION_RECONNECT_OK = 11
     SESSION_RETRY = 12
