@@ -461,3 +461,36 @@ def test_reconnect_backoff_doubles_up_to_its_cap_and_starts_over_on_success():
     for first, cap in ((0, 1), (-1, 1), (2, 1)):
         with pytest.raises(ValueError):
             Backoff(first, cap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    role=st.sampled_from([Role.SERVER, Role.CLIENT]),
+    hello=st.booleans(),
+    tag=st.integers(0, 40),
+    payload=st.binary(max_size=60),
+    segments=st.integers(1, 3),
+)
+def test_fuzz_any_valid_frame_with_any_payload_is_handled_or_a_protocol_error(role, hello, tag, payload, segments):
+    """Frames that pass every crc, of any tag (known or not) with any payload (short
+    ones too), in the handshake's first states: the machine carries on, or closes with
+    a RemoteProtocolError, or closes cleanly where the frame says so (WAIT to a client);
+    nothing else escapes receive_data."""
+    from copyless.protocol.frames import encode_frame
+    from copyless.protocol.session import BANNER_MAGIC, FEATURES_SUPPORTED, HELLO, PROTOCOL_VERSION
+
+    def frame(t: int, segs: list[bytes]) -> bytes:
+        return b"".join(bytes(b) for b in encode_frame(t, [[x] for x in segs]))
+
+    if role is Role.SERVER:
+        m = SessionConnection(Role.SERVER, "s", registry=SessionRegistry())
+    else:
+        m = SessionConnection(Role.CLIENT, "c", session=Session())
+    data = BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED, 0)
+    if hello:
+        peer = Role.CLIENT if role is Role.SERVER else Role.SERVER
+        data += frame(1, [HELLO.pack(peer.value) + b"peer.1"])
+    data += frame(tag, [payload] * segments)
+    m.receive_data(data)
+    closed = [e for e in m.next_events() if isinstance(e, Closed)]
+    assert all(c.error is None or isinstance(c.error, RemoteProtocolError) for c in closed), closed

@@ -633,7 +633,10 @@ class SessionConnection:
         handler = _HANDLERS.get((self.state, self.role, f.tag))
         if handler is None:
             raise RemoteProtocolError(f"unexpected {_name(f.tag)} frame in state {self.state.value} ({self.role.name})")
-        handler(self, f)
+        try:
+            handler(self, f)
+        except (struct.error, IndexError, UnicodeDecodeError) as e:  # a payload shorter than its layout
+            raise RemoteProtocolError(f"malformed {_name(f.tag)} frame: {e}") from e
 
     def _on_hello(self, f: Frame) -> None:
         body = bytes(f.segments[0])
