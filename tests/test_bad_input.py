@@ -13,21 +13,31 @@ import threading
 import time
 
 import pytest
+from conftest import address_of, served, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from copyless.errors import ConfigurationError, PeerLost, RemoteProtocolError
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
-from copyless.protocol.frames import FrameTooLarge, Tag, encode_frame
+from copyless.protocol.frames import Frame, FrameReader, FrameTooLarge, Tag, encode_frame
 from copyless.protocol.session import (
     BANNER,
     BANNER_MAGIC,
     FEATURES_SUPPORTED,
     HELLO,
     PROTOCOL_VERSION,
+    Closed,
     FeatureMismatch,
+    MessageReceived,
+    MessagesReceived,
+    OutMessage,
+    Role,
+    Session,
+    SessionConnection,
+    SessionRegistry,
+    State,
 )
-from copyless.transports import connect
+from copyless.transports import Stream, connect
 
 READ, REPLY = 1, 2
 
@@ -254,3 +264,154 @@ def test_a_segment_over_max_segment_costs_only_its_connection(transport, tmp_pat
 def test_max_segment_must_leave_room_for_the_handshake():
     with pytest.raises(ConfigurationError):
         Messenger("client.7", max_segment=100)
+
+
+# ---------------------------------------------------------------- tags outside the Tag enum
+# Random bytes never pass the preamble's crc32c, so the fuzzing above never reaches the
+# tag check; these frames are well formed (every crc right) and carry a tag that the
+# protocol does not have: 0, the first unassigned one, 200, and the largest a u8 holds.
+UNKNOWN_TAGS = [0, max(Tag) + 1, 200, 255]
+
+
+def unknown_frame(tag: int) -> bytes:
+    data = wire(encode_frame(tag, [[b"x" * 40]]))
+    reader = FrameReader()  # (the test's premise: a reader takes it as a whole, valid frame)
+    reader.next_read()[: len(data)] = data
+    reader.bytes_read(len(data))
+    f = reader.next_frame()
+    assert tag not in set(Tag) and isinstance(f, Frame) and f.tag == tag
+    return data
+
+
+def unknown_tag_error(error: BaseException | None, tag: int) -> bool:
+    """The specific error: a RemoteProtocolError of the session (not a FrameError: the frame
+    passed every check of the reader) that names the tag."""
+    return type(error) is RemoteProtocolError and f"tag-{tag}" in str(error)
+
+
+def fronts(events: list) -> list[bytes]:
+    got = []
+    for e in events:
+        if isinstance(e, MessageReceived):
+            got.append(bytes(e.front))
+        elif isinstance(e, MessagesReceived):
+            got += [bytes(m.front) for m in e.messages]
+    return got
+
+
+@pytest.mark.parametrize("messages", [False, True], ids=["events", "compiled"])
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+@pytest.mark.parametrize("stage", ["after-banner", "ready"])
+@pytest.mark.parametrize("tag", UNKNOWN_TAGS)
+def test_an_unknown_tag_with_valid_crcs_closes_the_machine_with_a_specific_error(tag, stage, role, messages):
+    """Sans-I/O: the frame reaches the transition table, which has no entry for the tag.
+    The machine closes with an error naming it; what came before it is delivered, what
+    comes after it is not (a compiled run of MESSAGE frames stops at it too)."""
+    c = SessionConnection(Role.CLIENT, "client.1", session=Session(), messages=messages)
+    s = SessionConnection(Role.SERVER, "store.1", registry=SessionRegistry(), messages=messages)
+    me, peer = (s, c) if role is Role.SERVER else (c, s)
+    before = after = b""
+    if stage == "after-banner":
+        me.receive_data(b"".join(bytes(b) for b in peer.data_to_send()))  # the peer's banner alone
+        assert me.state is State.HELLO
+    else:
+        for _ in range(10):  # the handshake, in whole flights
+            for a, b in ((c, s), (s, c)):
+                b.receive_data(b"".join(bytes(x) for x in a.data_to_send()))
+        assert me.state is State.READY and peer.state is State.READY
+        me.next_events()
+        for front in (b"one", b"two"):
+            peer.send_message(OutMessage(1, [front], []))
+        before = b"".join(bytes(x) for x in peer.data_to_send())
+        peer.send_message(OutMessage(1, [b"after it"], []))
+        after = b"".join(bytes(x) for x in peer.data_to_send())
+    me.receive_data(before + unknown_frame(tag) + after)  # in one read, as a socket may give it
+    events = me.next_events()
+    closed = [e for e in events if isinstance(e, Closed)]
+    assert len(closed) == 1 and unknown_tag_error(closed[0].error, tag), closed
+    assert me.state is State.CLOSED and events[-1] is closed[0]
+    assert fronts(events) == ([b"one", b"two"] if stage == "ready" else [])
+
+
+class RawClient:
+    """A client of our own over a transport stream (unix socket, or an ipc ring): a
+    sans-I/O machine drives the handshake and messages, and any bytes can go after."""
+
+    def __init__(self, address: str) -> None:
+        self.st = connect(address)
+        if type(self.st) is Stream:
+            assert select.select([], [self.st], [], 5)[1] and self.st.connected()
+        while not self.st.handshake():  # (ipc: the ring setup)
+            assert select.select([self.st], [], [], 5)[0]
+        self.machine = SessionConnection(Role.CLIENT, "client.evil", session=Session())
+        self.events: list = []
+        self.eof = False
+
+    def send(self, data: bytes) -> None:
+        view, end = memoryview(data), time.monotonic() + 5
+        while view:
+            assert time.monotonic() < end, "the server does not read"
+            n = self.st.send_buffers([view])
+            view = view[n:]
+            if not n:
+                time.sleep(0.001)
+
+    def pump(self, until, timeout: float = 5, machine: bool = True) -> None:
+        """Write what the machine has, feed it what comes, until until() or the stream ends
+        (machine=False: only read, and drop what comes)."""
+        buf, end = memoryview(bytearray(65536)), time.monotonic() + timeout
+        while not until() and not self.eof:
+            assert time.monotonic() < end, "timed out"
+            if machine:
+                self.send(b"".join(bytes(b) for b in self.machine.data_to_send()))
+            if not self.st.before_wait():
+                select.select([self.st], [], [], 0.01)
+            try:
+                n = self.st.recv_into(buf)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                n = 0
+            if n == 0:
+                self.eof = True
+            elif machine:
+                self.machine.receive_data(bytes(buf[:n]))
+                self.events += self.machine.next_events()
+
+    def close(self) -> None:
+        self.st.close()
+
+
+@pytest.mark.usefixtures("read_path")
+@pytest.mark.parametrize("stage", ["after-banner", "ready"])
+@pytest.mark.parametrize("transport", ["unix", "ipc"])
+def test_an_unknown_tag_costs_a_live_messenger_only_that_connection(transport, stage, tmp_path, name):
+    """A Messenger that reads a valid frame with an unknown tag, right after the banner or
+    on a connection that finished its handshake and carried a message: that connection
+    ends with a RemoteProtocolError naming the tag, handed to Dispatcher.handle_fault, and
+    the hang-up; another connection of the same Messenger carries on."""
+    tag = 200
+    watch = Watch()
+    with served(watch, address_of(transport, tmp_path, name)) as (_, healthy, _):
+        assert bytes(healthy.call(Message(READ, front=b"before"), timeout=5).front) == b"before"
+        raw = RawClient(healthy.address)
+        try:
+            if stage == "after-banner":
+                raw.send(BANNER_OK + unknown_frame(tag))
+                raw.pump(lambda: False, machine=False)  # until the server hangs up on it
+            else:
+                raw.pump(lambda: raw.machine.state is State.READY)
+                raw.machine.send_message(OutMessage(READ, [b"evil but well formed"], []))
+                raw.pump(lambda: fronts(raw.events))
+                assert fronts(raw.events) == [b"evil but well formed"], "the server answered it: READY"
+                raw.send(unknown_frame(tag))
+                raw.pump(lambda: False)  # until the server hangs up on it
+        finally:
+            raw.close()
+        assert wait_for(lambda: watch.faults), "Dispatcher.handle_fault was called"
+        assert len(watch.faults) == 1 and unknown_tag_error(watch.faults[0], tag), watch.faults
+        assert f"in state {'hello' if stage == 'after-banner' else 'ready'}" in str(watch.faults[0])
+        for i in range(3):
+            reply = healthy.call(Message(READ, front=b"still here %d" % i), timeout=5)
+            assert bytes(reply.front) == b"still here %d" % i
+        assert healthy.last_error is None and not healthy._closed

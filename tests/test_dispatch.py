@@ -112,6 +112,54 @@ def test_a_message_larger_than_the_byte_throttle_still_passes_alone(gated):
     assert [(f, n) for _, f, n in gate.seen] == [(b"0", 10), (b"1", 1 << 20), (b"2", 10)]
 
 
+def test_dispatch_throttle_bounds_the_bytes_waiting_for_dispatch(gated):
+    """The dispatch throttle (dispatch_throttle_bytes, Ceph's dispatch throttler) alone:
+    the bytes of queued messages, counting the one in dispatch() until it returns, never
+    exceed the limit; a message larger than the limit is the one exception, and it
+    waits alone.  The rest waits in the transport, and nothing is lost or reordered
+    once the dispatcher catches up."""
+    limit, size = 1 << 20, 200_000  # five messages fit (with their 3-byte fronts), six do not
+    server, gate, addr = gated(dispatch_throttle_bytes=limit)
+    assert server._throttles[0].limit is None and server._throttles[1].limit is None, "this throttle alone"
+    queued = server._throttles[2]
+    sizes = [size] * 14 + [limit + (1 << 19)] + [size] * 14  # one over the limit, in the middle
+    gate.expect = len(sizes)
+    waiting: list[tuple[int, int, int]] = []  # (messages, bytes, throttle used) seen during each dispatch
+    real = gate.dispatch
+
+    def dispatch(msg: Message) -> None:
+        real(msg)  # (blocks while the gate is shut)
+        time.sleep(0.002)  # slow: the reader has time to fill the room that the last one left
+        held = [m for _, _, m in list(server._queue.queue) if m is not None] + [msg]
+        waiting.append((len(held), sum(len(m.front) + len(m.data) for m in held), queued.used))
+
+    gate.dispatch = dispatch  # type: ignore[method-assign]
+    with Messenger("client.7") as client:
+        conn = client.connect(addr)
+        conn.wait_ready(5)
+        for i, n in enumerate(sizes):
+            conn.send(Message(WRITE, front=b"%03d" % i, data=[bytes(n)]))
+        # one message in dispatch (blocked), four queued: the sixth does not fit
+        assert wait_for(lambda: server._queue.qsize() == 4)
+        time.sleep(0.2)
+        (srv_conn,) = [c for c in server._connections if c._machine is not None]
+        assert server._queue.qsize() == 4 and queued.used == 5 * (size + 3)
+        assert srv_conn._paused, "the connection stopped reading: the next body did not fit"
+        reader = srv_conn._machine.reader
+        assert reader.paused and reader.held_bytes == size + 3
+        assert conn._sendq.pending > 0, "the rest waits on the sender's side: push-back through the socket"
+        gate.open.set()
+        assert gate.done.wait(20)
+    assert [(f, n) for _, f, n in gate.seen] == [(b"%03d" % i, n) for i, n in enumerate(sizes)], "all, in order"
+    for count, nbytes, used in waiting:
+        assert nbytes <= limit or count == 1, (count, nbytes)
+        assert used <= limit or count == 1, (count, used)
+    big = [w for w in waiting if w[1] > limit]
+    assert big == [(1, limit + (1 << 19) + 3, limit + (1 << 19) + 3)], "the large one passed alone"
+    assert max(n for c, n, _ in waiting if c > 1) > limit - 2 * (size + 3), "the queue did fill up to the limit"
+    assert wait_for(lambda: queued.used == 0), "everything went back"
+
+
 def test_queued_dispatch_goes_by_priority_then_arrival(gated):
     server, gate, addr = gated()
     plan = [(0, b"first")] + [(p, b"%d-%d" % (p, i)) for i in range(5) for p in (1, 9, 5)]

@@ -304,6 +304,46 @@ def test_accepted_connections_spread_over_the_loop_pool(server):
             c.shutdown()
 
 
+def test_new_connections_go_to_the_least_loaded_loop_on_both_sides(server):
+    """Least-loaded, not round-robin (which also makes [2, 2] of four in a row): once
+    closing connections has emptied one loop, the next connections all go there, on the
+    client (connect) and on the server (accept).  Loads count open connections: a closed
+    one is taken off its loop's."""
+    m, store, addr = server
+    probe = Message(READ, front=(1).to_bytes(8, "little"))
+    with Messenger("client.7", io_loops=2) as client:
+
+        def peer_of(c: Connection) -> Connection:  # the server's side of a client connection
+            assert wait_for(lambda: any(s.session.peer_cookie == c.session.cookie for s in store.accepted))
+            return next(s for s in store.accepted if s.session.peer_cookie == c.session.cookie)
+
+        def open_one() -> Connection:  # one at a time: accepted in the order they connect
+            c = client.connect(addr)
+            c.wait_ready(5)
+            assert bytes(c.call(probe, timeout=5).data) == b"\x07"
+            return c
+
+        conns = [open_one() for _ in range(4)]
+        assert sorted(lp.load for lp in client._loops) == [2, 2]
+        assert sorted(lp.load for lp in m._loops) == [2, 2]
+        mine, theirs = conns[0].loop, peer_of(conns[0]).loop
+        going = [c for c in conns if c.loop is mine]
+        assert len(going) == 2 and all(peer_of(c).loop is theirs for c in going), "(the test's premise)"
+        for c in going:
+            c.close()
+        assert wait_for(lambda: mine.load == 0 and theirs.load == 0), "closed: off their loops' load"
+        assert wait_for(lambda: len(m._connections) == 2)
+        staying = [c for c in conns if c not in going]
+        # round-robin would put one of these on each loop; least-loaded puts both on the empty one
+        new = [open_one() for _ in range(2)]
+        assert [c.loop is mine for c in new] == [True, True], "client: both on the emptier loop"
+        assert [peer_of(c).loop is theirs for c in new] == [True, True], "server: both on the emptier loop"
+        assert sorted(lp.load for lp in client._loops) == [2, 2]
+        assert sorted(lp.load for lp in m._loops) == [2, 2]
+        for c in staying + new:
+            assert bytes(c.call(probe, timeout=5).data) == b"\x07"
+
+
 def test_a_dispatcher_chooses_where_unsolicited_data_lands(address):
     """From the verified header and front, before the data is read: no intermediate copy
     of a large message (at most what one prefetch read took of it), and a small one is

@@ -267,6 +267,65 @@ def test_keepalive_and_idle_timeout():
     assert [bytes(m.front[0]) for m in cs.unsent] == [b"unacked"], "requeued for replay"
 
 
+def frames_of(data: bytes) -> list[tuple[int, list[bytes]]]:
+    """The (tag, segments) of each whole frame in data (a FrameReader's verified view)."""
+    from copyless.protocol.frames import FrameReader
+
+    reader, view, out = FrameReader(), memoryview(data), []
+    while view:
+        buf = reader.next_read()
+        n = min(len(buf), len(view))
+        buf[:n], view = view[:n], view[n:]
+        reader.bytes_read(n)
+    while (f := reader.next_frame()) is not None:
+        out.append((f.tag, [bytes(s) for s in f.segments]))
+    return out
+
+
+@pytest.mark.parametrize("pinger", [Role.CLIENT, Role.SERVER])
+def test_a_keepalive_ack_echoes_its_timestamp_and_measures_the_link_delay(pinger):
+    """The clock is fake, so the round trip is known to the nanosecond: the KEEPALIVE
+    carries the sender's time, the peer echoes exactly that, and the KeepaliveAck's rtt
+    is the time the simulated link took (not merely >= 0, which an echo of 0 passes).
+    The clock steps in decimal seconds (as time.monotonic() does), not in powers of 2."""
+    from copyless.protocol.frames import Tag
+    from copyless.protocol.session import U64, KeepaliveAck
+
+    interval, start = 0.3, 1000.0
+    ka = {Role.CLIENT: None, Role.SERVER: None, pinger: interval}
+    c = SessionConnection(Role.CLIENT, "c", session=Session(), now=start, keepalive_interval=ka[Role.CLIENT])
+    s = SessionConnection(Role.SERVER, "s", registry=SessionRegistry(), now=start, keepalive_interval=ka[Role.SERVER])
+    Link(random.Random(9), c, s).run()
+    assert c.state is State.READY and s.state is State.READY
+    a, b = (c, s) if pinger is Role.CLIENT else (s, c)
+    a.next_events()
+    b.next_events()
+    rng = random.Random(10)
+    for i in range(60):
+        sent_at = a.next_deadline()  # the keepalive is due now
+        assert sent_at == pytest.approx(start + (i + 1) * interval)
+        delay_ns = rng.choice([0, 1, 999, 1_000_000, 7_000_000]) + rng.randrange(250_000_000)
+        delay = delay_ns / 1e9  # under the interval: no second keepalive meanwhile
+        a.tick(sent_at)
+        sent_ns = round(sent_at * 1e9)
+        ping = drain(a)
+        assert frames_of(ping) == [(Tag.KEEPALIVE, [U64.pack(sent_ns)])], "it carries the sender's time"
+        b.tick(sent_at + delay / 3)  # the peer's clock plays no part in the answer
+        b.receive_data(ping)
+        pong = drain(b)
+        assert frames_of(pong) == [(Tag.KEEPALIVE_ACK, [U64.pack(sent_ns)])], "the echo is the time sent"
+        if i % 2:
+            a.tick(sent_at + delay)
+            a.receive_data(pong)
+        else:  # as a Messenger's read round tells the time: with the bytes
+            buf = a.next_read()
+            buf[: len(pong)] = pong
+            a.bytes_read(len(pong), now=sent_at + delay)
+        acks = [e for e in a.next_events() if isinstance(e, KeepaliveAck)]
+        assert acks == [KeepaliveAck(sent_ns=sent_ns, rtt_ns=delay_ns)], (i, sent_at, delay)
+        assert not b.next_events() and not drain(a) and not drain(b)
+
+
 def test_acks_ride_on_messages_or_wait_for_the_ack_delay():
     from copyless.protocol.frames import Tag
 

@@ -484,7 +484,9 @@ class SessionConnection:
 
     def keepalive(self, now: float) -> None:
         if self.state is State.READY:
-            self._out += encode_frame(Tag.KEEPALIVE, [[U64.pack(int(now * 1e9))]])
+            # round, not int(): a float time in seconds truncated to ns is often 1 ns short
+            # (1000.3 s gave 1000299999999 ns), and so was the rtt that the peer's echo gives
+            self._out += encode_frame(Tag.KEEPALIVE, [[U64.pack(round(now * 1e9))]])
             if self.keepalive_interval is not None:
                 self._next_keepalive = now + self.keepalive_interval
 
@@ -949,7 +951,7 @@ class SessionConnection:
 
     def _on_keepalive_ack(self, f: Frame) -> None:
         (sent,) = U64.unpack(bytes(f.segments[0]))
-        self._events.append(KeepaliveAck(sent, int(self._now * 1e9) - sent))
+        self._events.append(KeepaliveAck(sent, round(self._now * 1e9) - sent))
 
     def _on_goodbye(self, f: Frame) -> None:
         self._close(None, goodbye=True)
