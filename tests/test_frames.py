@@ -241,6 +241,9 @@ def test_encoder_refuses_bad_frames():
         encode_frame(Tag.MESSAGE, [])
     with pytest.raises(LocalProtocolError):
         encode_frame(Tag.MESSAGE, [[b"x"]] * 5)
+    for tag in (256, 256 + Tag.MESSAGE, -1):  # a byte on the wire: it must not wrap to another tag
+        with pytest.raises(LocalProtocolError, match="tag"):
+            encode_frame(tag, [[b"x"]])
 
 
 def test_sink_must_give_the_right_buffer():

@@ -317,6 +317,7 @@ static PyObject *py_frame_encode(PyObject *self, PyObject *args) {
     int data_crc, aborted;
     Py_ssize_t coalesce;
     if (!PyArg_ParseTuple(args, "IOppn", &tag, &segments, &data_crc, &aborted, &coalesce)) return NULL;
+    if (tag > 255) return PyErr_Format(PyExc_ValueError, "a frame's tag is a byte, not %u", tag); /* ("I" wraps) */
     PyObject *segs = PySequence_Fast(segments, "segments must be a sequence");
     if (!segs) return NULL;
     Py_ssize_t nseg = PySequence_Fast_GET_SIZE(segs);

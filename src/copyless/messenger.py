@@ -952,8 +952,7 @@ class Messenger:
     def _new_connection(
         self, address: str, policy: Policy, name: str | None, session: Session | None = None
     ) -> Connection:
-        loop = min(self._loops, key=lambda lp: lp.load)
-        loop.load += 1
+        loop = self._take_loop()
         conn = Connection(self, loop, policy, address)
         conn.expect = name or ""
         if session is not None:
@@ -1029,8 +1028,7 @@ class Messenger:
 
     def _on_accept(self, lst: Listener) -> None:
         while (stream := lst.accept()) is not None:
-            loop = min(self._loops, key=lambda lp: lp.load)
-            loop.load += 1
+            loop = self._take_loop()
             conn = Connection(self, loop, Policy.stateful_server(), stream.peer)
             conn._lock = self._accepted_lock
             with self._lock:  # before its first step, which may already end it (and _forget it)
@@ -1083,9 +1081,7 @@ class Messenger:
             if existing._stream is not None:
                 conn.loop.remove(existing._stream)  # it may move to the other connection's loop
                 existing.loop.add_reader(existing._stream, existing._on_readable)
-        conn.loop.load = max(0, conn.loop.load - 1)
-        with self._lock:
-            self._connections.discard(conn)
+        self._release_loop(conn)
         if new:  # a peer's connection opened the session (it won a race, or it restarted)
             self._each(lambda d: d.handle_accept(existing))
 
@@ -1215,9 +1211,22 @@ class Messenger:
             if pending.conn is conn and not pending.done:
                 pending.finish(error=error)
 
-    def _forget(self, conn: Connection) -> None:
+    def _take_loop(self) -> IOLoop:
+        """The least-loaded loop, charged with one more connection (connect() runs on
+        application threads, accepts and teardowns on the loops: under the lock)."""
+        with self._lock:
+            loop = min(self._loops, key=lambda lp: lp.load)
+            loop.load += 1
+            return loop
+
+    def _release_loop(self, conn: Connection) -> None:
+        """conn is gone (or moved into another Connection): its loop's charge with it."""
         with self._lock:
             self._connections.discard(conn)
+            conn.loop.load = max(0, conn.loop.load - 1)
+
+    def _forget(self, conn: Connection) -> None:
+        self._release_loop(conn)
         s = conn.session
         if s is not None and self._by_session.get(id(s)) is conn:
             del self._by_session[id(s)]
@@ -1225,4 +1234,3 @@ class Messenger:
                 del self._registry.by_peer[conn.peer_name or conn.expect]
             if self._registry.by_client.get(s.peer_cookie) is s:
                 del self._registry.by_client[s.peer_cookie]  # a client of ours that is gone
-        conn.loop.load = max(0, conn.loop.load - 1)
