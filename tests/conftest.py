@@ -122,6 +122,27 @@ def child():
         c.close()
 
 
+def in_threads(run, threads: int, timeout: float = 60) -> None:
+    """run(t) for t in range(threads), each on a thread of its own, all at once; an
+    exception in any of them, or one still running after `timeout`, fails the test."""
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            run(t)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=guarded, args=(t,)) for t in range(threads)]
+    for x in ts:
+        x.start()
+    end = time.monotonic() + timeout
+    for x in ts:
+        x.join(max(0.0, end - time.monotonic()))
+    assert not errors, errors
+    assert not any(x.is_alive() for x in ts), "a thread did not finish"
+
+
 def address_of(transport: str, tmp_path, name: str = "") -> str:
     """A fresh address of a transport: tcp on loopback, a unix socket in tmp_path, ipc `name`."""
     return {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/s.sock", "ipc": f"ipc://{name}"}[transport]

@@ -8,11 +8,10 @@ unusual arguments) it leaves what the Python path leaves; each runs over both
 from __future__ import annotations
 
 import array
-import threading
 import time
 
 import pytest
-from conftest import address_of, served
+from conftest import address_of, in_threads, served
 
 from copyless.errors import ConfigurationError, Timeout
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
@@ -111,22 +110,13 @@ def test_an_error_mid_call_gives_the_stream_back(pair, read_path):
 def test_calls_from_threads_at_once(pair, read_path):
     """One caller leases the stream; the others' replies come through it or the loop."""
     client, conn = pair
-    errors = []
 
     def caller(k: int) -> None:
         buf = bytearray(64)
-        try:
-            for i in range(200):
-                echo(conn, k * 1000 + i, buf)
-        except BaseException as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
+        for i in range(200):
+            echo(conn, k * 1000 + i, buf)
 
-    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert errors == []
+    in_threads(caller, 4, timeout=30)
     assert given_back(client, conn)
 
 

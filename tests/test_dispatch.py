@@ -54,6 +54,18 @@ def gated(tmp_path):
         m.shutdown()
 
 
+def held_in_the_transport(server: Messenger, queued: int, held: int) -> None:
+    """The dispatch queue fills to `queued` messages and stays there: the server's one
+    connection stopped reading, holding a frame whose body (`held` bytes) did not fit."""
+    assert wait_for(lambda: server._queue.qsize() == queued)
+    time.sleep(0.2)
+    (srv_conn,) = [c for c in server._connections if c._machine is not None]
+    assert server._queue.qsize() == queued
+    assert srv_conn._paused, "the connection stopped reading: the next body did not fit"
+    reader = srv_conn._machine.reader
+    assert reader.paused and reader.held_bytes == held
+
+
 def test_message_throttle_holds_the_rest_in_the_transport(gated):
     server, gate, addr = gated(throttle_messages=10)
     n = 3000
@@ -86,13 +98,8 @@ def test_byte_throttle_is_taken_before_the_body_is_read(gated):
             conn.send(Message(WRITE, front=b"%02d" % i, data=[bytes(size)]))
         nbytes = server._throttles[1]
         # three bodies fit in 1 MiB: one in dispatch (blocked), two queued, the fourth held
-        assert wait_for(lambda: server._queue.qsize() == 2)
-        time.sleep(0.2)
-        (srv_conn,) = [c for c in server._connections if c._machine is not None]
-        assert server._queue.qsize() == 2 and nbytes.used == 3 * (size + 2)
-        assert srv_conn._paused, "the connection stopped reading: the next body did not fit"
-        reader = srv_conn._machine.reader
-        assert reader.paused and reader.held_bytes == size + 2
+        held_in_the_transport(server, queued=2, held=size + 2)
+        assert nbytes.used == 3 * (size + 2)
         gate.open.set()
         assert gate.done.wait(20)
     assert [f for _, f, _ in gate.seen] == [b"%02d" % i for i in range(n)]
@@ -140,13 +147,8 @@ def test_dispatch_throttle_bounds_the_bytes_waiting_for_dispatch(gated):
         for i, n in enumerate(sizes):
             conn.send(Message(WRITE, front=b"%03d" % i, data=[bytes(n)]))
         # one message in dispatch (blocked), four queued: the sixth does not fit
-        assert wait_for(lambda: server._queue.qsize() == 4)
-        time.sleep(0.2)
-        (srv_conn,) = [c for c in server._connections if c._machine is not None]
-        assert server._queue.qsize() == 4 and queued.used == 5 * (size + 3)
-        assert srv_conn._paused, "the connection stopped reading: the next body did not fit"
-        reader = srv_conn._machine.reader
-        assert reader.paused and reader.held_bytes == size + 3
+        held_in_the_transport(server, queued=4, held=size + 3)
+        assert queued.used == 5 * (size + 3)
         assert conn._sendq.pending > 0, "the rest waits on the sender's side: push-back through the socket"
         gate.open.set()
         assert gate.done.wait(20)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import address_of, served, wait_for
+from conftest import address_of, in_threads, served, wait_for
 
 from copyless.errors import ClosedError, PeerLost
 from copyless.messenger import FILL_HEAD, Connection, Dispatcher, Message, Messenger, Policy
@@ -229,27 +229,18 @@ def test_call_to_a_dead_server_fails_and_nothing_leaks(address):
 def test_concurrent_callers_on_one_connection_each_get_their_reply(server):
     """One caller at a time reads the socket itself; it delivers the others' replies."""
     _, _, addr = server
-    errors: list[BaseException] = []
     with Messenger("client.7") as client:
         conn = client.connect(addr)
         conn.wait_ready(5)
 
         def worker(k: int) -> None:
-            try:
-                for i in range(60):
-                    kind = SLOW if i % 10 == 0 else READ
-                    tag = f"{k}:{i}".encode()
-                    r = conn.call(Message(kind, front=tag if kind == SLOW else (3).to_bytes(8, "little")), timeout=5)
-                    assert bytes(r.front) == (tag if kind == SLOW else b"ok")
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
+            for i in range(60):
+                kind = SLOW if i % 10 == 0 else READ
+                tag = f"{k}:{i}".encode()
+                r = conn.call(Message(kind, front=tag if kind == SLOW else (3).to_bytes(8, "little")), timeout=5)
+                assert bytes(r.front) == (tag if kind == SLOW else b"ok")
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not errors, errors
+        in_threads(worker, 4, timeout=30)
         assert not conn._leased, "the last caller handed the socket back to the loop"
 
 

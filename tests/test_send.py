@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import address_of, served
+from conftest import address_of, in_threads, served
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -446,25 +446,6 @@ class Recorder(Dispatcher):
             done = self.cond.wait_for(lambda: all(len(self.got[t]) >= n for t in range(threads)), timeout)
             assert done, {t: len(self.got[t]) for t in range(threads)}
             return {t: list(v) for t, v in self.got.items()}
-
-
-def in_threads(run: Callable[[int], None], threads: int) -> None:
-    """run(t) for t in range(threads), each on a thread of its own, all at once; an
-    exception in any of them fails the test."""
-    errors: list[BaseException] = []
-
-    def guarded(t: int) -> None:
-        try:
-            run(t)
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    ts = [threading.Thread(target=guarded, args=(t,)) for t in range(threads)]
-    for x in ts:
-        x.start()
-    for x in ts:
-        x.join(60)
-    assert not errors, errors
 
 
 def sending_threads(conn: Connection, threads: int, n: int, seed: int, pace: Recorder | None = None) -> None:
