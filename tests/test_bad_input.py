@@ -17,7 +17,7 @@ from conftest import address_of, served, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from copyless.errors import ConfigurationError, PeerLost, RemoteProtocolError
+from copyless.errors import ConfigurationError, MessageTooLarge, PeerLost, RemoteProtocolError
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
 from copyless.protocol.frames import Frame, FrameReader, FrameTooLarge, Tag, encode_frame
 from copyless.protocol.session import (
@@ -83,7 +83,7 @@ def wire(*frames) -> bytes:
 
 
 BANNER_OK = BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED, 0)
-HELLO_OK = wire(encode_frame(Tag.HELLO, [[HELLO.pack(0) + b"client.evil"]]))
+HELLO_OK = wire(encode_frame(Tag.HELLO, [[HELLO.pack(0, 1 << 20) + b"client.evil"]]))
 
 garbage = st.binary(min_size=1, max_size=400)
 after_banner = st.builds(lambda g: BANNER_OK + g, garbage)
@@ -222,9 +222,10 @@ def test_a_banner_that_requires_a_feature_we_lack_costs_only_its_connection(live
 
 @pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
 def test_a_segment_over_max_segment_costs_only_its_connection(transport, tmp_path, name):
-    """The limit is the receiver's (Messenger(max_segment=)): a longer segment is refused
-    from its preamble, before any of it is read; what came before it was delivered, and
-    the server's other connections carry on."""
+    """The limit is the receiver's (Messenger(max_segment=)): a longer segment, from a
+    peer that does not keep to the limit the receiver announced, is refused from its
+    preamble, before any of it is read; what came before it was delivered, and the
+    server's other connections carry on."""
     watch = Watch()
     got: list[bytes] = []
     watch.can_fast_dispatch = lambda msg: msg.type == READ  # type: ignore[method-assign]
@@ -236,6 +237,9 @@ def test_a_segment_over_max_segment_costs_only_its_connection(transport, tmp_pat
         with Messenger("client.7") as good, Messenger("client.8", default_policy=Policy.lossy_client()) as bad:
             healthy = good.connect(addr)
             conn = bad.connect(addr)
+            conn.wait_ready(5)
+            assert conn._machine.peer_max_segment == 64 << 10
+            conn._machine.peer_max_segment = conn.session.peer_max_segment = 0  # it ignores the limit
             conn.send(Message(3, front=b"first"))
             conn.send(Message(3, front=b"big", data=[bytes(100_000)]))
             wait_for(lambda: watch.faults)
@@ -247,6 +251,69 @@ def test_a_segment_over_max_segment_costs_only_its_connection(transport, tmp_pat
             healthy.send(Message(3, front=b"x" * 60_000))  # under the limit: delivered
             wait_for(lambda: len(got) == 2)
             assert got[1:] == [b"x" * 60_000]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
+def test_a_message_over_the_peers_limit_is_refused_by_its_sender(transport, tmp_path, name):
+    """Each side announces its max_segment in HELLO, and a sender keeps to its peer's.
+    A message queued before the first handshake (nobody listened yet) and over the
+    limit is dropped when the limit is learnt: handle_fault(MessageTooLarge), and a call
+    waiting for its reply fails with it; what was queued around it is delivered.  Once
+    the limit is known, send() and call() raise MessageTooLarge and send nothing.  The
+    connection never faults: a lossless connection would otherwise replay the message
+    into the receiver's refusal for ever."""
+    address = address_of(transport, tmp_path, name)
+    if transport == "tcp":
+        with socket.socket() as s:  # a port nobody listens on yet (bound, not listening)
+            s.bind(("127.0.0.1", 0))
+            address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    server, client = Watch(), Watch()
+    got: list[bytes] = []
+    server.can_fast_dispatch = lambda msg: msg.type == READ  # type: ignore[method-assign]
+    server.dispatch = lambda msg: got.append(bytes(msg.front))  # type: ignore[method-assign]
+    big = bytes(100_000)
+    with Messenger("client.7") as cm:  # lossless_client
+        cm.add_dispatcher(client)
+        conn = cm.connect(address)
+        conn.send(Message(3, front=b"before"))
+        failed: list[BaseException] = []
+
+        def call_big() -> None:
+            try:
+                conn.call(Message(READ, front=b"big", data=[big]), timeout=10)
+            except BaseException as e:  # noqa: BLE001 (what the call raised is the result)
+                failed.append(e)
+
+        caller = threading.Thread(target=call_big)
+        caller.start()
+        wait_for(lambda: len(cm._calls) == 1)
+        conn.send(Message(3, front=b"after"))
+        with Messenger("store.1", max_segment=64 << 10) as srv:
+            srv.add_dispatcher(server)
+            srv.bind(address)
+            srv.start()
+            conn.wait_ready(5)
+            caller.join(5)
+            assert [type(e) for e in failed] == [MessageTooLarge], failed
+            assert "100000-byte data segment" in str(failed[0]) and "65536" in str(failed[0])
+            assert client.faults == failed and conn.last_error is failed[0]
+            assert not cm._calls
+            assert wait_for(lambda: got == [b"before", b"after"]), got
+
+            for send in (conn.send, conn._send_python):  # the compiled send and the Python one
+                with pytest.raises(MessageTooLarge, match="100000-byte data"):
+                    send(Message(3, front=b"big", data=[big]))
+                with pytest.raises(MessageTooLarge, match="70000-byte front"):
+                    send(Message(3, front=bytes(70_000)))
+            with pytest.raises(MessageTooLarge):
+                conn.call(Message(READ, front=b"big", data=[big]), timeout=5)
+            assert not cm._calls and not conn.session.unsent
+            reply = conn.call(Message(READ, front=b"x", data=[bytes(64 << 10)]), timeout=5)  # at the limit
+            assert bytes(reply.front) == b"x"
+            conn.send(Message(3, front=b"last"))
+            assert wait_for(lambda: got[-1:] == [b"last"]), got
+            assert server.faults == [] and len(client.faults) == 1
+            assert conn.session.out_seq == 4  # before, after, the call at the limit, last
 
 
 def test_max_segment_must_leave_room_for_the_handshake():

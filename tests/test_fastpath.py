@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from copyless import ConfigurationError, Message
+from copyless import ConfigurationError, Message, MessageTooLarge
 from copyless._codec import Writer, message_scan
 from copyless.messenger import Messenger
 from copyless.protocol.frames import UNLIMITED, Frame, FrameReader, Tag, encode_frame
@@ -340,7 +340,7 @@ def test_the_core_encodes_a_message_as_encode_frame_does(
         msg = msg.reply(mtype, front, data)
     w, out = Writer(), Collect()
     w.bind(out, -1, None)
-    kept = w.message(msg, seq, ack, data_crc, lossless)
+    kept = w.message(msg, seq, ack, data_crc, lossless, 0)
     header = MSG_HEADER.pack(mtype, prio, MSG_FLAG_REPLY if reply else 0, tid, seq, ack)
     want = b"".join(bytes(b) for b in encode_frame(Tag.MESSAGE, [[header], [front], data], data_crc=data_crc))
     assert bytes(out.wire) == want and w.pending == 0
@@ -375,10 +375,17 @@ def test_messages_that_do_not_fit_the_header_are_refused_before_anything_is_queu
     w, out = Writer(), Collect()
     w.bind(out, -1, None)
     with pytest.raises(ConfigurationError, match="u16"):
-        w.message(Message(1 << 16), 1, 0, True, True)
+        w.message(Message(1 << 16), 1, 0, True, True, 0)
     with pytest.raises(TypeError):
-        w.message(b"not a message", 1, 0, True, True)
+        w.message(b"not a message", 1, 0, True, True, 0)
+    # over the peer's segment limit (the last argument): its data, then its front
+    with pytest.raises(MessageTooLarge, match="101-byte data segment, over the peer's limit of 100"):
+        w.message(Message(1, b"", [bytes(60), bytes(41)]), 1, 0, True, True, 100)
+    with pytest.raises(MessageTooLarge, match="101-byte front"):
+        w.message(Message(1, bytes(101)), 1, 0, True, True, 100)
     assert w.pending == 0 and not out.wire
+    assert w.message(Message(1, bytes(100), [bytes(100)]), 1, 0, True, False, 100) is None  # at the limit
+    assert out.wire
 
 
 SINK = """
@@ -495,7 +502,7 @@ def test_a_received_message_makes_its_views_when_first_asked_and_counts_its_byte
     assert d.released and d.nbytes == 5, "released before its views were made"
     w, out = Writer(), Collect()
     w.bind(out, -1, None)
-    w.message(b, 1, 0, True, False)  # a received message can be sent on
+    w.message(b, 1, 0, True, False, 0)  # a received message can be sent on
     assert bytes(out.wire).endswith(b"f1" + out.wire[-12:-8] + out.wire[-8:])
 
 

@@ -10,16 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from copyless.errors import RemoteProtocolError
+from copyless.errors import ConfigurationError, MessageTooLarge, RemoteProtocolError
+from copyless.protocol.frames import Tag, encode_frame
 from copyless.protocol.session import (
     BANNER,
+    BANNER_MAGIC,
     FEATURE_GOODBYE,
+    FEATURES_SUPPORTED,
+    HELLO,
+    MIN_MAX_SEGMENT,
+    PROTOCOL_VERSION,
     AuthenticationFailed,
     Backoff,
     Closed,
     Established,
     FeatureMismatch,
     MessageReceived,
+    MessageRefused,
     OutMessage,
     Role,
     Session,
@@ -535,8 +542,6 @@ def test_fuzz_any_valid_frame_with_any_payload_is_handled_or_a_protocol_error(ro
     ones too), in the handshake's first states: the machine carries on, or closes with
     a RemoteProtocolError, or closes cleanly where the frame says so (WAIT to a client);
     nothing else escapes receive_data."""
-    from copyless.protocol.frames import encode_frame
-    from copyless.protocol.session import BANNER_MAGIC, FEATURES_SUPPORTED, HELLO, PROTOCOL_VERSION
 
     def frame(t: int, segs: list[bytes]) -> bytes:
         return b"".join(bytes(b) for b in encode_frame(t, [[x] for x in segs]))
@@ -548,8 +553,70 @@ def test_fuzz_any_valid_frame_with_any_payload_is_handled_or_a_protocol_error(ro
     data = BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED, 0)
     if hello:
         peer = Role.CLIENT if role is Role.SERVER else Role.SERVER
-        data += frame(1, [HELLO.pack(peer.value) + b"peer.1"])
+        data += frame(1, [HELLO.pack(peer.value, 1 << 20) + b"peer.1"])
     data += frame(tag, [payload] * segments)
     m.receive_data(data)
     closed = [e for e in m.next_events() if isinstance(e, Closed)]
     assert all(c.error is None or isinstance(c.error, RemoteProtocolError) for c in closed), closed
+
+
+def test_each_side_announces_its_segment_limit_and_the_sender_keeps_to_the_peers():
+    """HELLO carries the longest segment the sender takes.  Before the handshake the
+    peer's limit is unknown, so a message over it is queued; it is taken off the queue
+    when the limit is learnt (MessageRefused, not sent: the receiver would only close
+    the connection, and a lossless sender replay it forever), and the messages around
+    it go, numbered without a gap.  Once the limit is known, send_message refuses such
+    a message with MessageTooLarge and queues nothing.  The limits are per direction."""
+    cs = Session()
+    c = SessionConnection(Role.CLIENT, "client.1", session=cs, max_segment=1 << 20)
+    s = SessionConnection(Role.SERVER, "store.1", registry=SessionRegistry(), max_segment=8192)
+    link = Link(random.Random(5), c, s)
+    c.send_message(OutMessage(1, [b"before"], []))
+    c.send_message(OutMessage(2, [b"f"], [bytes(6000), bytes(4000)], tid=5))  # data: 10000 bytes
+    c.send_message(OutMessage(1, [bytes(9000)], [], tid=6))  # front: 9000 bytes
+    c.send_message(OutMessage(1, [b"after"], [], tid=7))
+    link.run()
+    assert (c.peer_max_segment, s.peer_max_segment) == (8192, 1 << 20)
+    events = c.next_events()
+    assert type(events[0]) is Established
+    refused = [e for e in events if isinstance(e, MessageRefused)]
+    assert [e.message.tid for e in refused] == [5, 6]
+    assert all(isinstance(e.error, MessageTooLarge) for e in refused)
+    assert "10000-byte data segment" in str(refused[0].error) and "8192" in str(refused[0].error)
+    assert "9000-byte front segment" in str(refused[1].error)
+    got = [(e.seq, bytes(e.front)) for e in s.next_events() if isinstance(e, MessageReceived)]
+    assert got == [(1, b"before"), (2, b"after")]
+
+    with pytest.raises(MessageTooLarge, match="8193-byte data"):
+        c.send_message(OutMessage(3, [b""], [bytes(8193)]))
+    assert not cs.unsent and cs.out_seq == 2  # nothing queued, no seq taken
+    c.send_message(OutMessage(3, [b"at the limit"], [bytes(8192)]))
+    s.send_message(OutMessage(4, [b"the other way"], [bytes(10000)]))  # the client takes 1 MiB
+    link.run()
+    assert [(e.seq, len(e.data)) for e in s.next_events() if isinstance(e, MessageReceived)] == [(3, 8192)]
+    assert [(e.seq, len(e.data)) for e in c.next_events() if isinstance(e, MessageReceived)] == [(1, 10000)]
+    assert c.state is State.READY and s.state is State.READY
+
+
+def test_a_session_checks_what_is_queued_against_the_limit_it_last_learnt():
+    """A message queued on a session while no connection carries it (a reconnect to come)
+    is refused at once if the peer's limit is known from an earlier connection."""
+    cs = Session()
+    cs.peer_max_segment = MIN_MAX_SEGMENT
+    with pytest.raises(MessageTooLarge):
+        cs.queue(OutMessage(1, [b""], [bytes(MIN_MAX_SEGMENT + 1)]))
+    cs.queue(OutMessage(1, [b""], [bytes(MIN_MAX_SEGMENT)]))
+    assert len(cs.unsent) == 1
+
+
+def test_a_segment_limit_under_the_least_is_refused_at_both_ends():
+    with pytest.raises(ConfigurationError):
+        SessionConnection(Role.CLIENT, "c", session=Session(), max_segment=MIN_MAX_SEGMENT - 1)
+    m = SessionConnection(Role.SERVER, "s", registry=SessionRegistry())
+    hello = HELLO.pack(Role.CLIENT.value, MIN_MAX_SEGMENT - 1) + b"client.1"
+    m.receive_data(
+        BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, FEATURES_SUPPORTED, 0)
+        + b"".join(bytes(b) for b in encode_frame(Tag.HELLO, [[hello]]))
+    )
+    (closed,) = [e for e in m.next_events() if isinstance(e, Closed)]
+    assert isinstance(closed.error, RemoteProtocolError) and "under the least" in str(closed.error)

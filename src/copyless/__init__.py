@@ -68,7 +68,7 @@ def __dir__() -> list[str]:
 
 
 _core._set_errors(WouldBlock, Timeout, RemoteProtocolError, ClosedError, ConfigurationError)
-_codec._set_errors(LocalProtocolError, ConfigurationError)
+_codec._set_errors(LocalProtocolError, ConfigurationError, MessageTooLarge)
 
 __version__ = "0.1.0"
 __all__ = [

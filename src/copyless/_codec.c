@@ -753,7 +753,7 @@ static PyObject *py_message_scan(PyObject *self, PyObject *const *args, Py_ssize
 #define cpu_relax() do {} while (0)
 #endif
 
-static PyObject *LocalProtoErr, *ConfigErr; /* copyless.errors, set by _set_errors */
+static PyObject *LocalProtoErr, *ConfigErr, *TooLargeErr; /* copyless.errors, set by _set_errors */
 
 static int64_t mono_ns(void) {
     struct timespec ts;
@@ -1589,13 +1589,14 @@ static int get_small(PyObject *o, Py_buffer *v, Py_ssize_t coalesce) {
 }
 
 /* Encode a MESSAGE frame of msg (a copyless.Message) with this seq and ack_seq
- * straight into the queue (the bytes frames.encode_frame would give).  Returns what
+ * straight into the queue (the bytes frames.encode_frame would give); MessageTooLarge
+ * if its front or data is over max_segment bytes (the peer's limit; 0: not checked).  Returns what
  * the session keeps to resend (lossless), else None; NULL with an error set, and
  * nothing queued (unless the queue ran out of memory: the writer then fails, as a
  * broken socket would).  *act: what w_sent is to do (write now: 1; ipc, written
  * already or waiting for room: -1). */
 static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t ack, int data_crc, int lossless,
-                          int *act_out) {
+                          Py_ssize_t max_segment, int *act_out) {
     *act_out = 0;
     CopylessOutFields f;
     if (capi->outgoing(msg, &f) < 0) return NULL;
@@ -1622,6 +1623,14 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
     }
     if ((uint64_t)fv.len >= (1ull << 32) || dlen >= (1ull << 32)) {
         PyErr_SetString(LocalProtoErr ? LocalProtoErr : PyExc_ValueError, "a segment is limited to 4 GiB - 1");
+        goto done;
+    }
+    if (max_segment > 0 && (fv.len > max_segment || dlen > (uint64_t)max_segment)) { /* (as session.check_size) */
+        int front = fv.len > max_segment;
+        PyErr_Format(TooLargeErr ? TooLargeErr : PyExc_ValueError,
+                     "a %llu-byte %s segment, over the peer's limit of %zd bytes (max_segment)",
+                     front ? (unsigned long long)fv.len : (unsigned long long)dlen, front ? "front" : "data",
+                     max_segment);
         goto done;
     }
     /* preamble + header + its crc: 64 bytes, as frame_encode lays them out */
@@ -1763,21 +1772,22 @@ static void w_sent(WriterObject *w, int act) {
         w_write_now(w);
 }
 
-/* message(msg, seq, ack, data_crc, lossless) -> OutMessage | None
+/* message(msg, seq, ack, data_crc, lossless, max_segment) -> OutMessage | None
  * Encode a MESSAGE frame of msg with this seq and ack_seq into the queue (w_encode),
  * then write now or batch.  Returns what the session keeps to resend (lossless), else
  * None.  (The Python path's; the steady state of Connection.send does both itself,
  * see "compiled send" below.) */
 static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "message(msg, seq, ack, data_crc, lossless)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "message(msg, seq, ack, data_crc, lossless, max_segment)");
         return NULL;
     }
     uint64_t seq = PyLong_AsUnsignedLongLong(args[1]), ack = PyLong_AsUnsignedLongLong(args[2]);
     int data_crc = PyObject_IsTrue(args[3]), lossless = PyObject_IsTrue(args[4]);
+    Py_ssize_t max_segment = PyLong_AsSsize_t(args[5]);
     if (PyErr_Occurred()) return NULL;
     int act;
-    PyObject *rec = w_encode(w, args[0], seq, ack, data_crc, lossless, &act);
+    PyObject *rec = w_encode(w, args[0], seq, ack, data_crc, lossless, max_segment, &act);
     if (rec) w_sent(w, act);
     return rec;
 }
@@ -2450,12 +2460,13 @@ typedef struct {
 /* Connection */
 enum { C_CLOSED, C_LOCK, C_MACHINE, C_STREAM, C_SENDQ };
 /* SessionConnection */
-enum { M_STATE, M_SESSION, M_OUT, M_DATA_CRC, M_UNACKED_IN, M_ACK_DUE };
+enum { M_STATE, M_SESSION, M_OUT, M_DATA_CRC, M_UNACKED_IN, M_ACK_DUE, M_PEER_MAX };
 /* Session */
 enum { S_UNSENT, S_SENT, S_OUT_SEQ, S_IN_SEQ, S_LOSSLESS };
 
 static SlotMap sp_conn = {NULL, {"_closed", "_lock", "_machine", "_stream", "_sendq"}, {0}};
-static SlotMap sp_mach = {NULL, {"state", "session", "_out", "data_crc", "_unacked_in", "_ack_due"}, {0}};
+static SlotMap sp_mach = {
+    NULL, {"state", "session", "_out", "data_crc", "_unacked_in", "_ack_due", "peer_max_segment"}, {0}};
 static SlotMap sp_sess = {NULL, {"unsent", "sent", "out_seq", "in_seq", "lossless"}, {0}};
 static PyObject *sp_ready, *sp_zero, *sp_fallback, *sp_stalled, *sp_append;
 static PyTypeObject *sp_deque;
@@ -2503,10 +2514,16 @@ static PyObject *conn_send(PyObject *conn, PyObject *msg) {
         SLOT(m, sp_mach, M_STATE) != sp_ready)
         goto unlock_python;
     PyObject *s = SLOT(m, sp_mach, M_SESSION), *out = SLOT(m, sp_mach, M_OUT);
-    PyObject *crc = SLOT(m, sp_mach, M_DATA_CRC);
+    PyObject *crc = SLOT(m, sp_mach, M_DATA_CRC), *lim = SLOT(m, sp_mach, M_PEER_MAX);
     if (!s || !Py_IS_TYPE(s, sp_sess.type) || !out || !PyList_CheckExact(out) || PyList_GET_SIZE(out) || !crc ||
-        !PyBool_Check(crc) || !SLOT(m, sp_mach, M_UNACKED_IN) || !SLOT(m, sp_mach, M_ACK_DUE))
+        !PyBool_Check(crc) || !SLOT(m, sp_mach, M_UNACKED_IN) || !SLOT(m, sp_mach, M_ACK_DUE) || !lim ||
+        !PyLong_CheckExact(lim))
         goto unlock_python;
+    Py_ssize_t max_segment = PyLong_AsSsize_t(lim);
+    if (max_segment < 0) { /* (an overflow too): the Python path decides */
+        PyErr_Clear();
+        goto unlock_python;
+    }
     PyObject *unsent = SLOT(s, sp_sess, S_UNSENT), *sent = SLOT(s, sp_sess, S_SENT);
     PyObject *oseq = SLOT(s, sp_sess, S_OUT_SEQ), *iseq = SLOT(s, sp_sess, S_IN_SEQ);
     PyObject *lossless = SLOT(s, sp_sess, S_LOSSLESS);
@@ -2527,7 +2544,7 @@ static PyObject *conn_send(PyObject *conn, PyObject *msg) {
     PyObject *seq_o = PyLong_FromUnsignedLongLong(seq);
     if (!seq_o) goto fail;
     int stalled = w->stalled, act;
-    PyObject *rec = w_encode(w, msg, seq, ack, crc == Py_True, lossless == Py_True, &act);
+    PyObject *rec = w_encode(w, msg, seq, ack, crc == Py_True, lossless == Py_True, max_segment, &act);
     if (!rec) {
         Py_DECREF(seq_o);
         goto fail;
@@ -2607,10 +2624,11 @@ static PyObject *py_compiled_send(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_set_errors(PyObject *self, PyObject *args) {
-    PyObject *lp, *cf;
-    if (!PyArg_ParseTuple(args, "OO", &lp, &cf)) return NULL;
+    PyObject *lp, *cf, *tl;
+    if (!PyArg_ParseTuple(args, "OOO", &lp, &cf, &tl)) return NULL;
     Py_XSETREF(LocalProtoErr, Py_NewRef(lp));
     Py_XSETREF(ConfigErr, Py_NewRef(cf));
+    Py_XSETREF(TooLargeErr, Py_NewRef(tl));
     Py_RETURN_NONE;
 }
 

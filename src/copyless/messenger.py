@@ -45,11 +45,13 @@ from ._ioloop import IOLoop, Timer
 from .errors import ClosedError, ConfigurationError, CopylessError, PeerLost, RemoteProtocolError, Timeout
 from .protocol.frames import UNLIMITED, FrameReader, Preamble, Tag
 from .protocol.session import (
+    MIN_MAX_SEGMENT,
     MSG_FLAG_REPLY,
     MSG_HEADER,
     Backoff,
     Closed,
     Established,
+    MessageRefused,
     MessagesReceived,
     OutMessage,
     Role,
@@ -72,7 +74,6 @@ _CLOSED = State.CLOSED
 # most FILL_WAIT for more of it while it holds the connection's lock; if it posted a
 # buffer of FILL_MIN or more, its reads between frames take only FILL_HEAD bytes.
 FILL_MIN, FILL_WAIT, FILL_HEAD = 64 << 10, 0.005, 4096
-MIN_MAX_SEGMENT = 4096
 TIMER_RETRY = 0.002  # a connection's timer that found a caller holding it looks again this much later
 
 
@@ -138,7 +139,10 @@ class Dispatcher:
 
     def handle_fault(self, conn: Connection, error: BaseException) -> None:
         """A transport of conn ended with this error (bad input from the peer, a failed
-        authentication, a timeout); the policy acts next (reconnect, standby or reset)."""
+        authentication, a timeout); the policy acts next (reconnect, standby or reset).
+        Also MessageTooLarge, for a message sent before the peer's segment limit was
+        known (its first handshake) and over it: that message is dropped, unsent (a call
+        waiting for its reply fails with the error), and the connection carries on."""
 
     def handle_connect(self, conn: Connection) -> None:
         pass
@@ -690,10 +694,22 @@ class Connection:
                 self.messenger._each(lambda d: d.handle_connect(self))
         elif isinstance(ev, SessionReset):
             self.messenger._each(lambda d: d.handle_remote_reset(self))
+        elif isinstance(ev, MessageRefused):
+            self._refused(ev.message, ev.error)
         elif isinstance(ev, Waiting):
             self._waiting = True
         elif isinstance(ev, Closed):
             self._teardown(ev.error, ev.goodbye)
+
+    def _refused(self, msg: OutMessage, error: BaseException) -> None:
+        """A message queued before the peer's limit was known is over it: it never goes.
+        A call waiting for its reply fails with the error; the dispatchers hear of it
+        through handle_fault, and the connection carries on."""
+        self.last_error = error
+        pending = None if msg.is_reply else self.messenger._calls.get(msg.tid)
+        if pending is not None and pending.conn is self and not pending.done:
+            pending.finish(error=error)
+        self.messenger._each(lambda d: d.handle_fault(self, error))
 
     def _teardown(self, error: BaseException | None, goodbye: bool = False) -> None:
         """The transport is gone; reconnect if the policy says so (goodbye: the client

@@ -31,19 +31,28 @@ from typing import Any, Protocol
 
 from .._codec import OutMessage as OutMessage  # re-exported: the record the session API takes
 from .._core import Message
-from ..errors import AccessDenied, ConfigurationError, LocalProtocolError, PeerLost, RemoteProtocolError, Timeout
+from ..errors import (
+    AccessDenied,
+    ConfigurationError,
+    LocalProtocolError,
+    MessageTooLarge,
+    PeerLost,
+    RemoteProtocolError,
+    Timeout,
+)
 from .frames import Buffer, Frame, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
 BANNER_MAGIC = b"copyless"
-PROTOCOL_VERSION = 2  # 2: segment crcs are chained
+PROTOCOL_VERSION = 3  # 2: segment crcs are chained; 3: HELLO carries the sender's segment limit
 
 # feature bits
 FEATURE_DATA_CRC_OFF = 1 << 0  # this side may send frames without a data crc
 FEATURE_GOODBYE = 1 << 1  # this side understands GOODBYE (a client that ends its session)
 FEATURES_SUPPORTED = FEATURE_DATA_CRC_OFF | FEATURE_GOODBYE
 
-HELLO = struct.Struct("<B")  # role (0 client, 1 server) + utf-8 entity name
+HELLO = struct.Struct("<BQ")  # role (0 client, 1 server), the longest segment we take + utf-8 entity name
+MIN_MAX_SEGMENT = 4096  # the least segment limit a side may announce: the handshake's frames fit
 IDENT = struct.Struct("<QQQQ")  # cookie, global_seq, features in use, incarnation   + utf-8 name
 RECONNECT = struct.Struct("<QQQQQ")  # client cookie, server cookie, global_seq, connect_seq, last received seq
 U64 = struct.Struct("<Q")
@@ -126,6 +135,16 @@ class Waiting:
 
 
 @dataclass
+class MessageRefused:
+    """A message queued before the peer told its segment limit (its first handshake) is
+    over that limit: it was taken off the queue, unsent (a send() made once the limit is
+    known raises MessageTooLarge instead)."""
+
+    message: OutMessage
+    error: MessageTooLarge
+
+
+@dataclass
 class KeepaliveAck:
     sent_ns: int
     rtt_ns: int
@@ -140,7 +159,9 @@ class Closed:
     goodbye: bool = False
 
 
-Event = Established | MessageReceived | MessagesReceived | SessionReset | Waiting | KeepaliveAck | Closed
+Event = (
+    Established | MessageReceived | MessagesReceived | SessionReset | Waiting | KeepaliveAck | MessageRefused | Closed
+)
 
 
 # OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0): what a session
@@ -152,7 +173,9 @@ Event = Established | MessageReceived | MessagesReceived | SessionReset | Waitin
 class MessageWriter(Protocol):
     """Where write_message puts a message: copyless._codec.Writer."""
 
-    def message(self, msg: Message, seq: int, ack: int, data_crc: bool, lossless: bool, /) -> OutMessage | None: ...
+    def message(
+        self, msg: Message, seq: int, ack: int, data_crc: bool, lossless: bool, max_segment: int, /
+    ) -> OutMessage | None: ...
     def send(self, buffers: list[Buffer], /) -> None: ...
 
 
@@ -182,11 +205,31 @@ class Session:
     in_seq: int = 0  # last seq received (and delivered)
     unsent: deque[OutMessage] = field(default_factory=deque)
     sent: deque[OutMessage] = field(default_factory=deque)  # written, not yet acked (lossless only)
+    # the longest segment the peer takes, as its last HELLO said (0: not known yet)
+    peer_max_segment: int = 0
     attempt: SessionConnection | None = field(default=None, repr=False, compare=False)
     carrier: SessionConnection | None = field(default=None, repr=False, compare=False)
 
     def queue(self, msg: OutMessage) -> None:
+        """Queue msg for sending; MessageTooLarge (nothing queued) if a segment of it is
+        over the peer's limit, when known (else it is checked when the limit is: see
+        MessageRefused)."""
+        if self.peer_max_segment:
+            check_size(msg, self.peer_max_segment)
         self.unsent.append(msg)
+
+    def refuse_oversized(self) -> list[MessageRefused]:
+        """The messages queued while the peer's limit was not known that are over it
+        (now that it is), taken off the queue.  Only unnumbered ones can be: a message
+        is numbered once written, against a known limit that holds for the session."""
+        limit, refused = self.peer_max_segment, []
+        for m in [m for m in self.unsent if m.seq == 0]:
+            try:
+                check_size(m, limit)
+            except MessageTooLarge as e:
+                self.unsent.remove(m)
+                refused.append(MessageRefused(m, e))
+        return refused
 
     def acked(self, seq: int) -> None:
         while self.sent and self.sent[0].seq <= seq:
@@ -216,6 +259,14 @@ class Session:
         self.connect_seq = 0
         self.cookie = int.from_bytes(os.urandom(8), "little") or 1
         return dropped
+
+
+def check_size(msg: OutMessage, limit: int) -> None:
+    """MessageTooLarge if msg's front or data segment is over `limit` bytes."""
+    for what, bufs in (("front", msg.front), ("data", msg.data)):
+        n = sum(memoryview(b).nbytes for b in bufs)
+        if n > limit:
+            raise MessageTooLarge(f"a {n}-byte {what} segment, over the peer's limit of {limit} bytes (max_segment)")
 
 
 class Backoff:
@@ -290,6 +341,7 @@ class SessionConnection:
         "data_crc",
         "_unacked_in",
         "_ack_due",
+        "peer_max_segment",
         # and the compiled read round's (messenger.py, compiled_read)
         "reader",
         "compiled",
@@ -348,6 +400,10 @@ class SessionConnection:
         self.state = State.BANNER
         self.peer_name = ""
         self.peer_features = 0
+        if max_segment < MIN_MAX_SEGMENT:
+            raise ConfigurationError(f"max_segment must be >= {MIN_MAX_SEGMENT} (the handshake's frames)")
+        self.max_segment = max_segment  # the longest segment we take (announced in HELLO)
+        self.peer_max_segment = 0  # and the peer's (0: not known until its HELLO)
         self.reader = FrameReader(max_segment=max_segment, sink=sink)  # budgets: the owner's throttles
         # messages=True: what arrives is handed out as copyless.Message objects, a run of them
         # per MessagesReceived event, each with `owner` as its connection; and, with compiled
@@ -415,7 +471,7 @@ class SessionConnection:
             out.send(self.data_to_send())
             return
         seq = s.out_seq + 1
-        kept = out.message(msg, seq, s.in_seq, self.data_crc, s.lossless)
+        kept = out.message(msg, seq, s.in_seq, self.data_crc, s.lossless, self.peer_max_segment)
         s.out_seq = seq
         if kept is not None:
             s.sent.append(kept)
@@ -629,7 +685,7 @@ class SessionConnection:
             raise FeatureMismatch(f"we require features {self.required & ~supported:#x} the peer lacks")
         self.peer_features = supported
         self.state = State.HELLO
-        self._out += encode_frame(Tag.HELLO, [[HELLO.pack(self.role.value) + self.name.encode()]])
+        self._out += encode_frame(Tag.HELLO, [[HELLO.pack(self.role.value, self.max_segment) + self.name.encode()]])
 
     def _on_frame(self, f: Frame) -> None:
         handler = _HANDLERS.get((self.state, self.role, f.tag))
@@ -642,9 +698,12 @@ class SessionConnection:
 
     def _on_hello(self, f: Frame) -> None:
         body = bytes(f.segments[0])
-        (role,) = HELLO.unpack_from(body)
+        role, limit = HELLO.unpack_from(body)
         if role == self.role.value:
             raise RemoteProtocolError("both ends claim the same role")
+        if limit < MIN_MAX_SEGMENT:
+            raise RemoteProtocolError(f"the peer takes segments of {limit} bytes, under the least ({MIN_MAX_SEGMENT})")
+        self.peer_max_segment = limit
         self.peer_name = body[HELLO.size :].decode(errors="replace")
         if self.expect is not None and self.peer_name != self.expect:
             raise WrongPeer(f"reached {self.peer_name!r}, not {self.expect!r}")
@@ -867,6 +926,9 @@ class SessionConnection:
         if self.keepalive_interval is not None:
             self._next_keepalive = self._now + self.keepalive_interval
         self._events.append(Established(self.peer_name, new))
+        if s.peer_max_segment != self.peer_max_segment:  # first known, or a restarted peer's
+            s.peer_max_segment = self.peer_max_segment
+            self._events += s.refuse_oversized()
         self._flush()
 
     # ------------------------------------------------------------ steady state
