@@ -23,6 +23,7 @@ from copyless.protocol.frames import Frame, FrameReader, FrameTooLarge, Tag, enc
 from copyless.protocol.session import (
     BANNER,
     BANNER_MAGIC,
+    FEATURE_GOODBYE,
     FEATURES_SUPPORTED,
     HELLO,
     PROTOCOL_VERSION,
@@ -218,6 +219,56 @@ def test_a_banner_that_requires_a_feature_we_lack_costs_only_its_connection(live
     assert "0x10000000000" in str(watch.faults[before])
     r = healthy.call(Message(READ, front=b"still here"), timeout=5)
     assert bytes(r.front) == b"still here" and healthy.last_error is None
+
+
+def test_a_messenger_refuses_a_peer_without_the_features_it_requires(tmp_path):
+    """Messenger(features_required=): the bits go in our banner's required mask, and a
+    peer whose banner lacks one is refused in the handshake with FeatureMismatch
+    (handle_fault), as a client and as a server; peers that have them connect."""
+    watch = Watch()
+    lacking = FEATURES_SUPPORTED & ~FEATURE_GOODBYE
+    with Messenger("store.1", features_required=FEATURE_GOODBYE) as srv:
+        srv.add_dispatcher(watch)
+        addr = srv.bind(f"unix://{tmp_path}/s.sock")
+        srv.start()
+        raw = RawClient(addr)
+        try:
+            raw.send(BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, lacking, 0))
+            raw.pump(lambda: False, timeout=4, machine=False)  # its banner, then the hang-up
+        finally:
+            raw.close()
+        assert wait_for(lambda: watch.faults)
+        assert [type(e) for e in watch.faults] == [FeatureMismatch]
+        assert "we require features 0x2 the peer lacks" in str(watch.faults[0])
+        with Messenger("client.7") as good:  # a copyless peer has them all
+            assert bytes(good.connect(addr).call(Message(READ, front=b"ok"), timeout=5).front) == b"ok"
+
+    # as a client: a server whose banner lacks the feature
+    client = Watch()
+    with (
+        socket.socket(socket.AF_UNIX) as lsock,
+        Messenger("client.7", features_required=FEATURE_GOODBYE, default_policy=Policy.lossy_client()) as cm,
+    ):
+        lsock.bind(f"{tmp_path}/fake.sock")
+        lsock.listen()
+        cm.add_dispatcher(client)
+        conn = cm.connect(f"unix://{tmp_path}/fake.sock")
+        peer, _ = lsock.accept()
+        with peer:
+            peer.settimeout(5)
+            theirs = b""
+            while len(theirs) < BANNER.size:
+                theirs += peer.recv(BANNER.size - len(theirs))
+            assert BANNER.unpack(theirs)[3] & FEATURE_GOODBYE  # in the client's required mask
+            peer.sendall(BANNER.pack(BANNER_MAGIC, PROTOCOL_VERSION, lacking, 0))
+            assert wait_for(lambda: client.faults)
+        assert [type(e) for e in client.faults] == [FeatureMismatch]
+        assert isinstance(conn.last_error, FeatureMismatch)
+
+
+def test_a_messenger_can_only_require_features_copyless_has():
+    with pytest.raises(ConfigurationError, match="features_required"):
+        Messenger("client.7", features_required=1 << 40)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])

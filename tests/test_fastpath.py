@@ -16,11 +16,12 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_frames import feed
 
 from copyless import ConfigurationError, Message, MessageTooLarge
 from copyless._codec import Writer, message_scan
 from copyless.messenger import Messenger
-from copyless.protocol.frames import UNLIMITED, Frame, FrameReader, Tag, encode_frame
+from copyless.protocol.frames import UNLIMITED, Frame, FrameAborted, FrameReader, Tag, encode_frame
 from copyless.protocol.session import (
     MSG_FLAG_REPLY,
     MSG_HEADER,
@@ -590,3 +591,91 @@ def test_a_large_reply_read_in_three_reads_is_scanned_by_the_core_once(monkeypat
     assert [(m.tid, bytes(m.front)) for m in got] == [(9, b"ok")]
     assert got[0].data.obj is posted and posted == data
     assert len(scans) == 1
+
+
+class Choke:
+    """A stream that takes `room` bytes, then none until it is given more."""
+
+    def __init__(self, room: int) -> None:
+        self.wire, self.room = bytearray(), room
+
+    def send_buffers(self, buffers: list) -> int:
+        n = 0
+        for b in buffers:
+            k = min(len(b), self.room)
+            self.wire += b[:k]
+            self.room -= k
+            n += k
+            if not self.room:
+                break
+        return n
+
+
+FRONT, DATA = 5000, 300_000  # the front over the writer's coalesce (held, not copied), the data in two buffers
+WHOLE = 64 + FRONT + 4 + DATA + 8
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [0, 10, 64 + 2000, 64 + FRONT + 4 + 1000, 64 + FRONT + 4 + 200_000, WHOLE - 6, WHOLE - 4],
+    ids=["nothing", "preamble", "front", "data", "second buffer", "crc", "to its status"],
+)
+def test_a_revoked_frame_is_aborted_where_its_writing_stopped(cut):
+    """Writer.revoke: the frame's rest goes as filler (the data from zeros, the front
+    copied so its crc holds) with its late status set to aborted; the writer lets go
+    of the message's buffers at once; the receiver discards the frame and reads the
+    next one.  The frame's seq is in its (sound) header."""
+    front = bytearray(b"F" * FRONT)
+    data = [bytearray(random.randbytes(DATA // 2)), bytearray(random.randbytes(DATA // 2))]
+    w, out = Writer(), Choke(cut)
+    w.bind(out, -1, None)
+    msg = Message(7, front, data, tid=3)
+    original = bytes(data[0]) + bytes(data[1])
+    w.message(msg, 1, 0, True, False, 0)
+    assert len(out.wire) == cut and w.pending == WHOLE - cut
+    assert w.revoke(msg) is True
+    assert w.revoke(msg) is False  # (once)
+    for b in (front, *data):
+        b.extend(b"!")  # resizable: nothing holds an export of it any more
+    w.message(Message(8, b"next"), 2, 0, True, False, 0)
+    out.room = 1 << 30
+    assert w.flush(out)
+    got = feed(FrameReader(), bytes(out.wire))
+    assert isinstance(got[0], FrameAborted) and got[0].tag == Tag.MESSAGE
+    assert MSG_HEADER.unpack(got[0].segments[0])[3:5] == (3, 1)
+    assert bytes(got[0].segments[1]) == b"F" * FRONT
+    sent = min(DATA, max(0, cut - (64 + FRONT + 4)))  # of the data, before the revoke
+    assert bytes(got[0].segments[2][:sent]) == original[:sent]
+    assert bytes(got[0].segments[2][sent:]) == bytes(DATA - sent)  # then zeros, not the caller's bytes
+    assert isinstance(got[1], Frame) and bytes(got[1].segments[1]) == b"next"
+    assert MSG_HEADER.unpack(got[1].segments[0])[4] == 2 and len(got) == 2
+
+
+@pytest.mark.parametrize("cut", [WHOLE - 3, WHOLE])
+def test_a_frame_whose_status_went_cannot_be_revoked(cut):
+    """Once any byte of the late status is written the frame is whole at the peer:
+    revoke says False, and the frame arrives complete."""
+    data = bytearray(random.randbytes(DATA))
+    w, out = Writer(), Choke(cut)
+    w.bind(out, -1, None)
+    msg = Message(7, b"F" * FRONT, [data])
+    w.message(msg, 1, 0, True, False, 0)
+    assert w.revoke(msg) is False
+    out.room = 1 << 30
+    assert w.flush(out)
+    (frame,) = feed(FrameReader(), bytes(out.wire))
+    assert isinstance(frame, Frame) and bytes(frame.segments[2]) == data
+
+
+def test_revoke_finds_only_the_message_it_is_given():
+    w, out = Writer(), Choke(0)
+    w.bind(out, -1, None)
+    a, b = Message(1, b"a", [bytes(100_000)]), Message(1, b"b", [bytes(100_000)])
+    w.message(a, 1, 0, True, False, 0)
+    assert w.revoke(b) is False and w.revoke(Message(1, b"a", [bytes(100_000)])) is False
+    w.message(b, 2, 0, True, False, 0)
+    assert w.revoke(b) is True
+    out.room = 1 << 30
+    assert w.flush(out)
+    got = feed(FrameReader(), bytes(out.wire))
+    assert [type(f) for f in got] == [Frame, FrameAborted]

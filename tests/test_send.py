@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import address_of, in_threads, served
+from conftest import address_of, in_threads, served, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -546,3 +546,60 @@ def test_ipc_frames_larger_than_the_ring_go_in_part_and_the_rest_waits(name):
         got = store.wait(threads, n)
     assert got == {t: list(range(n)) for t in range(threads)}
     assert store.bad == 0
+
+
+class Received(Dispatcher):
+    """Queued dispatch of what arrives; a message of type HOLD blocks the I/O loop that
+    reads it until `held` is set (the loop stops reading: the sender's path fills)."""
+
+    HOLD = 9
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, bytes, int]] = []
+        self.faults: list[BaseException] = []
+        self.held = threading.Event()
+
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return msg.type == self.HOLD
+
+    def fast_dispatch(self, msg: Message) -> None:
+        self.held.wait(10)
+
+    def dispatch(self, msg: Message) -> None:
+        self.got.append((msg.seq, bytes(msg.front), len(msg.data)))
+
+    def handle_fault(self, conn: Connection, error: BaseException) -> None:
+        self.faults.append(error)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
+def test_a_message_revoked_in_the_middle_of_its_frame(transport, tmp_path, name):
+    """Connection.revoke on a message whose frame is half written (the peer stopped
+    reading): True, and its buffer is the caller's again at once (resizable: no export
+    held); once the peer reads again it discards the frame, and the messages around it
+    arrive in order on the same lossless connection, with no fault.  A message written
+    whole is not revoked (False); one still queued is (True)."""
+    server, client = Received(), Received()
+    with served(server, address_of(transport, tmp_path, name)) as (cm, conn, _):
+        cm.add_dispatcher(client)
+        conn.send(Message(3, front=b"before"))
+        assert wait_for(lambda: len(server.got) == 1)
+        assert conn.revoke(Message(3, front=b"not sent")) is False
+        conn.send(Message(Received.HOLD))
+        big = bytearray(64 << 20)  # more than the socket buffers (or the ring) hold: its frame stops half way
+        msg = Message(3, front=b"big", data=[big])
+        conn.send(msg)
+        qbuf = bytearray(1 << 20)
+        queued = Message(3, front=b"queued behind it", data=[qbuf])
+        conn.send(queued)
+        assert conn.revoke(queued) is True
+        time.sleep(0.1)
+        assert conn.revoke(msg) is True
+        big.extend(b"!")  # resizable: copyless holds no export of them
+        qbuf.extend(b"!")
+        conn.send(Message(3, front=b"after"))
+        server.held.set()
+        assert wait_for(lambda: len(server.got) == 2, timeout=10), server.got
+        assert [g[1] for g in server.got] == [b"before", b"after"]
+        assert [g[0] for g in server.got] == [1, 5]  # the revoked ones' seqs were spent, and counted
+        assert server.faults == [] and client.faults == [] and conn.last_error is None

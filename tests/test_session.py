@@ -34,6 +34,7 @@ from copyless.protocol.session import (
     SessionRegistry,
     SessionReset,
     State,
+    out_message,
 )
 
 
@@ -620,3 +621,40 @@ def test_a_segment_limit_under_the_least_is_refused_at_both_ends():
     )
     (closed,) = [e for e in m.next_events() if isinstance(e, Closed)]
     assert isinstance(closed.error, RemoteProtocolError) and "under the least" in str(closed.error)
+
+
+def test_a_revoked_message_is_never_sent_again_and_leaves_no_gap():
+    """Session.revoke: a message never written is dropped (no seq spent); one written
+    but not acknowledged stays as an empty aborted stand-in with its seq, so the replay
+    after a fault neither resends its data nor leaves the receiver a gap, and the
+    session holds none of its buffers.  The receiver counts the aborted seq as
+    received, once (a second copy is a duplicate)."""
+    from copyless import Message
+
+    rng = random.Random(11)
+    cs, registry = Session(), SessionRegistry()
+    link, _, _ = pair(rng, client_session=cs, registry=registry)
+    queued = Message(1, b"queued, never written")
+    link.c.send_message(out_message(queued))
+    assert cs.revoke(queued) is True and not cs.unsent  # before the handshake: gone
+    link.run()
+    a, b, c = Message(1, b"a"), Message(1, b"b", [bytearray(5000)]), Message(1, b"c")
+    for m in (a, b, c):
+        link.c.send_message(out_message(m))
+    drain(link.c)  # written, and lost with the transport
+    link.cut()
+    assert cs.revoke(b) is False  # written: the peer may have had it
+    assert [(m.seq, m.aborted, m.data) for m in cs.unsent] == [(1, False, ()), (2, True, ()), (3, False, ())]
+    assert cs.revoke(b) is None  # (once)
+    link2 = Link(
+        rng,
+        SessionConnection(Role.CLIENT, "client.1", session=cs),
+        SessionConnection(Role.SERVER, "store.1", registry=registry),
+    )
+    link2.run()
+    got = [(e.seq, bytes(e.front)) for e in link2.s.next_events() if isinstance(e, MessageReceived)]
+    assert got == [(1, b"a"), (3, b"c")]
+    assert link2.s.session.in_seq == 3 and link2.s.state is State.READY
+    link2.c.send_message(out_message(Message(1, b"d")))
+    link2.run()
+    assert [(e.seq, bytes(e.front)) for e in link2.s.next_events() if isinstance(e, MessageReceived)] == [(4, b"d")]

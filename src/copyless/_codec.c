@@ -29,6 +29,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/eventfd.h>
 #include <poll.h>
@@ -812,7 +813,8 @@ static inline int64_t cork_clock(void) { /* (senders on several threads may cali
 typedef struct {
     PyObject_VAR_HEAD
     unsigned long long type, tid, priority, seq;
-    char is_reply;
+    char is_reply, aborted; /* aborted: revoked, sent again (a replay) as an aborted frame, empty */
+    PyObject *source;       /* the copyless.Message it was made of (revoke() looks for it), or NULL */
     Py_ssize_t nfront;
     PyObject *item[1]; /* ob_size of them: front's buffers, then data's */
 } OutMessageObject;
@@ -821,17 +823,21 @@ static PyTypeObject OutMessageType;
 
 static OutMessageObject *outmessage_alloc(Py_ssize_t n) {
     OutMessageObject *m = PyObject_NewVar(OutMessageObject, &OutMessageType, n);
-    if (m) memset(m->item, 0, (size_t)n * sizeof(PyObject *));
+    if (m) {
+        memset(m->item, 0, (size_t)n * sizeof(PyObject *));
+        m->source = NULL;
+        m->aborted = 0;
+    }
     return m;
 }
 
 static PyObject *OutMessage_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"type", "front", "data", "tid", "priority", "is_reply", "seq", NULL};
+    static char *kwlist[] = {"type", "front", "data", "tid", "priority", "is_reply", "seq", "source", "aborted", NULL};
     unsigned long long type, tid = 0, prio = 0, seq = 0;
-    PyObject *front, *data;
-    int is_reply = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KOO|KKpK:OutMessage", kwlist, &type, &front, &data, &tid, &prio,
-                                     &is_reply, &seq))
+    PyObject *front, *data, *source = Py_None;
+    int is_reply = 0, aborted = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KOO|KKpKOp:OutMessage", kwlist, &type, &front, &data, &tid, &prio,
+                                     &is_reply, &seq, &source, &aborted))
         return NULL;
     PyObject *f = PySequence_Fast(front, "front must be a sequence of buffers");
     if (!f) return NULL;
@@ -851,6 +857,8 @@ static PyObject *OutMessage_new(PyTypeObject *cls, PyObject *args, PyObject *kw)
         m->priority = prio;
         m->is_reply = (char)is_reply;
         m->seq = seq;
+        m->aborted = (char)aborted;
+        m->source = source == Py_None ? NULL : Py_NewRef(source);
     }
     Py_DECREF(f);
     Py_DECREF(d);
@@ -858,8 +866,8 @@ static PyObject *OutMessage_new(PyTypeObject *cls, PyObject *args, PyObject *kw)
 }
 
 /* A record of one front buffer and the buffers of a list (the fast path's). */
-static PyObject *outmessage_make(uint32_t type, PyObject *front, PyObject *buffers, uint64_t tid, int prio,
-                                 int is_reply, uint64_t seq) {
+static PyObject *outmessage_make(PyObject *source, uint32_t type, PyObject *front, PyObject *buffers, uint64_t tid,
+                                 int prio, int is_reply, uint64_t seq) {
     Py_ssize_t nd = PyList_GET_SIZE(buffers);
     OutMessageObject *m = outmessage_alloc(1 + nd);
     if (!m) return NULL;
@@ -871,11 +879,13 @@ static PyObject *outmessage_make(uint32_t type, PyObject *front, PyObject *buffe
     m->priority = (unsigned long long)prio;
     m->is_reply = (char)is_reply;
     m->seq = seq;
+    m->source = Py_NewRef(source);
     return (PyObject *)m;
 }
 
 static void OutMessage_dealloc(OutMessageObject *m) {
     for (Py_ssize_t i = 0; i < Py_SIZE(m); i++) Py_XDECREF(m->item[i]);
+    Py_XDECREF(m->source);
     PyObject_Free(m);
 }
 
@@ -905,6 +915,8 @@ static PyMemberDef OutMessage_members[] = {
     {"priority", T_ULONGLONG, offsetof(OutMessageObject, priority), 0, NULL},
     {"is_reply", T_BOOL, offsetof(OutMessageObject, is_reply), 0, NULL},
     {"seq", T_ULONGLONG, offsetof(OutMessageObject, seq), 0, "assigned when first written (0: not yet)"},
+    {"aborted", T_BOOL, offsetof(OutMessageObject, aborted), 0, "revoked: sent again as an aborted frame"},
+    {"source", T_OBJECT, offsetof(OutMessageObject, source), READONLY, "the Message it was made of, or None"},
     {NULL},
 };
 
@@ -920,8 +932,9 @@ static PyTypeObject OutMessageType = {
     .tp_basicsize = offsetof(OutMessageObject, item),
     .tp_itemsize = sizeof(PyObject *),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0): a message a session sends "
-              "(front and data: sequences of buffers, kept as tuples), kept until acknowledged.",
+    .tp_doc = "OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0, source=None, aborted=False): "
+              "a message a session sends (front and data: sequences of buffers, kept as tuples), kept until "
+              "acknowledged.",
     .tp_new = OutMessage_new,
     .tp_dealloc = (destructor)OutMessage_dealloc,
     .tp_repr = (reprfunc)OutMessage_repr,
@@ -943,6 +956,14 @@ typedef struct {
     Block *blk;     /* copied bytes: their block; NULL: a Python buffer, held in view */
     Py_buffer view;
 } Chunk;
+
+/* A MESSAGE frame in the queue, for revoke(): where its pieces are, as offsets in the
+ * stream of bytes ever queued (WriterObject.q_in), and where its late status is. */
+typedef struct {
+    PyObject *key;                   /* the copyless.Message it was made of (a reference) */
+    uint64_t front, data, dend, end; /* offsets: its front, its data, their end, the frame's end */
+    uint8_t *late;                   /* its epilogue's late status (in a block of the queue) */
+} Track;
 
 typedef struct FlusherObject FlusherObject;
 
@@ -966,6 +987,9 @@ typedef struct WriterObject {
     int64_t dirty_since;         /* (cork units) when the sender left it to the flusher; 0: write at once */
     struct WriterObject *next_dirty;
     unsigned long long n_kicks, n_direct, n_syscalls; /* statistics */
+    uint64_t q_in;               /* bytes ever queued: q_in - pending were written (or dropped) */
+    Track *tr;                   /* the frames queued, in order: tr[tr_head:tr_tail] (w->mu) */
+    size_t tr_cap, tr_head, tr_tail;
 } WriterObject;
 
 struct FlusherObject {
@@ -1032,6 +1056,7 @@ static uint8_t *q_reserve(WriterObject *w, size_t n) {
             c->len += n;
             b->used += n;
             w->pending += n;
+            w->q_in += n;
             return dst;
         }
     }
@@ -1044,6 +1069,7 @@ static uint8_t *q_reserve(WriterObject *w, size_t n) {
     b->chunks++;
     b->used += n;
     w->pending += n;
+    w->q_in += n;
     return dst;
 }
 
@@ -1064,6 +1090,7 @@ static int q_view_at(WriterObject *w, Py_buffer *v, size_t off) {
     c->blk = NULL;
     c->view = *v;
     w->pending += c->len;
+    w->q_in += c->len;
     return 0;
 }
 
@@ -1143,17 +1170,64 @@ static Py_ssize_t q_reap(WriterObject *w, Py_buffer *views, Py_ssize_t max) {
 }
 
 /* With the GIL (w->mu not held): give back everything written. */
+/* w->mu held: take the frames that were written whole (or dropped) off the track
+ * list; their messages go to *keys (up to max), to be released with the GIL and without
+ * the lock.  Returns how many. */
+static Py_ssize_t tr_reap(WriterObject *w, PyObject **keys, Py_ssize_t max) {
+    Py_ssize_t n = 0;
+    uint64_t out = w->q_in - w->pending;
+    while (w->tr_head < w->tr_tail && n < max && w->tr[w->tr_head].end <= out) {
+        PyObject *k = w->tr[w->tr_head++].key;
+        if (k) keys[n++] = k; /* (NULL: revoked, let go then) */
+    }
+    if (w->tr_head == w->tr_tail) w->tr_head = w->tr_tail = 0;
+    return n;
+}
+
 static void w_reap(WriterObject *w) {
     Py_buffer views[16];
+    PyObject *keys[16];
     for (;;) {
         pthread_mutex_lock(&w->mu);
-        int more = w->rel != w->head;
-        Py_ssize_t nv = more ? q_reap(w, views, 16) : 0;
-        more = w->rel != w->head;
+        Py_ssize_t nv = w->rel != w->head ? q_reap(w, views, 16) : 0, nk = tr_reap(w, keys, 16);
+        int more = w->rel != w->head || nk == 16;
         pthread_mutex_unlock(&w->mu);
         for (Py_ssize_t i = 0; i < nv; i++) PyBuffer_Release(&views[i]);
+        for (Py_ssize_t i = 0; i < nk; i++) Py_DECREF(keys[i]);
         if (!more) return;
     }
+}
+
+/* w->mu held: note a frame just queued (see Track): base is q_in before it was, skip
+ * the bytes of it written before (into an ipc ring), f and d its front's and data's
+ * lengths.  Nothing is noted if its late status went out already (it cannot be
+ * revoked), or on no memory (it then cannot be either). */
+static void tr_note(WriterObject *w, PyObject *key, uint64_t base, size_t skip, uint64_t f, uint64_t d) {
+    uint64_t total = 32 + MSG_HEADER_SIZE + 4 + f + 4 + d + 8;
+    if (skip + 4 > total || !w->tail) return;
+    if (w->tr_tail == w->tr_cap) {
+        if (w->tr_head) {
+            memmove(w->tr, w->tr + w->tr_head, (w->tr_tail - w->tr_head) * sizeof(Track));
+            w->tr_tail -= w->tr_head;
+            w->tr_head = 0;
+        } else {
+            size_t cap = w->tr_cap ? w->tr_cap * 2 : 64;
+            Track *t = realloc(w->tr, cap * sizeof(Track));
+            if (!t) return;
+            w->tr = t;
+            w->tr_cap = cap;
+        }
+    }
+#define AT(x) ((x) > skip ? base + (x) - skip : base)
+    Chunk *last = &w->q[w->tail - 1]; /* the epilogue's bytes: copied, at the end of the last chunk */
+    Track *t = &w->tr[w->tr_tail++];
+    t->key = Py_NewRef(key);
+    t->front = AT(32 + MSG_HEADER_SIZE + 4);
+    t->data = AT(32 + MSG_HEADER_SIZE + 4 + f + 4);
+    t->dend = AT(32 + MSG_HEADER_SIZE + 4 + f + 4 + d);
+    t->end = AT(total);
+    t->late = (uint8_t *)last->p + last->len - 4;
+#undef AT
 }
 
 /* --- the flusher's list (flusher->mu held) */
@@ -1454,6 +1528,7 @@ static void Writer_dealloc(WriterObject *w) {
     }
     free(w->spare);
     free(w->q);
+    free(w->tr); /* (its entries were let go by w_unbind's reap: everything counts as written) */
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
     Py_TYPE(w)->tp_free((PyObject *)w);
@@ -1664,7 +1739,7 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
     put32(tailb, dcrc);
     put32(tailb + 4, LATE_COMPLETE);
     if (lossless) {
-        rec = outmessage_make(f.type, f.front, f.buffers, f.tid, f.priority, f.is_reply, seq);
+        rec = outmessage_make(msg, f.type, f.front, f.buffers, f.tid, f.priority, f.is_reply, seq);
         if (!rec) goto done;
     } else
         rec = Py_NewRef(Py_None);
@@ -1701,10 +1776,14 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
     }
     int r = 0;
     Py_buffer done[4];
-    Py_ssize_t ndone = 0;
+    PyObject *stale[4];
+    Py_ssize_t ndone = 0, nstale;
+    size_t skip0 = skip;
     int64_t now = w->fd >= 0 ? cork_clock() : 0;
     pthread_mutex_lock(&w->mu);
     if (w->rel != w->head) ndone = q_reap(w, done, 4); /* what the flusher wrote since */
+    nstale = tr_reap(w, stale, 4);
+    uint64_t base = w->q_in;
     int small = fv.len < w->coalesce && !skip;
     for (Py_ssize_t i = 0; i < nb && small; i++) small = dv[i].len < w->coalesce;
     if (w->closing || w->failed) {
@@ -1744,9 +1823,11 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
             q_drop(w);
         }
     }
+    if (r == 0 && w->q_in != base) tr_note(w, msg, base, skip0, (uint64_t)fv.len, dlen); /* for revoke() */
     if (w->fd >= 0 && r == 0) act = w_decide(w, now);
     pthread_mutex_unlock(&w->mu);
     for (Py_ssize_t i = 0; i < ndone; i++) PyBuffer_Release(&done[i]);
+    for (Py_ssize_t i = 0; i < nstale; i++) Py_DECREF(stale[i]);
     if (r < 0) {
         Py_CLEAR(rec);
         PyErr_NoMemory();
@@ -1792,6 +1873,107 @@ static PyObject *Writer_message(WriterObject *w, PyObject *const *args, Py_ssize
     return rec;
 }
 
+/* Zeros to send in place of a revoked message's data: a read-only anonymous mapping as
+ * large as a segment can be, made once.  It costs address space only: reading it maps
+ * the kernel's one zero page. */
+static const uint8_t *zeros;
+static const uint8_t *zero_source(void) {
+    if (!zeros) {
+        void *z = mmap(NULL, (size_t)1 << 32, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (z != MAP_FAILED) zeros = z;
+    }
+    return zeros;
+}
+
+/* w->mu held, no write under way, no GIL needed: abort the queued frame t (see revoke).
+ * Its late status says aborted; what is left of its data is sent from zeros; what is
+ * left of a front held as a Python buffer is copied (the receiver checks the front's
+ * crc before it can know the frame is aborted).  The Python buffers it let go of go to
+ * *views (malloc'ed; *nv of them), for the caller to release with the GIL.  -1: no
+ * memory, and nothing changed. */
+static int tr_abort(WriterObject *w, Track *t, Py_buffer **views, Py_ssize_t *nv) {
+    const uint8_t *z = zero_source();
+    if (!z) return -1;
+    uint64_t pos0 = w->q_in - w->pending, pos = pos0;
+    size_t need = 0, fbytes = 0;
+    for (size_t i = w->head; i < w->tail && pos < t->dend; pos += w->q[i++].len)
+        if (!w->q[i].blk && pos >= t->front && w->q[i].len) {
+            need++;
+            if (pos < t->data) fbytes = w->q[i].len;
+        }
+    Py_buffer *v = malloc((need ? need : 1) * sizeof(Py_buffer));
+    Block *fb = fbytes ? malloc(sizeof(Block) + fbytes) : NULL;
+    if (!v || (fbytes && !fb)) {
+        free(v);
+        free(fb);
+        return -1;
+    }
+    pos = pos0;
+    for (size_t i = w->head; i < w->tail && pos < t->dend; i++) {
+        Chunk *c = &w->q[i];
+        size_t len = c->len;
+        if (!c->blk && pos >= t->front && len) {
+            if (pos < t->data) { /* the front (one buffer): a copy of what is left of it, in a block of its own */
+                memcpy(fb->data, c->p, len);
+                fb->next = NULL;
+                fb->cap = fb->used = len;
+                fb->chunks = 1;
+                if (w->last)
+                    w->last->next = fb;
+                else
+                    w->blocks = fb;
+                w->last = fb;
+                c->p = fb->data;
+                c->blk = fb;
+            } else
+                c->p = z; /* the data: zeros */
+            v[(*nv)++] = c->view;
+            c->view.obj = NULL;
+        }
+        pos += len;
+    }
+    put32(t->late, LATE_ABORTED);
+    *views = v;
+    return 0;
+}
+
+/* revoke(msg) -> bool: abort the frame of msg (a copyless.Message sent through this
+ * writer) if it is queued and its end has not been written: True then, and the writer
+ * holds none of msg's buffers any more (the rest of the frame goes as filler, marked
+ * aborted, so the stream stays whole and the receiver discards it).  False if it was
+ * written whole already (or its late status was), or never queued here.  Waits for a
+ * write under way (the GIL released). */
+static PyObject *Writer_revoke(WriterObject *w, PyObject *msg) {
+    Py_buffer *views = NULL;
+    Py_ssize_t nv = 0;
+    PyObject *key = NULL;
+    int r = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&w->mu);
+    while (w->writing) pthread_cond_wait(&w->cv, &w->mu); /* and none starts while we hold the lock */
+    uint64_t out = w->q_in - w->pending;
+    for (size_t i = w->tr_head; i < w->tr_tail; i++) {
+        Track *t = &w->tr[i];
+        if (t->key != msg || t->end <= out) continue;
+        if (out + 4 > t->end) break; /* its late status went (in part): the peer has it whole */
+        if (tr_abort(w, t, &views, &nv) < 0)
+            r = -1;
+        else {
+            r = 1;
+            key = t->key; /* tr_reap skips it */
+            t->key = NULL;
+        }
+        break;
+    }
+    pthread_mutex_unlock(&w->mu);
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < nv; i++) PyBuffer_Release(&views[i]);
+    free(views);
+    Py_XDECREF(key);
+    if (r < 0) return PyErr_NoMemory();
+    return PyBool_FromLong(r);
+}
+
 static PyObject *Writer_get_pending(WriterObject *w, void *c) { return PyLong_FromSize_t(w->pending); }
 static PyObject *Writer_get_bound(WriterObject *w, void *c) { return PyBool_FromLong(w->fd >= 0 || w->stream || w->chan); }
 static PyObject *Writer_get_statistics(WriterObject *w, void *c) {
@@ -1808,8 +1990,11 @@ static PyMethodDef Writer_methods[] = {
     {"flush", (PyCFunction)Writer_flush, METH_O,
      "flush(stream) -> bool: write what the transport takes now (True: all, or the flusher finishes it)."},
     {"message", (PyCFunction)(void (*)(void))Writer_message, METH_FASTCALL,
-     "message(msg, seq, ack, data_crc, lossless) -> OutMessage | None: encode a MESSAGE frame into the queue, "
-     "then write now or batch."},
+     "message(msg, seq, ack, data_crc, lossless, max_segment) -> OutMessage | None: encode a MESSAGE frame into "
+     "the queue, then write now or batch (MessageTooLarge if a segment is over max_segment; 0: no limit)."},
+    {"revoke", (PyCFunction)Writer_revoke, METH_O,
+     "revoke(msg) -> bool: abort msg's frame if its end is still queued (True; the writer holds none of its "
+     "buffers now, and sends the rest as filler marked aborted); False if it was written whole or never queued."},
     {NULL},
 };
 

@@ -50,6 +50,9 @@ class OutMessage:
     priority: int
     is_reply: bool
     seq: int
+    aborted: bool  # revoked: sent again (a replay) as an aborted frame, empty
+    @property
+    def source(self) -> Any: ...  # the copyless.Message it was made of, or None
     @property
     def front(self) -> tuple[Any, ...]: ...
     @property
@@ -63,6 +66,8 @@ class OutMessage:
         priority: int = 0,
         is_reply: bool = False,
         seq: int = 0,
+        source: Any = None,
+        aborted: bool = False,
     ) -> None: ...
 
 class Flusher:
@@ -94,6 +99,7 @@ class Writer:
     def message(
         self, msg: Any, seq: int, ack: int, data_crc: bool, lossless: bool, max_segment: int, /
     ) -> OutMessage | None: ...
+    def revoke(self, msg: Any, /) -> bool: ...
 
 class Lock:
     """A reentrant lock (threading.RLock's interface) that the compiled send takes without a Python call."""

@@ -45,6 +45,9 @@ from ._ioloop import IOLoop, Timer
 from .errors import ClosedError, ConfigurationError, CopylessError, PeerLost, RemoteProtocolError, Timeout
 from .protocol.frames import UNLIMITED, FrameReader, Preamble, Tag
 from .protocol.session import (
+    FEATURE_DATA_CRC_OFF,
+    FEATURE_GOODBYE,
+    FEATURES_SUPPORTED,
     MIN_MAX_SEGMENT,
     MSG_FLAG_REPLY,
     MSG_HEADER,
@@ -62,10 +65,11 @@ from .protocol.session import (
     State,
     Waiting,
     WrongPeer,
+    out_message,
 )
 from .transports import Listener, Stream, connect, listen
 
-__all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message"]
+__all__ = ["Messenger", "Connection", "Dispatcher", "Policy", "Message", "FEATURE_DATA_CRC_OFF", "FEATURE_GOODBYE"]
 
 PEER_WAIT = 0.5  # a peer told to wait for the other side's connection tries again after this
 _READY = State.READY  # for the per-message paths (a plain global: ~5 ns; State.READY: ~50)
@@ -280,16 +284,31 @@ class Connection:
                 if w.stalled and not stalled:
                     self._write_stalled()
                 return
-            if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
-                raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
+            rec = out_message(msg)
             if self.session is None:
                 raise ClosedError("no session with the peer yet")
-            # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
-            self.session.queue(OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply))
+            self.session.queue(rec)
         finally:
             lock.release()
 
     _send_python = send  # the compiled send's fallback: any state but the steady one
+
+    def revoke(self, msg: Message) -> bool:
+        """Take back a message sent on this connection (as Ceph's ceph_msg_revoke does
+        for a request it cancels): once this returns, copyless holds none of its buffers,
+        so the caller may reuse or free them, and it is never sent again.
+
+        True: the peer will not deliver it.  It was still queued, or it was being
+        written: the rest of its frame goes as filler (zeros, no copy) marked aborted,
+        and the receiver discards it (its seq counts, so a lossless stream has no
+        gap).  The front, if not yet written, is copied once so its checksum holds.
+        False: it was written whole already (the peer may deliver it; a lossless
+        session will not replay it), or it was never sent here."""
+        with self._lock:
+            gone = self.session.revoke(msg) if self.session is not None else None
+            if gone:
+                return True  # never written: no seq spent on it
+            return self._sendq.revoke(msg)
 
     def _write_stalled(self) -> None:
         """(Under the lock.) A stream (TLS, ipc) took less than all of a send: the loop
@@ -860,11 +879,20 @@ class Messenger:
         throttle_bytes: int | None = None,
         dispatch_throttle_bytes: int | None = 100 << 20,
         max_segment: int = 64 << 20,
+        features_required: int = 0,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
     ) -> None:
         if io_loops < 1:
             raise ConfigurationError("io_loops must be >= 1")
+        if features_required & ~FEATURES_SUPPORTED:
+            # (we must support what we require: it is in our banner's supported mask too)
+            raise ConfigurationError(
+                f"features_required {features_required:#x}: copyless knows only {FEATURES_SUPPORTED:#x}"
+            )
+        # the feature bits (FEATURE_*) a peer's banner must say it supports: a peer
+        # without them is refused in the handshake, with FeatureMismatch at both ends
+        self._features_required = features_required
         if max_segment < MIN_MAX_SEGMENT:
             raise ConfigurationError(f"max_segment must be >= {MIN_MAX_SEGMENT} (the handshake's frames)")
         # the largest segment (front, or all the data of a message) accepted from a peer:
@@ -1028,6 +1056,7 @@ class Messenger:
             idle_timeout=idle,
             keepalive_interval=ka,
             max_segment=self._max_segment,
+            features_required=self._features_required,
             **kw,
         )
         machine.owner = conn  # the connection of what it receives (_deliver corrects it after an _adopt)

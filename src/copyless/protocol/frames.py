@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .._codec import crc32c, frame_encode, frame_scan, message_scan, sole_view
@@ -121,9 +121,13 @@ class Frame(NamedTuple):
 
 @dataclass
 class FrameAborted:
-    """The sender gave the frame up after starting it; its contents are discarded."""
+    """The sender gave the frame up after starting it (it revoked the message): the
+    receiver discards it.  Every segment but the last passed its crc, and the last was
+    not checked (an aborted frame's data is the sender's filler): a MESSAGE's header is
+    sound, so its seq counts as received (the sender will not send that seq again)."""
 
     tag: int
+    segments: list[memoryview] = field(default_factory=list)
 
 
 SegmentSink = Callable[[Preamble, int, Sequence[memoryview]], "memoryview | None"]
@@ -450,12 +454,17 @@ class FrameReader:
                 self._phase = _CRC
                 continue
             if phase == _CRC:
-                if self._avail() < CRC.size:
+                i = self._index
+                last = i == len(pre.lengths) - 1
+                # the last segment's crc is followed by the epilogue: read both, for an
+                # aborted frame's last segment is filler that need not match its crc
+                if self._avail() < CRC.size + (EPILOGUE.size if last else 0):
                     return None
                 (want,) = CRC.unpack(self._consume(CRC.size))
-                i = self._index
                 got = self._crcs.pop(i, None)
-                if (pre.data_crc or i != len(pre.lengths) - 1) and (
+                if last and EPILOGUE.unpack_from(self._view, self._start)[0] == LATE_ABORTED:
+                    pass
+                elif (pre.data_crc or not last) and (
                     got if got is not None else crc32c(self._segments[i], self._chain)
                 ) != want:
                     raise BadChecksum(f"segment {i} of a {_tag_name(pre.tag)} frame fails its crc32c")
@@ -471,7 +480,7 @@ class FrameReader:
             self._phase = _PREAMBLE
             self.open_charge = (0, 0)
             if late == LATE_ABORTED:
-                return FrameAborted(pre.tag)
+                return FrameAborted(pre.tag, segments)
             if late != LATE_COMPLETE:
                 raise FrameError(f"bad epilogue {late:#010x}")
             return Frame(pre.tag, segments)

@@ -40,7 +40,7 @@ from ..errors import (
     RemoteProtocolError,
     Timeout,
 )
-from .frames import Buffer, Frame, FrameReader, SegmentSink, Tag, encode_frame
+from .frames import Buffer, Frame, FrameAborted, FrameReader, SegmentSink, Tag, encode_frame
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
 BANNER_MAGIC = b"copyless"
@@ -218,6 +218,23 @@ class Session:
             check_size(msg, self.peer_max_segment)
         self.unsent.append(msg)
 
+    def revoke(self, msg: Message) -> bool | None:
+        """Take msg (a copyless.Message sent on this session) back from the queues:
+        True if it was never written (it is gone: no seq was spent on it); False if it
+        was (it is kept as an empty, aborted stand-in with its seq, so that a replay
+        neither resends its data nor leaves a gap; the peer may have it already);
+        None if it is in neither queue (acknowledged, or not ours).  Either way the
+        session holds none of its buffers any more."""
+        for q in (self.unsent, self.sent):
+            for i, m in enumerate(q):
+                if m.source is msg:
+                    if m.seq == 0:
+                        del q[i]
+                        return True
+                    q[i] = OutMessage(m.type, [], [], m.tid, m.priority, m.is_reply, m.seq, aborted=True)
+                    return False
+        return None
+
     def refuse_oversized(self) -> list[MessageRefused]:
         """The messages queued while the peer's limit was not known that are over it
         (now that it is), taken off the queue.  Only unnumbered ones can be: a message
@@ -259,6 +276,15 @@ class Session:
         self.connect_seq = 0
         self.cookie = int.from_bytes(os.urandom(8), "little") or 1
         return dropped
+
+
+def out_message(msg: Message) -> OutMessage:
+    """The record a session queues for a copyless.Message (source: the message itself,
+    for revoke)."""
+    if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
+        raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
+    # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
+    return OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply, source=msg)
 
 
 def check_size(msg: OutMessage, limit: int) -> None:
@@ -465,9 +491,7 @@ class SessionConnection:
         batches it); otherwise it goes through send_message and data_to_send into `out`."""
         s = self.session
         if self.state is not _READY or s is None or s.unsent or self._out:
-            if msg.type >= 1 << 16:
-                raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
-            self.send_message(OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply))
+            self.send_message(out_message(msg))
             out.send(self.data_to_send())
             return
         seq = s.out_seq + 1
@@ -641,8 +665,11 @@ class SessionConnection:
                     f = reader.next_frame()
                 if f is None:
                     break
-                if isinstance(f, Frame):  # a FrameAborted is dropped: the sender gave it up
+                if isinstance(f, Frame):
                     self._on_frame(f)
+                elif f.tag == Tag.MESSAGE and self.state is _READY:
+                    self._on_aborted_message(f)  # the sender revoked it: its seq still counts
+                # (any other aborted frame is dropped: the sender gave it up)
                 if self._closed():
                     break
         except (RemoteProtocolError, AuthenticationFailed) as e:
@@ -942,7 +969,9 @@ class SessionConnection:
                 m.seq = s.out_seq
             flags = MSG_FLAG_REPLY if m.is_reply else 0
             header = MSG_HEADER.pack(m.type, m.priority, flags, m.tid, m.seq, s.in_seq)
-            self._out += encode_frame(Tag.MESSAGE, [[header], m.front, m.data], data_crc=self.data_crc)
+            self._out += encode_frame(
+                Tag.MESSAGE, [[header], m.front, m.data], data_crc=self.data_crc, aborted=m.aborted
+            )
             self._unacked_in, self._ack_due = 0, None  # the header carried our ack
             if s.lossless:
                 s.sent.append(m)
@@ -983,25 +1012,42 @@ class SessionConnection:
         return more
 
     def _on_message(self, f: Frame) -> None:
+        h = self._sequence(f.segments)
+        if h is None:
+            return  # a replayed duplicate: already delivered
+        mtype, prio, flags, tid, seq, _ack = h
+        front, data, reply = f.segments[1], f.segments[2], bool(flags & MSG_FLAG_REPLY)
+        if self.messages:
+            self._received().append(Message._received(mtype, front, data, tid, prio, seq, reply, self.owner))
+        else:
+            self._events.append(MessageReceived(mtype, tid, seq, front, data, reply, prio))
+
+    def _on_aborted_message(self, f: FrameAborted) -> None:
+        """A MESSAGE its sender revoked while writing it: not delivered, but its header
+        (crc-checked) counts as a delivered one's would: the ack it carries, and its seq
+        as received (the sender does not send that seq again, so a lossless session's
+        next message follows it with no gap)."""
+        self._sequence(f.segments)
+
+    def _sequence(self, segments: list[memoryview]) -> tuple[int, int, int, int, int, int] | None:
+        """A MESSAGE frame's header, checked and sequenced: its ack taken, its seq
+        received.  None: a replayed duplicate (already received)."""
         s = self.session
         assert s is not None
-        if len(f.segments) != 3 or len(f.segments[0]) != MSG_HEADER.size:
+        if len(segments) != 3 or len(segments[0]) != MSG_HEADER.size:
             raise RemoteProtocolError("malformed MESSAGE frame")
-        mtype, prio, flags, tid, seq, ack = MSG_HEADER.unpack(f.segments[0])
-        s.acked(ack)
+        h = MSG_HEADER.unpack(segments[0])
+        seq = h[4]
+        s.acked(h[5])
         if seq <= s.in_seq:
-            return  # a replayed duplicate: already delivered
+            return None
         if s.lossless and seq != s.in_seq + 1:
             raise RemoteProtocolError(f"message seq {seq} after {s.in_seq}: a gap in a lossless session")
         s.in_seq = seq
         self._unacked_in += 1
         if self._ack_due is None:
             self._ack_due = self._now + self.ack_delay
-        front, data, reply = f.segments[1], f.segments[2], bool(flags & MSG_FLAG_REPLY)
-        if self.messages:
-            self._received().append(Message._received(mtype, front, data, tid, prio, seq, reply, self.owner))
-        else:
-            self._events.append(MessageReceived(mtype, tid, seq, front, data, reply, prio))
+        return h
 
     def _on_ack(self, f: Frame) -> None:
         assert self.session is not None
