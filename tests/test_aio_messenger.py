@@ -39,13 +39,15 @@ class Store(aio.Dispatcher):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("transport", ["unix", "ipc"])
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
 def test_await_call_and_coroutine_dispatch(tmp_path, name, transport):
     async def main() -> None:
         store = Store()
         async with aio.Messenger("store.1", policies={"client": Policy.stateful_server()}, throttle_messages=4) as srv:
             srv.add_dispatcher(store)
-            addr = srv.bind(f"unix://{tmp_path}/a.sock" if transport == "unix" else f"ipc://{name}")
+            addr = srv.bind(
+                {"tcp": "tcp://127.0.0.1:0", "unix": f"unix://{tmp_path}/a.sock", "ipc": f"ipc://{name}"}[transport]
+            )
             srv.start()
             async with aio.Messenger("client.7") as client:
                 conn = client.connect(addr)
@@ -64,6 +66,7 @@ def test_await_call_and_coroutine_dispatch(tmp_path, name, transport):
                 assert ticks > 1
                 with pytest.raises(Timeout):
                     await conn.call(Message(SILENT), timeout=0.1)
+                assert conn.revoke(Message(WRITE)) is False  # never sent on it
         assert store.writes == [b"%d" % i for i in range(200)], "in order"
         assert not store.overlap, "one coroutine at a time"
 

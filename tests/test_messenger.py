@@ -631,3 +631,54 @@ def test_a_refused_connect_is_reported_and_retried_with_backoff(address, tmp_pat
             conn.wait_ready(5)
             reply = conn.call(Message(READ, front=(3).to_bytes(8, "little")), timeout=5)
             assert bytes(reply.data) == b"\x07" * 3
+
+
+def test_a_lossless_client_sees_its_server_restart(address):
+    """A lossless client whose server dies and comes back as a new process (a new
+    Messenger on the same address, that knows nothing of the session): the client
+    hears handle_refused while nobody listens, then handle_remote_reset when the new
+    server answers SESSION_RESET; what was queued for the old server is dropped (the
+    lossless_client policy: resetcheck), and the session starts again from seq 1."""
+    if address.startswith("tcp://"):
+        with socket.socket() as s:  # a fixed port, so the new server can bind it again
+            s.bind(("127.0.0.1", 0))
+            address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    events: list[str] = []
+
+    class Watch(Dispatcher):
+        def handle_connect(self, conn: Connection) -> None:
+            events.append("connect")
+
+        def handle_refused(self, conn: Connection) -> None:
+            events.append("refused")
+
+        def handle_remote_reset(self, conn: Connection) -> None:
+            events.append("remote_reset")
+
+    with Messenger("client.7") as client:
+        client.add_dispatcher(Watch())
+        first = Store()
+        with Messenger("store.1", policies={"client": Policy.stateful_server()}) as old:
+            old.add_dispatcher(first)
+            old.bind(address)
+            old.start()
+            conn = client.connect(address)
+            conn.wait_ready(5)
+            first.expect = 1
+            conn.send(Message(WRITE, front=b"to the old one"))
+            assert first.got.wait(5)
+        assert wait_for(lambda: "refused" in events, timeout=5), events  # it is gone: nobody listens
+        conn.send(Message(WRITE, front=b"queued for the old one"))
+        second = Store()
+        with Messenger("store.1", policies={"client": Policy.stateful_server()}) as new:
+            new.add_dispatcher(second)
+            new.bind(address)
+            new.start()
+            assert wait_for(lambda: "remote_reset" in events, timeout=5), events
+            steps = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]  # (refused: once a try)
+            assert steps == ["connect", "refused", "remote_reset", "connect"], events  # a new session, a new connect
+            second.expect = 1
+            conn.send(Message(WRITE, front=b"to the new one"))
+            assert second.got.wait(5)
+            assert second.writes == [b"to the new one"]
+            assert conn.session is not None and conn.session.out_seq == 1

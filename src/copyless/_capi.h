@@ -10,7 +10,7 @@
 #include <sys/uio.h>
 
 #define COPYLESS_CAPI_NAME "copyless._core._CAPI"
-#define COPYLESS_CAPI_VERSION 5
+#define COPYLESS_CAPI_VERSION 6
 
 /* What a sender needs of an outgoing Message. */
 typedef struct {
@@ -19,6 +19,7 @@ typedef struct {
     uint64_t tid;
     PyObject *front;   /* new reference: one buffer */
     PyObject *buffers; /* new reference: the data as a list of buffers (Message._buffers) */
+    uint64_t sent_id;  /* this send's number, new each call (Message._sent_id) */
 } CopylessOutFields;
 
 typedef struct {

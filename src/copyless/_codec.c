@@ -814,7 +814,7 @@ typedef struct {
     PyObject_VAR_HEAD
     unsigned long long type, tid, priority, seq;
     char is_reply, aborted; /* aborted: revoked, sent again (a replay) as an aborted frame, empty */
-    PyObject *source;       /* the copyless.Message it was made of (revoke() looks for it), or NULL */
+    unsigned long long sent_id; /* the send it was made by (Message._sent_id; revoke looks for it), or 0 */
     Py_ssize_t nfront;
     PyObject *item[1]; /* ob_size of them: front's buffers, then data's */
 } OutMessageObject;
@@ -825,19 +825,19 @@ static OutMessageObject *outmessage_alloc(Py_ssize_t n) {
     OutMessageObject *m = PyObject_NewVar(OutMessageObject, &OutMessageType, n);
     if (m) {
         memset(m->item, 0, (size_t)n * sizeof(PyObject *));
-        m->source = NULL;
+        m->sent_id = 0;
         m->aborted = 0;
     }
     return m;
 }
 
 static PyObject *OutMessage_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"type", "front", "data", "tid", "priority", "is_reply", "seq", "source", "aborted", NULL};
-    unsigned long long type, tid = 0, prio = 0, seq = 0;
-    PyObject *front, *data, *source = Py_None;
+    static char *kwlist[] = {"type", "front", "data", "tid", "priority", "is_reply", "seq", "sent_id", "aborted", NULL};
+    unsigned long long type, tid = 0, prio = 0, seq = 0, sent_id = 0;
+    PyObject *front, *data;
     int is_reply = 0, aborted = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KOO|KKpKOp:OutMessage", kwlist, &type, &front, &data, &tid, &prio,
-                                     &is_reply, &seq, &source, &aborted))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KOO|KKpKKp:OutMessage", kwlist, &type, &front, &data, &tid, &prio,
+                                     &is_reply, &seq, &sent_id, &aborted))
         return NULL;
     PyObject *f = PySequence_Fast(front, "front must be a sequence of buffers");
     if (!f) return NULL;
@@ -858,7 +858,7 @@ static PyObject *OutMessage_new(PyTypeObject *cls, PyObject *args, PyObject *kw)
         m->is_reply = (char)is_reply;
         m->seq = seq;
         m->aborted = (char)aborted;
-        m->source = source == Py_None ? NULL : Py_NewRef(source);
+        m->sent_id = sent_id;
     }
     Py_DECREF(f);
     Py_DECREF(d);
@@ -866,7 +866,7 @@ static PyObject *OutMessage_new(PyTypeObject *cls, PyObject *args, PyObject *kw)
 }
 
 /* A record of one front buffer and the buffers of a list (the fast path's). */
-static PyObject *outmessage_make(PyObject *source, uint32_t type, PyObject *front, PyObject *buffers, uint64_t tid,
+static PyObject *outmessage_make(uint64_t sent_id, uint32_t type, PyObject *front, PyObject *buffers, uint64_t tid,
                                  int prio, int is_reply, uint64_t seq) {
     Py_ssize_t nd = PyList_GET_SIZE(buffers);
     OutMessageObject *m = outmessage_alloc(1 + nd);
@@ -879,13 +879,12 @@ static PyObject *outmessage_make(PyObject *source, uint32_t type, PyObject *fron
     m->priority = (unsigned long long)prio;
     m->is_reply = (char)is_reply;
     m->seq = seq;
-    m->source = Py_NewRef(source);
+    m->sent_id = sent_id;
     return (PyObject *)m;
 }
 
 static void OutMessage_dealloc(OutMessageObject *m) {
     for (Py_ssize_t i = 0; i < Py_SIZE(m); i++) Py_XDECREF(m->item[i]);
-    Py_XDECREF(m->source);
     PyObject_Free(m);
 }
 
@@ -916,7 +915,7 @@ static PyMemberDef OutMessage_members[] = {
     {"is_reply", T_BOOL, offsetof(OutMessageObject, is_reply), 0, NULL},
     {"seq", T_ULONGLONG, offsetof(OutMessageObject, seq), 0, "assigned when first written (0: not yet)"},
     {"aborted", T_BOOL, offsetof(OutMessageObject, aborted), 0, "revoked: sent again as an aborted frame"},
-    {"source", T_OBJECT, offsetof(OutMessageObject, source), READONLY, "the Message it was made of, or None"},
+    {"sent_id", T_ULONGLONG, offsetof(OutMessageObject, sent_id), READONLY, "the send it was made by, or 0"},
     {NULL},
 };
 
@@ -932,7 +931,7 @@ static PyTypeObject OutMessageType = {
     .tp_basicsize = offsetof(OutMessageObject, item),
     .tp_itemsize = sizeof(PyObject *),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0, source=None, aborted=False): "
+    .tp_doc = "OutMessage(type, front, data, tid=0, priority=0, is_reply=False, seq=0, sent_id=0, aborted=False): "
               "a message a session sends (front and data: sequences of buffers, kept as tuples), kept until "
               "acknowledged.",
     .tp_new = OutMessage_new,
@@ -960,7 +959,7 @@ typedef struct {
 /* A MESSAGE frame in the queue, for revoke(): where its pieces are, as offsets in the
  * stream of bytes ever queued (WriterObject.q_in), and where its late status is. */
 typedef struct {
-    PyObject *key;                   /* the copyless.Message it was made of (a reference) */
+    uint64_t id;                     /* the send (Message._sent_id; 0: revoked) */
     uint64_t front, data, dend, end; /* offsets: its front, its data, their end, the frame's end */
     uint8_t *late;                   /* its epilogue's late status (in a block of the queue) */
 } Track;
@@ -1170,41 +1169,34 @@ static Py_ssize_t q_reap(WriterObject *w, Py_buffer *views, Py_ssize_t max) {
 }
 
 /* With the GIL (w->mu not held): give back everything written. */
-/* w->mu held: take the frames that were written whole (or dropped) off the track
- * list; their messages go to *keys (up to max), to be released with the GIL and without
- * the lock.  Returns how many. */
-static Py_ssize_t tr_reap(WriterObject *w, PyObject **keys, Py_ssize_t max) {
-    Py_ssize_t n = 0;
-    uint64_t out = w->q_in - w->pending;
-    while (w->tr_head < w->tr_tail && n < max && w->tr[w->tr_head].end <= out) {
-        PyObject *k = w->tr[w->tr_head++].key;
-        if (k) keys[n++] = k; /* (NULL: revoked, let go then) */
-    }
-    if (w->tr_head == w->tr_tail) w->tr_head = w->tr_tail = 0;
-    return n;
-}
-
 static void w_reap(WriterObject *w) {
     Py_buffer views[16];
-    PyObject *keys[16];
     for (;;) {
         pthread_mutex_lock(&w->mu);
-        Py_ssize_t nv = w->rel != w->head ? q_reap(w, views, 16) : 0, nk = tr_reap(w, keys, 16);
-        int more = w->rel != w->head || nk == 16;
+        int more = w->rel != w->head;
+        Py_ssize_t nv = more ? q_reap(w, views, 16) : 0;
+        more = w->rel != w->head;
         pthread_mutex_unlock(&w->mu);
         for (Py_ssize_t i = 0; i < nv; i++) PyBuffer_Release(&views[i]);
-        for (Py_ssize_t i = 0; i < nk; i++) Py_DECREF(keys[i]);
         if (!more) return;
     }
+}
+
+/* w->mu held: take the frames that were written whole (or dropped) off the track list. */
+static void tr_reap(WriterObject *w) {
+    uint64_t out = w->q_in - w->pending;
+    while (w->tr_head < w->tr_tail && w->tr[w->tr_head].end <= out) w->tr_head++;
+    if (w->tr_head == w->tr_tail) w->tr_head = w->tr_tail = 0;
 }
 
 /* w->mu held: note a frame just queued (see Track): base is q_in before it was, skip
  * the bytes of it written before (into an ipc ring), f and d its front's and data's
  * lengths.  Nothing is noted if its late status went out already (it cannot be
  * revoked), or on no memory (it then cannot be either). */
-static void tr_note(WriterObject *w, PyObject *key, uint64_t base, size_t skip, uint64_t f, uint64_t d) {
+static void tr_note(WriterObject *w, uint64_t id, uint64_t base, size_t skip, uint64_t f, uint64_t d) {
     uint64_t total = 32 + MSG_HEADER_SIZE + 4 + f + 4 + d + 8;
     if (skip + 4 > total || !w->tail) return;
+    tr_reap(w);
     if (w->tr_tail == w->tr_cap) {
         if (w->tr_head) {
             memmove(w->tr, w->tr + w->tr_head, (w->tr_tail - w->tr_head) * sizeof(Track));
@@ -1221,7 +1213,7 @@ static void tr_note(WriterObject *w, PyObject *key, uint64_t base, size_t skip, 
 #define AT(x) ((x) > skip ? base + (x) - skip : base)
     Chunk *last = &w->q[w->tail - 1]; /* the epilogue's bytes: copied, at the end of the last chunk */
     Track *t = &w->tr[w->tr_tail++];
-    t->key = Py_NewRef(key);
+    t->id = id;
     t->front = AT(32 + MSG_HEADER_SIZE + 4);
     t->data = AT(32 + MSG_HEADER_SIZE + 4 + f + 4);
     t->dend = AT(32 + MSG_HEADER_SIZE + 4 + f + 4 + d);
@@ -1528,7 +1520,7 @@ static void Writer_dealloc(WriterObject *w) {
     }
     free(w->spare);
     free(w->q);
-    free(w->tr); /* (its entries were let go by w_unbind's reap: everything counts as written) */
+    free(w->tr);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
     Py_TYPE(w)->tp_free((PyObject *)w);
@@ -1739,7 +1731,7 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
     put32(tailb, dcrc);
     put32(tailb + 4, LATE_COMPLETE);
     if (lossless) {
-        rec = outmessage_make(msg, f.type, f.front, f.buffers, f.tid, f.priority, f.is_reply, seq);
+        rec = outmessage_make(f.sent_id, f.type, f.front, f.buffers, f.tid, f.priority, f.is_reply, seq);
         if (!rec) goto done;
     } else
         rec = Py_NewRef(Py_None);
@@ -1776,13 +1768,11 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
     }
     int r = 0;
     Py_buffer done[4];
-    PyObject *stale[4];
-    Py_ssize_t ndone = 0, nstale;
+    Py_ssize_t ndone = 0;
     size_t skip0 = skip;
     int64_t now = w->fd >= 0 ? cork_clock() : 0;
     pthread_mutex_lock(&w->mu);
     if (w->rel != w->head) ndone = q_reap(w, done, 4); /* what the flusher wrote since */
-    nstale = tr_reap(w, stale, 4);
     uint64_t base = w->q_in;
     int small = fv.len < w->coalesce && !skip;
     for (Py_ssize_t i = 0; i < nb && small; i++) small = dv[i].len < w->coalesce;
@@ -1823,11 +1813,10 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
             q_drop(w);
         }
     }
-    if (r == 0 && w->q_in != base) tr_note(w, msg, base, skip0, (uint64_t)fv.len, dlen); /* for revoke() */
+    if (r == 0 && w->q_in != base) tr_note(w, f.sent_id, base, skip0, (uint64_t)fv.len, dlen); /* for revoke() */
     if (w->fd >= 0 && r == 0) act = w_decide(w, now);
     pthread_mutex_unlock(&w->mu);
     for (Py_ssize_t i = 0; i < ndone; i++) PyBuffer_Release(&done[i]);
-    for (Py_ssize_t i = 0; i < nstale; i++) Py_DECREF(stale[i]);
     if (r < 0) {
         Py_CLEAR(rec);
         PyErr_NoMemory();
@@ -1946,22 +1935,26 @@ static int tr_abort(WriterObject *w, Track *t, Py_buffer **views, Py_ssize_t *nv
 static PyObject *Writer_revoke(WriterObject *w, PyObject *msg) {
     Py_buffer *views = NULL;
     Py_ssize_t nv = 0;
-    PyObject *key = NULL;
     int r = 0;
+    PyObject *ido = PyObject_GetAttrString(msg, "_sent_id");
+    if (!ido) return NULL;
+    uint64_t id = PyLong_AsUnsignedLongLong(ido);
+    Py_DECREF(ido);
+    if (PyErr_Occurred()) return NULL;
+    if (!id) Py_RETURN_FALSE; /* never sent */
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&w->mu);
     while (w->writing) pthread_cond_wait(&w->cv, &w->mu); /* and none starts while we hold the lock */
     uint64_t out = w->q_in - w->pending;
     for (size_t i = w->tr_head; i < w->tr_tail; i++) {
         Track *t = &w->tr[i];
-        if (t->key != msg || t->end <= out) continue;
+        if (t->id != id || t->end <= out) continue;
         if (out + 4 > t->end) break; /* its late status went (in part): the peer has it whole */
         if (tr_abort(w, t, &views, &nv) < 0)
             r = -1;
         else {
             r = 1;
-            key = t->key; /* tr_reap skips it */
-            t->key = NULL;
+            t->id = 0;
         }
         break;
     }
@@ -1969,7 +1962,6 @@ static PyObject *Writer_revoke(WriterObject *w, PyObject *msg) {
     Py_END_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < nv; i++) PyBuffer_Release(&views[i]);
     free(views);
-    Py_XDECREF(key);
     if (r < 0) return PyErr_NoMemory();
     return PyBool_FromLong(r);
 }

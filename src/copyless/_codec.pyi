@@ -52,7 +52,7 @@ class OutMessage:
     seq: int
     aborted: bool  # revoked: sent again (a replay) as an aborted frame, empty
     @property
-    def source(self) -> Any: ...  # the copyless.Message it was made of, or None
+    def sent_id(self) -> int: ...  # the send of a Message it was made by (Message._sent_id), or 0
     @property
     def front(self) -> tuple[Any, ...]: ...
     @property
@@ -66,7 +66,7 @@ class OutMessage:
         priority: int = 0,
         is_reply: bool = False,
         seq: int = 0,
-        source: Any = None,
+        sent_id: int = 0,
         aborted: bool = False,
     ) -> None: ...
 

@@ -148,6 +148,11 @@ class Connection:
             conn.messenger._calls.pop(msg.tid, None)
         return pending.result()
 
+    def revoke(self, msg: messenger.Message) -> bool:
+        """messenger.Connection.revoke: take a sent message back (True: the peer will
+        not deliver it); copyless holds none of its buffers once it returns."""
+        return self.sync.revoke(msg)
+
     async def wait_ready(self, timeout: float | None = None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.sync.wait_ready, timeout)
 

@@ -225,9 +225,10 @@ class Session:
         neither resends its data nor leaves a gap; the peer may have it already);
         None if it is in neither queue (acknowledged, or not ours).  Either way the
         session holds none of its buffers any more."""
+        sent_id = msg._sent_id  # its last send's number (0: never sent)
         for q in (self.unsent, self.sent):
             for i, m in enumerate(q):
-                if m.source is msg:
+                if sent_id and m.sent_id == sent_id:
                     if m.seq == 0:
                         del q[i]
                         return True
@@ -279,12 +280,12 @@ class Session:
 
 
 def out_message(msg: Message) -> OutMessage:
-    """The record a session queues for a copyless.Message (source: the message itself,
+    """The record a session queues for a copyless.Message (numbered as a send of it,
     for revoke)."""
     if msg.type >= 1 << 16:  # a Message's type is a u32 (pub/sub); the session header has 16 bits
         raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
     # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
-    return OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply, source=msg)
+    return OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply, sent_id=msg._stamp())
 
 
 def check_size(msg: OutMessage, limit: int) -> None:
