@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from copyless.errors import ConfigurationError, MessageTooLarge, RemoteProtocolError
+from copyless.protocol import session as session_module
 from copyless.protocol.frames import Tag, encode_frame
 from copyless.protocol.session import (
     BANNER,
@@ -658,3 +659,45 @@ def test_a_revoked_message_is_never_sent_again_and_leaves_no_gap():
     link2.c.send_message(out_message(Message(1, b"d")))
     link2.run()
     assert [(e.seq, bytes(e.front)) for e in link2.s.next_events() if isinstance(e, MessageReceived)] == [(4, b"d")]
+
+
+def test_a_stale_reconnect_is_answered_with_retry_and_goes_through(monkeypatch):
+    """A reconnect whose connect_seq the server has seen already (an attempt that raced
+    an earlier one) gets SESSION_RETRY with the server's connect_seq; the client asks
+    again one past it, and the session resumes with nothing lost or duplicated."""
+    retries: list[int] = []
+    real = SessionConnection._on_session_retry
+
+    def spy(self, f):
+        retries.append(int.from_bytes(bytes(f.segments[0]), "little"))
+        real(self, f)
+
+    monkeypatch.setitem(session_module._HANDLERS, (State.SESSION, Role.CLIENT, Tag.SESSION_RETRY), spy)
+    rng = random.Random(21)
+    cs, registry = Session(), SessionRegistry()
+
+    def reconnect() -> Link:
+        return Link(
+            rng,
+            SessionConnection(Role.CLIENT, "client.1", session=cs),
+            SessionConnection(Role.SERVER, "store.1", registry=registry),
+        )
+
+    link, _, _ = pair(rng, client_session=cs, registry=registry)
+    link.run()
+    link.c.send_message(OutMessage(1, [b"one"], []))
+    link.run()
+    link.cut()
+    link = reconnect()
+    link.run()
+    assert cs.connect_seq == 1 and not retries
+    ss = link.s.session
+    link.cut()
+    cs.connect_seq = 0  # the client's view is one attempt behind the server's
+    link = reconnect()
+    link.c.send_message(OutMessage(1, [b"two"], []))
+    link.run()
+    assert retries == [1], "the server told the client where it is"
+    assert link.c.state is State.READY and cs.connect_seq == ss.connect_seq == 2
+    got = [(e.seq, bytes(e.front)) for e in link.s.next_events() if isinstance(e, MessageReceived)]
+    assert got == [(2, b"two")] and ss.in_seq == 2
