@@ -617,21 +617,23 @@ WHOLE = 64 + FRONT + 4 + DATA + 8
 
 @pytest.mark.parametrize(
     "cut",
-    [0, 10, 64 + 2000, 64 + FRONT + 4 + 1000, 64 + FRONT + 4 + 200_000, WHOLE - 6, WHOLE - 4],
-    ids=["nothing", "preamble", "front", "data", "second buffer", "crc", "to its status"],
+    [0, 10, 64 + 2000, 64 + FRONT + 4 + 1000, 64 + FRONT + 4 + 200_000, WHOLE - 8],
+    ids=["nothing", "preamble", "front", "data", "second buffer", "all the data"],
 )
-def test_a_revoked_frame_is_aborted_where_its_writing_stopped(cut):
+@pytest.mark.parametrize("data_crc", [True, False])
+def test_a_revoked_frame_is_aborted_where_its_writing_stopped(cut, data_crc):
     """Writer.revoke: the frame's rest goes as filler (the data from zeros, the front
-    copied so its crc holds) with its late status set to aborted; the writer lets go
-    of the message's buffers at once; the receiver discards the frame and reads the
-    next one.  The frame's seq is in its (sound) header."""
+    copied) with its late status set to aborted, and with crcs that hold for what is
+    sent (the receiver checks them: the data crc is corrected for the zeros); the
+    writer lets go of the message's buffers at once; the receiver discards the frame
+    and reads the next one.  The frame's seq is in its (sound) header."""
     front = bytearray(b"F" * FRONT)
     data = [bytearray(random.randbytes(DATA // 2)), bytearray(random.randbytes(DATA // 2))]
     w, out = Writer(), Choke(cut)
     w.bind(out, -1, None)
     msg = Message(7, front, data, tid=3)
     original = bytes(data[0]) + bytes(data[1])
-    w.message(msg, 1, 0, True, False, 0)
+    w.message(msg, 1, 0, data_crc, False, 0)
     assert len(out.wire) == cut and w.pending == WHOLE - cut
     assert w.revoke(msg) is True
     assert w.revoke(msg) is False  # (once)
@@ -651,10 +653,10 @@ def test_a_revoked_frame_is_aborted_where_its_writing_stopped(cut):
     assert MSG_HEADER.unpack(got[1].segments[0])[4] == 2 and len(got) == 2
 
 
-@pytest.mark.parametrize("cut", [WHOLE - 3, WHOLE])
-def test_a_frame_whose_status_went_cannot_be_revoked(cut):
-    """Once any byte of the late status is written the frame is whole at the peer:
-    revoke says False, and the frame arrives complete."""
+@pytest.mark.parametrize("cut", [WHOLE - 7, WHOLE - 3, WHOLE])
+def test_a_frame_whose_crc_went_cannot_be_revoked(cut):
+    """Once the data is written whole and any byte of its crc too, the frame is whole
+    at the peer: revoke says False, and the frame arrives complete."""
     data = bytearray(random.randbytes(DATA))
     w, out = Writer(), Choke(cut)
     w.bind(out, -1, None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from copyless.errors import ConfigurationError, MessageTooLarge, RemoteProtocolError
@@ -454,6 +454,9 @@ class FaultyLink(Link):
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32))
+# seed 60486: lost bytes left 01 00 00 00 where an epilogue was expected, and a receiver
+# that skipped an aborted frame's data crc took it for an abort (session 11, reverted)
+@example(seed=60486)
 def test_exactly_once_in_order_across_drops_duplicates_and_delays(seed):
     rng = random.Random(seed)
     cs, reg = Session(), SessionRegistry()

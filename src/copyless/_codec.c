@@ -960,6 +960,7 @@ typedef struct {
  * stream of bytes ever queued (WriterObject.q_in), and where its late status is. */
 typedef struct {
     uint64_t id;                     /* the send (Message._sent_id; 0: revoked) */
+    int crc;                         /* the data crc is on (else the frame carries 0 for it) */
     uint64_t front, data, dend, end; /* offsets: its front, its data, their end, the frame's end */
     uint8_t *late;                   /* its epilogue's late status (in a block of the queue) */
 } Track;
@@ -1191,11 +1192,12 @@ static void tr_reap(WriterObject *w) {
 
 /* w->mu held: note a frame just queued (see Track): base is q_in before it was, skip
  * the bytes of it written before (into an ipc ring), f and d its front's and data's
- * lengths.  Nothing is noted if its late status went out already (it cannot be
- * revoked), or on no memory (it then cannot be either). */
-static void tr_note(WriterObject *w, uint64_t id, uint64_t base, size_t skip, uint64_t f, uint64_t d) {
+ * lengths, crc whether its data crc is on.  Nothing is noted if its data crc or late
+ * status went out already (it cannot be revoked), or on no memory (it then cannot be
+ * either). */
+static void tr_note(WriterObject *w, uint64_t id, uint64_t base, size_t skip, uint64_t f, uint64_t d, int crc) {
     uint64_t total = 32 + MSG_HEADER_SIZE + 4 + f + 4 + d + 8;
-    if (skip + 4 > total || !w->tail) return;
+    if (skip + 8 > total || !w->tail) return;
     tr_reap(w);
     if (w->tr_tail == w->tr_cap) {
         if (w->tr_head) {
@@ -1214,6 +1216,7 @@ static void tr_note(WriterObject *w, uint64_t id, uint64_t base, size_t skip, ui
     Chunk *last = &w->q[w->tail - 1]; /* the epilogue's bytes: copied, at the end of the last chunk */
     Track *t = &w->tr[w->tr_tail++];
     t->id = id;
+    t->crc = crc;
     t->front = AT(32 + MSG_HEADER_SIZE + 4);
     t->data = AT(32 + MSG_HEADER_SIZE + 4 + f + 4);
     t->dend = AT(32 + MSG_HEADER_SIZE + 4 + f + 4 + d);
@@ -1813,7 +1816,8 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
             q_drop(w);
         }
     }
-    if (r == 0 && w->q_in != base) tr_note(w, f.sent_id, base, skip0, (uint64_t)fv.len, dlen); /* for revoke() */
+    if (r == 0 && w->q_in != base) /* for revoke() */
+        tr_note(w, f.sent_id, base, skip0, (uint64_t)fv.len, dlen, data_crc);
     if (w->fd >= 0 && r == 0) act = w_decide(w, now);
     pthread_mutex_unlock(&w->mu);
     for (Py_ssize_t i = 0; i < ndone; i++) PyBuffer_Release(&done[i]);
@@ -1875,9 +1879,10 @@ static const uint8_t *zero_source(void) {
 }
 
 /* w->mu held, no write under way, no GIL needed: abort the queued frame t (see revoke).
- * Its late status says aborted; what is left of its data is sent from zeros; what is
- * left of a front held as a Python buffer is copied (the receiver checks the front's
- * crc before it can know the frame is aborted).  The Python buffers it let go of go to
+ * Its late status says aborted; what is left of its data is sent from zeros, and its
+ * data crc is corrected to cover the zeros (the receiver checks every crc of an aborted
+ * frame too: a crc it skipped would let a stream that lost bytes pass unnoticed); what
+ * is left of a front held as a Python buffer is copied.  The Python buffers it let go of go to
  * *views (malloc'ed; *nv of them), for the caller to release with the GIL.  -1: no
  * memory, and nothing changed. */
 static int tr_abort(WriterObject *w, Track *t, Py_buffer **views, Py_ssize_t *nv) {
@@ -1897,6 +1902,10 @@ static int tr_abort(WriterObject *w, Track *t, Py_buffer **views, Py_ssize_t *nv
         free(fb);
         return -1;
     }
+    /* The crc is linear: replacing piece P (ending k bytes before the data's end) by
+     * zeros changes the crc by state0(P) shifted by k bytes (state0: the crc register
+     * after P from 0; the shift: a multiply by x^(8k), as joining two crcs does). */
+    uint32_t delta = 0;
     pos = pos0;
     for (size_t i = w->head; i < w->tail && pos < t->dend; i++) {
         Chunk *c = &w->q[i];
@@ -1914,23 +1923,27 @@ static int tr_abort(WriterObject *w, Track *t, Py_buffer **views, Py_ssize_t *nv
                 w->last = fb;
                 c->p = fb->data;
                 c->blk = fb;
-            } else
-                c->p = z; /* the data: zeros */
+            } else { /* the data: zeros */
+                if (t->crc)
+                    delta ^= multmodp(xpow_bits(8 * (t->dend - (pos + len))), ~crc32c_update(0xFFFFFFFFu, c->p, len));
+                c->p = z;
+            }
             v[(*nv)++] = c->view;
             c->view.obj = NULL;
         }
         pos += len;
     }
+    put32(t->late - 4, get32(t->late - 4) ^ delta); /* the data crc: the bytes before the status */
     put32(t->late, LATE_ABORTED);
     *views = v;
     return 0;
 }
 
 /* revoke(msg) -> bool: abort the frame of msg (a copyless.Message sent through this
- * writer) if it is queued and its end has not been written: True then, and the writer
- * holds none of msg's buffers any more (the rest of the frame goes as filler, marked
- * aborted, so the stream stays whole and the receiver discards it).  False if it was
- * written whole already (or its late status was), or never queued here.  Waits for a
+ * writer) if it is queued and its data crc has not started to go: True then, and the
+ * writer holds none of msg's buffers any more (the rest of the frame goes as filler,
+ * marked aborted, so the stream stays whole and the receiver discards it).  False if
+ * its data went whole already (and some of its crc), or it was never queued here.  Waits for a
  * write under way (the GIL released). */
 static PyObject *Writer_revoke(WriterObject *w, PyObject *msg) {
     Py_buffer *views = NULL;
@@ -1949,7 +1962,7 @@ static PyObject *Writer_revoke(WriterObject *w, PyObject *msg) {
     for (size_t i = w->tr_head; i < w->tr_tail; i++) {
         Track *t = &w->tr[i];
         if (t->id != id || t->end <= out) continue;
-        if (out + 4 > t->end) break; /* its late status went (in part): the peer has it whole */
+        if (out + 8 > t->end) break; /* its data went whole, and its crc (in part): the peer has it */
         if (tr_abort(w, t, &views, &nv) < 0)
             r = -1;
         else {
@@ -1985,7 +1998,7 @@ static PyMethodDef Writer_methods[] = {
      "message(msg, seq, ack, data_crc, lossless, max_segment) -> OutMessage | None: encode a MESSAGE frame into "
      "the queue, then write now or batch (MessageTooLarge if a segment is over max_segment; 0: no limit)."},
     {"revoke", (PyCFunction)Writer_revoke, METH_O,
-     "revoke(msg) -> bool: abort msg's frame if its end is still queued (True; the writer holds none of its "
+     "revoke(msg) -> bool: abort msg's frame if its data crc is still queued (True; the writer holds none of its "
      "buffers now, and sends the rest as filler marked aborted); False if it was written whole or never queued."},
     {NULL},
 };

@@ -122,9 +122,9 @@ class Frame(NamedTuple):
 @dataclass
 class FrameAborted:
     """The sender gave the frame up after starting it (it revoked the message): the
-    receiver discards it.  Every segment but the last passed its crc, and the last was
-    not checked (an aborted frame's data is the sender's filler): a MESSAGE's header is
-    sound, so its seq counts as received (the sender will not send that seq again)."""
+    receiver discards it.  Its segments passed their crcs (a sender that aborts sends
+    correct crcs over the filler it sends), so a MESSAGE's header is sound and its seq
+    counts as received (the sender will not send that seq again)."""
 
     tag: int
     segments: list[memoryview] = field(default_factory=list)
@@ -454,17 +454,12 @@ class FrameReader:
                 self._phase = _CRC
                 continue
             if phase == _CRC:
-                i = self._index
-                last = i == len(pre.lengths) - 1
-                # the last segment's crc is followed by the epilogue: read both, for an
-                # aborted frame's last segment is filler that need not match its crc
-                if self._avail() < CRC.size + (EPILOGUE.size if last else 0):
+                if self._avail() < CRC.size:
                     return None
                 (want,) = CRC.unpack(self._consume(CRC.size))
+                i = self._index
                 got = self._crcs.pop(i, None)
-                if last and EPILOGUE.unpack_from(self._view, self._start)[0] == LATE_ABORTED:
-                    pass
-                elif (pre.data_crc or not last) and (
+                if (pre.data_crc or i != len(pre.lengths) - 1) and (
                     got if got is not None else crc32c(self._segments[i], self._chain)
                 ) != want:
                     raise BadChecksum(f"segment {i} of a {_tag_name(pre.tag)} frame fails its crc32c")
