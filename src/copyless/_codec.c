@@ -1885,9 +1885,7 @@ static const uint8_t *zero_source(void) {
  * is left of a front held as a Python buffer is copied.  The Python buffers it let go of go to
  * *views (malloc'ed; *nv of them), for the caller to release with the GIL.  -1: no
  * memory, and nothing changed. */
-static int tr_abort(WriterObject *w, Track *t, Py_buffer **views, Py_ssize_t *nv) {
-    const uint8_t *z = zero_source();
-    if (!z) return -1;
+static int tr_abort(WriterObject *w, Track *t, const uint8_t *z, Py_buffer **views, Py_ssize_t *nv) {
     uint64_t pos0 = w->q_in - w->pending, pos = pos0;
     size_t need = 0, fbytes = 0;
     for (size_t i = w->head; i < w->tail && pos < t->dend; pos += w->q[i++].len)
@@ -1955,6 +1953,8 @@ static PyObject *Writer_revoke(WriterObject *w, PyObject *msg) {
     Py_DECREF(ido);
     if (PyErr_Occurred()) return NULL;
     if (!id) Py_RETURN_FALSE; /* never sent */
+    const uint8_t *z = zero_source(); /* (made with the GIL: two revokes at once would map it twice) */
+    if (!z) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     pthread_mutex_lock(&w->mu);
     while (w->writing) pthread_cond_wait(&w->cv, &w->mu); /* and none starts while we hold the lock */
@@ -1963,7 +1963,7 @@ static PyObject *Writer_revoke(WriterObject *w, PyObject *msg) {
         Track *t = &w->tr[i];
         if (t->id != id || t->end <= out) continue;
         if (out + 8 > t->end) break; /* its data went whole, and its crc (in part): the peer has it */
-        if (tr_abort(w, t, &views, &nv) < 0)
+        if (tr_abort(w, t, z, &views, &nv) < 0)
             r = -1;
         else {
             r = 1;
