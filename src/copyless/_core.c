@@ -85,6 +85,13 @@
  * processes pinned to one CPU): 12 GB/s, 87 us a message, half of it spinning.
  * Alone on its CPU a spinner loses ~0.4 us per yield, which returns at once. */
 #define SPIN_YIELD_NS 5000LL
+/* In a spinning wait, at time now: give the CPU away if SPIN_YIELD_NS passed since the
+ * last time (*next: when it is due; 0: the spin just began, no yield yet). */
+static inline void spin_yield(int64_t now, int64_t *next) {
+    if (now < *next) return;
+    if (*next) sched_yield();
+    *next = now + SPIN_YIELD_NS;
+}
 #define LARGE_SPIN_NS 100000LL /* a publisher waiting for a large segment polls this long first */ /* wake at least this often to notice dead peers and signals */
 
 static size_t ctl_rel_ring_off(uint32_t desc_cap) {
@@ -490,10 +497,7 @@ static int pub_sleep(PubCoreObject *self, Waiter *w, int64_t deadline, int32_t c
     int64_t now0 = now_ns();
     if (w->spin_until == 0) w->spin_until = now0 + self->spin_ns;
     if (now0 < w->spin_until && now0 < deadline) {
-        if (now0 >= w->next_yield) {
-            if (w->next_yield) sched_yield();
-            w->next_yield = now0 + SPIN_YIELD_NS;
-        }
+        spin_yield(now0, &w->next_yield);
         for (int i = 0; i < 64; i++) cpu_relax();
         return 0;
     }
@@ -915,10 +919,7 @@ static PyObject *PubCore_doze(PubCoreObject *self, PyObject *args) {
         if (self->frees != before) break;
         for (int i = 0; i < 256; i++) cpu_relax();
         now = now_ns();
-        if (now >= next_yield) {
-            sched_yield();
-            next_yield = now + SPIN_YIELD_NS;
-        }
+        spin_yield(now, &next_yield);
     }
     uint32_t *seqp = db_u32(self, DB_SEQ), *waitp = db_u32(self, DB_PUB_WAITING);
     if (self->frees == before) {
@@ -1581,10 +1582,7 @@ static PyObject *SubCore_wait(SubCoreObject *self, PyObject *args) {
         if ((++i & 63) == 0) {
             int64_t now = now_ns();
             if (now >= end) break;
-            if (now >= next_yield) {
-                sched_yield();
-                next_yield = now + SPIN_YIELD_NS;
-            }
+            spin_yield(now, &next_yield);
         }
     }
     if (!ready && slice > 0) {

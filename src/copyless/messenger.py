@@ -48,7 +48,6 @@ from .protocol.session import (
     FEATURE_DATA_CRC_OFF,
     FEATURE_GOODBYE,
     FEATURES_SUPPORTED,
-    MIN_MAX_SEGMENT,
     MSG_FLAG_REPLY,
     MSG_HEADER,
     Backoff,
@@ -65,6 +64,7 @@ from .protocol.session import (
     State,
     Waiting,
     WrongPeer,
+    checked_max_segment,
     out_message,
 )
 from .transports import Listener, Stream, connect, listen
@@ -893,11 +893,9 @@ class Messenger:
         # the feature bits (FEATURE_*) a peer's banner must say it supports: a peer
         # without them is refused in the handshake, with FeatureMismatch at both ends
         self._features_required = features_required
-        if max_segment < MIN_MAX_SEGMENT:
-            raise ConfigurationError(f"max_segment must be >= {MIN_MAX_SEGMENT} (the handshake's frames)")
         # the largest segment (front, or all the data of a message) accepted from a peer:
         # a longer one is refused from its preamble, before any of it is read
-        self._max_segment = max_segment
+        self._max_segment = checked_max_segment(max_segment)
         self.name = name
         self.policies = dict(policies or {})
         self.default_policy = default_policy or Policy.lossless_client()

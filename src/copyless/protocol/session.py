@@ -240,13 +240,16 @@ class Session:
         """The messages queued while the peer's limit was not known that are over it
         (now that it is), taken off the queue.  Only unnumbered ones can be: a message
         is numbered once written, against a known limit that holds for the session."""
-        limit, refused = self.peer_max_segment, []
-        for m in [m for m in self.unsent if m.seq == 0]:
+        kept: deque[OutMessage] = deque()
+        refused = []
+        for m in self.unsent:
             try:
-                check_size(m, limit)
+                if m.seq == 0:
+                    check_size(m, self.peer_max_segment)
+                kept.append(m)
             except MessageTooLarge as e:
-                self.unsent.remove(m)
                 refused.append(MessageRefused(m, e))
+        self.unsent = kept
         return refused
 
     def acked(self, seq: int) -> None:
@@ -286,6 +289,13 @@ def out_message(msg: Message) -> OutMessage:
         raise ConfigurationError(f"message type {msg.type} does not fit the messenger's u16")
     # _buffers: the data as a list of buffers, for any Message (a received one can be sent on)
     return OutMessage(msg.type, [msg.front], msg._buffers, msg.tid, msg.priority, msg.is_reply, sent_id=msg._stamp())
+
+
+def checked_max_segment(n: int) -> int:
+    """n, if it will do as the longest segment a side takes (ConfigurationError if not)."""
+    if n < MIN_MAX_SEGMENT:
+        raise ConfigurationError(f"max_segment must be >= {MIN_MAX_SEGMENT} (the handshake's frames)")
+    return n
 
 
 def check_size(msg: OutMessage, limit: int) -> None:
@@ -427,9 +437,7 @@ class SessionConnection:
         self.state = State.BANNER
         self.peer_name = ""
         self.peer_features = 0
-        if max_segment < MIN_MAX_SEGMENT:
-            raise ConfigurationError(f"max_segment must be >= {MIN_MAX_SEGMENT} (the handshake's frames)")
-        self.max_segment = max_segment  # the longest segment we take (announced in HELLO)
+        self.max_segment = checked_max_segment(max_segment)  # the longest segment we take (announced in HELLO)
         self.peer_max_segment = 0  # and the peer's (0: not known until its HELLO)
         self.reader = FrameReader(max_segment=max_segment, sink=sink)  # budgets: the owner's throttles
         # messages=True: what arrives is handed out as copyless.Message objects, a run of them
