@@ -76,8 +76,12 @@ def test_no_syscall_per_message(name, tmp_path, traced):
                 p.kill()
                 p.wait()
     calls = syscalls_between_markers(out.read_text())
-    # never one per message; a few wake-ups when one side briefly outruns the other
-    assert len(calls) <= N // 1000, f"{len(calls)} system calls for {N} messages: {calls[:10]}"
+    # never one per message: a few wake-ups when one side briefly outruns the other
+    others = [c for c in calls if not c.split()[1].startswith("sched_yield")]
+    assert len(others) <= N // 1000, f"{len(others)} system calls for {N} messages: {others[:10]}"
+    # a spinning side yields the CPU while the other is descheduled (two cores, one busy
+    # with strace; 22 were seen once): that depends on the load, not on the messages
+    assert len(calls) - len(others) <= N // 200, f"{len(calls) - len(others)} sched_yield for {N} messages"
 
 
 # ipc://: a writer streaming 64-byte messages into an IpcStream, and a reader that keeps up
