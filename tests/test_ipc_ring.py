@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from copyless import _shm
-from copyless._core import IPC_CLOSED, IPC_RING, IPC_RX_TAIL, IPC_TX_HEAD, IpcChannel, ipc_spin_streams
+from copyless._core import IPC_CLOSED, IPC_RING, IPC_RX_TAIL, IPC_TX_HEAD, IpcChannel, ipc_run_streams
 from copyless.errors import ClosedError, RemoteProtocolError
 from copyless.transports._ipc import _new_segment
 
@@ -305,29 +305,86 @@ def test_close_marks_the_segment_closed(pair: Pair):
 
 
 class Spinning:
-    """What an I/O loop reads of an IpcStream when it spins (ipc_spin_streams)."""
+    """What an I/O loop reads of an IpcStream when it spins (ipc_run_streams)."""
 
     def __init__(self, channel: IpcChannel | None, loop_spin: float = 0.5) -> None:
         self.channel, self.loop_spin = channel, loop_spin
 
 
+class Loop:
+    """The I/O loop, as ipc_run_streams sees it: the callbacks it runs log themselves
+    (and drain the channel), and it runs them while `_armable_cache` is its list."""
+
+    def __init__(self, *pairs: tuple[int, IpcChannel | None, float]) -> None:
+        self.ran: list[tuple[int, str]] = []
+        self._armable_cache = [(fd, Spinning(ch, spin), self.reader(fd, ch), None) for fd, ch, spin in pairs]
+
+    def reader(self, fd, ch):
+        def read():
+            self.ran.append((fd, "read"))
+            while ch is not None and ch.available():
+                ch.recv_into(bytearray(64))
+
+        return read
+
+    def run(self, timeout: float):
+        self.ran.clear()
+        return ipc_run_streams(self._armable_cache, timeout, self)
+
+
 def test_the_loop_spins_over_all_its_channels_at_once():
     p, q = Pair(), Pair()
-    IN = 1
     try:
-        quick = [(10, Spinning(p.b, 0.001)), (11, Spinning(q.b, 0.001))]
-        assert ipc_spin_streams(quick, -1.0, IN) == [], "nothing to do"
-        items = [(10, Spinning(p.b)), (11, Spinning(q.b))]
+        quick = Loop((10, p.b, 0.001), (11, q.b, 0.001))
+        assert quick.run(-1.0) is None and quick.ran == [], "nothing to do"
+        loop = Loop((10, p.b, 0.5), (11, q.b, 0.5))
         threading.Timer(0.01, lambda: q.a.send([b"x"])).start()
-        assert ipc_spin_streams(items, -1.0, IN) == [(11, IN)], "the second one got data while it spun"
+        assert loop.run(-1.0) == [] and loop.ran == [(11, "read")], "the second one got data while it spun"
+        q.a.send([b"y"])
         q.b.take()
         assert q.b.leased
-        assert ipc_spin_streams(items, 0.001, IN) == [], "a leased stream is its caller's: left out"
+        assert loop.run(0.001) is None and loop.ran == [], "a leased stream is its caller's: left out"
         assert q.b.give_back() and not q.b.leased, "given back with something to read"
         p.a.close()
-        assert ipc_spin_streams(items, -1.0, IN) == [(10, IN), (11, IN)], "a closed peer is something to do too"
-        assert ipc_spin_streams([(9, Spinning(None)), *items], -1.0, IN) == [], "one in setup: no spin"
+        assert loop.run(-1.0) == [] and loop.ran == [(10, "read"), (11, "read")], "a closed peer is work too"
+        assert Loop((9, None, 0.5), (10, p.b, 0.5)).run(-1.0) is None, "one in setup: no spin"
         assert q.a.statistics()["wakeups_sent"] == 0
     finally:
         p.close()
         q.close()
+
+
+def test_the_loop_runs_callbacks_only_while_its_registrations_stand():
+    """A callback that changes the loop's registrations (a new `_armable_cache`) stops the
+    run: what had work and did not run (all its callbacks) is left to the loop, as epoll's events; a
+    callback's Exception is printed and the run goes on; a BaseException goes up."""
+    p, q, r = Pair(), Pair(), Pair()
+    try:
+        loop = Loop((10, p.b, 0.5), (11, q.b, 0.5), (12, r.b, 0.5))
+        items = loop._armable_cache
+
+        def first():
+            loop.ran.append((10, "read"))
+            raise ValueError("one connection's bug")
+
+        def second():
+            loop.ran.append((11, "read"))
+            loop._armable_cache = None  # a registration changed
+
+        items[0] = (10, items[0][1], first, None)
+        items[1] = (11, items[1][1], second, lambda: loop.ran.append((11, "write")))
+        for pair in (p, q, r):
+            pair.a.send([b"x"])
+        assert loop.run(-1.0) == [(11, select.EPOLLIN), (12, select.EPOLLIN)], "the loop runs the rest"
+        assert loop.ran == [(10, "read"), (11, "read")], "not the second one's writer, nor the third one"
+
+        def stop():
+            raise KeyboardInterrupt
+
+        loop._armable_cache = items
+        items[0] = (10, items[0][1], stop, None)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run(-1.0)
+    finally:
+        for pair in (p, q, r):
+            pair.close()

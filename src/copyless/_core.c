@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sched.h>
@@ -1908,53 +1909,63 @@ static PyObject *Message_new(PyTypeObject *cls, PyObject *args, PyObject *kw) {
     return msg_make((uint32_t)type, front, data, tid, (int)prio, 0);
 }
 
-/* The same, called without an args tuple and a kwargs dict (the type's vectorcall):
- * a small message's construction is half argument parsing otherwise. */
-static PyObject *Message_vectorcall(PyObject *cls, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+/* Vectorcall arguments (type, front, data, tid, priority), the first `n` of them, into v
+ * (NULL: not given), for fn ("Message" or "reply"): a small message's construction is
+ * half argument parsing through an args tuple and a kwargs dict. */
+static int msg_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **v, int n) {
     static const char *names[5] = {"type", "front", "data", "tid", "priority"};
     static PyObject *interned[5]; /* keyword names in code are interned: a pointer compare finds them */
     if (!interned[0])
         for (int j = 0; j < 5; j++)
-            if (!(interned[j] = PyUnicode_InternFromString(names[j]))) return NULL;
-    PyObject *v[5] = {NULL, NULL, NULL, NULL, NULL};
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs > 5) {
-        PyErr_Format(PyExc_TypeError, "Message() takes at most 5 arguments (%zd given)", nargs);
-        return NULL;
+            if (!(interned[j] = PyUnicode_InternFromString(names[j]))) return -1;
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fn, n, nargs);
+        return -1;
     }
-    for (Py_ssize_t i = 0; i < nargs; i++) v[i] = args[i];
+    for (int j = 0; j < n; j++) v[j] = j < nargs ? args[j] : NULL;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t k = 0; k < nkw; k++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, k);
         int j = 0;
-        while (j < 5 && name != interned[j]) j++;
-        if (j == 5)
-            for (j = 0; j < 5 && !_PyUnicode_EqualToASCIIString(name, names[j]);) j++;
-        if (j == 5) {
-            PyErr_Format(PyExc_TypeError, "'%U' is an invalid keyword argument for Message()", name);
-            return NULL;
+        while (j < n && name != interned[j]) j++;
+        if (j == n)
+            for (j = 0; j < n && !_PyUnicode_EqualToASCIIString(name, names[j]);) j++;
+        if (j == n) {
+            PyErr_Format(PyExc_TypeError, "'%U' is an invalid keyword argument for %s()", name, fn);
+            return -1;
         }
         if (v[j]) {
-            PyErr_Format(PyExc_TypeError, "argument for Message() given by name ('%s') and position (%d)", names[j],
-                         j + 1);
-            return NULL;
+            PyErr_Format(PyExc_TypeError, "argument for %s() given by name ('%s') and position (%d)", fn, names[j], j + 1);
+            return -1;
         }
         v[j] = args[nargs + k];
     }
     if (!v[0]) {
-        PyErr_SetString(PyExc_TypeError, "Message() missing required argument 'type' (pos 1)");
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "%s() missing required argument 'type' (pos 1)", fn);
+        return -1;
     }
-    uint64_t type, tid = 0, prio = 0;
-    if (PyLong_CheckExact(v[0])) { /* the common case, without PyNumber_Index */
-        unsigned long t = PyLong_AsUnsignedLong(v[0]);
-        if (t == (unsigned long)-1 && PyErr_Occurred()) PyErr_Clear(), t = ULONG_MAX;
-        if (t > UINT32_MAX) {
-            if (msg_uint(v[0], UINT32_MAX, "type", &type) < 0) return NULL;
+    return 0;
+}
+
+/* A message's type: an int in 0..2**32-1 (an exact int without PyNumber_Index). */
+static int msg_type(PyObject *o, uint64_t *type) {
+    if (PyLong_CheckExact(o)) {
+        unsigned long t = PyLong_AsUnsignedLong(o);
+        if (!(t == (unsigned long)-1 && PyErr_Occurred()) && t <= UINT32_MAX) {
+            *type = t;
+            return 0;
         }
-        type = t;
-    } else if (msg_uint(v[0], UINT32_MAX, "type", &type) < 0)
-        return NULL;
+        PyErr_Clear();
+    }
+    return msg_uint(o, UINT32_MAX, "type", type);
+}
+
+/* Message(...) as the type's vectorcall (see msg_args). */
+static PyObject *Message_vectorcall(PyObject *cls, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    PyObject *v[5];
+    if (msg_args("Message", args, PyVectorcall_NARGS(nargsf), kwnames, v, 5) < 0) return NULL;
+    uint64_t type, tid = 0, prio = 0;
+    if (msg_type(v[0], &type) < 0) return NULL;
     if (v[3] && msg_uint(v[3], UINT64_MAX, "tid", &tid) < 0) return NULL;
     if (v[4] && msg_uint(v[4], 255, "priority", &prio) < 0) return NULL;
     return msg_make((uint32_t)type, v[1] ? v[1] : empty_bytes, v[2], tid, (int)prio, 0);
@@ -2304,13 +2315,11 @@ static PyObject *Message_bytes(MessageObject *m, PyObject *unused) {
 static Py_ssize_t Message_len(MessageObject *m) { return msg_nbytes(m); }
 
 /* reply(type, front=b"", data=()): same tid and priority, is_reply set */
-static PyObject *Message_reply(MessageObject *m, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"type", "front", "data", NULL};
-    PyObject *type_o, *front = empty_bytes, *data = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO:reply", kwlist, &type_o, &front, &data)) return NULL;
+static PyObject *Message_reply(MessageObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *v[3];
     uint64_t type;
-    if (msg_uint(type_o, UINT32_MAX, "type", &type) < 0) return NULL;
-    return msg_make((uint32_t)type, front, data, m->tag, m->priority, 1);
+    if (msg_args("reply", args, nargs, kwnames, v, 3) < 0 || msg_type(v[0], &type) < 0) return NULL;
+    return msg_make((uint32_t)type, v[1] ? v[1] : empty_bytes, v[2], m->tag, m->priority, 1);
 }
 
 static PyObject *Message_repr(MessageObject *m) {
@@ -2347,7 +2356,7 @@ static PyMethodDef Message_methods[] = {
     {"release", (PyCFunction)Message_release, METH_NOARGS,
      "Pub/sub: return the slot to the publisher.  Messenger: drop front and data.  data is invalid afterwards."},
     {"tobytes", (PyCFunction)Message_bytes, METH_NOARGS, "A private copy of the data (joined, if several buffers)."},
-    {"reply", (PyCFunction)(void (*)(void))Message_reply, METH_VARARGS | METH_KEYWORDS,
+    {"reply", (PyCFunction)(void (*)(void))Message_reply, METH_FASTCALL | METH_KEYWORDS,
      "reply(type, front=b\"\", data=()) -> Message with this one's tid and priority, is_reply set."},
     {"_received", (PyCFunction)(void (*)(void))Message_received, METH_FASTCALL | METH_CLASS,
      "_received(type, front, data, tid, priority, seq, is_reply, connection): the messenger's received message."},
@@ -2550,6 +2559,7 @@ static void ipc_publish_tail(IpcChannelObject *c, uint8_t *m, const uint8_t *p, 
 static void ipc_published_tail(IpcChannelObject *c) { ipc_publish_tail(c, c->m, c->p, c->tail); }
 
 /* After the writer moved its head: wake the peer's reader if it said it sleeps. */
+
 static void ipc_publish_head(IpcChannelObject *c, uint8_t *m, const uint8_t *p, uint64_t head) {
     STORE_REL(u64_at(m, IPC_TX_HEAD), head);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -3049,27 +3059,48 @@ static int spin_channels(PyObject *const *chans, Py_ssize_t n, int64_t ns, SpinV
     return 0;
 }
 
-/* ipc_spin_streams(items, timeout, mask) -> [(fd, mask)] ready: an I/O loop's turn over
- * its ipc streams, as one call.  items: (fd, stream) pairs; streams whose channel is
- * leased (a caller spins on it: take()) are left out; it spins for the longest `loop_spin` of the
- * others (at most timeout, if > 0), and not at all if one has no channel yet.  The
- * result is in the shape of epoll's events. */
-static PyObject *mod_ipc_spin_streams(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    static PyObject *s_channel, *s_loop_spin;
+/* Call fn() as the I/O loop's _guard does: an Exception is printed, and the loop goes
+ * on (one connection's bug must not stop it for the others); -1 for any other
+ * BaseException (KeyboardInterrupt, SystemExit), which goes up. */
+static int call_guarded(PyObject *fn) {
+    PyObject *r = PyObject_CallNoArgs(fn);
+    if (r) {
+        Py_DECREF(r);
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyErr_PrintEx(0); /* (0: no sys.last_value keeping the connection alive) */
+    return 0;
+}
+
+/* ipc_run_streams(items, timeout, loop) -> None | [(fd, EPOLLIN)]: an I/O loop's turn over
+ * its ipc streams, as one call.  items: the loop's `_armable_cache`, (fd, stream, reader,
+ * writer); streams whose channel is leased (a caller spins on it: take()) are left out.
+ * It spins for the longest `loop_spin` of the others (at most timeout, if > 0; not at all
+ * if one has no channel yet): None if nothing came.  Else it runs the reader, then the
+ * writer (if any: room to write shows as readable too), of each stream that has work,
+ * in order, with no Python loop turn between the ring and the reader (a request on an
+ * ipc:// server); and returns what it left to the caller, as epoll's events: those whose
+ * callbacks did not all run because one changed the loop's registrations (its
+ * _armable_cache is no longer items; the loop runs them again, and a read finds the
+ * ring as it is). */
+static PyObject *mod_ipc_run_streams(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    static PyObject *s_channel, *s_loop_spin, *s_cache, *s_in;
     if (!s_channel &&
-        (!(s_channel = PyUnicode_InternFromString("channel")) || !(s_loop_spin = PyUnicode_InternFromString("loop_spin"))))
+        (!(s_channel = PyUnicode_InternFromString("channel")) || !(s_loop_spin = PyUnicode_InternFromString("loop_spin")) ||
+         !(s_cache = PyUnicode_InternFromString("_armable_cache")) || !(s_in = PyLong_FromLong(EPOLLIN))))
         return NULL;
-    if (nargs != 3 || !PyList_Check(args[0])) return PyErr_Format(PyExc_TypeError, "ipc_spin_streams(list, timeout, mask)");
+    if (nargs != 3 || !PyList_Check(args[0])) return PyErr_Format(PyExc_TypeError, "ipc_run_streams(list, timeout, loop)");
     double timeout = PyFloat_AsDouble(args[1]);
     if (timeout == -1.0 && PyErr_Occurred()) return NULL;
-    PyObject *items = args[0], *out = NULL;
+    PyObject *items = Py_NewRef(args[0]), *loop = args[2], *out = NULL;
     Py_ssize_t n = PyList_GET_SIZE(items), m = 0;
     PyObject **chans = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
-    PyObject **fds = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
+    PyObject **its = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
     SpinView *v = PyMem_Calloc(n ? (size_t)n : 1, sizeof(SpinView));
     PyObject **keep = PyMem_Calloc(n ? (size_t)n : 1, sizeof(PyObject *));
     char *ready = PyMem_Calloc(n ? (size_t)n : 1, 1);
-    if (!chans || !fds || !v || !keep || !ready) {
+    if (!chans || !its || !v || !keep || !ready) {
         PyErr_NoMemory();
         goto done;
     }
@@ -3077,8 +3108,8 @@ static PyObject *mod_ipc_spin_streams(PyObject *mod, PyObject *const *args, Py_s
     int spin_ok = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *it = PyList_GET_ITEM(items, i);
-        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2) {
-            PyErr_SetString(PyExc_TypeError, "ipc_spin_streams() takes (fd, stream) pairs");
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 4) {
+            PyErr_SetString(PyExc_TypeError, "ipc_run_streams() takes (fd, stream, reader, writer) items");
             goto done;
         }
         PyObject *st = PyTuple_GET_ITEM(it, 1);
@@ -3102,31 +3133,56 @@ static PyObject *mod_ipc_spin_streams(PyObject *mod, PyObject *const *args, Py_s
         }
         if (d > spin) spin = d;
         chans[m] = chan; /* (owned) */
-        fds[m++] = PyTuple_GET_ITEM(it, 0);
+        its[m++] = Py_NewRef(it);
     }
     if (timeout > 0 && spin > timeout) spin = timeout;
     if (!spin_ok || spin <= 0 || m == 0) {
-        out = PyList_New(0);
+        out = Py_NewRef(Py_None);
         goto done;
     }
     if (spin_channels(chans, m, (int64_t)(spin * 1e9), v, keep, ready) < 0) goto done;
-    out = PyList_New(0);
-    for (Py_ssize_t i = 0; out && i < m; i++) {
-        if (!ready[i]) continue;
-        PyObject *ev = PyTuple_Pack(2, fds[i], args[2]);
-        if (!ev || PyList_Append(out, ev) < 0) Py_CLEAR(out);
-        Py_XDECREF(ev);
+    Py_ssize_t first = 0;
+    while (first < m && !ready[first]) first++;
+    if (first == m) {
+        out = Py_NewRef(Py_None);
+        goto done;
     }
+    if (!(out = PyList_New(0))) goto done;
+    int ours = 1; /* the loop's registrations are still those of items */
+    for (Py_ssize_t i = first; i < m; i++) {
+        if (!ready[i]) continue;
+        PyObject *it = its[i];
+        for (int k = 2; k < 4 && ours; k++) {
+            PyObject *cache = PyObject_GetAttr(loop, s_cache);
+            if (!cache) goto fail;
+            ours = cache == items;
+            Py_DECREF(cache);
+            if (ours && PyTuple_GET_ITEM(it, k) != Py_None && call_guarded(PyTuple_GET_ITEM(it, k)) < 0) goto fail;
+        }
+        if (!ours) {
+            PyObject *ev = PyTuple_Pack(2, PyTuple_GET_ITEM(it, 0), s_in);
+            if (!ev || PyList_Append(out, ev) < 0) {
+                Py_XDECREF(ev);
+                goto fail;
+            }
+            Py_DECREF(ev);
+        }
+    }
+    goto done;
+fail:
+    Py_CLEAR(out);
 done:
-    if (chans)
-        for (Py_ssize_t i = 0; i < m; i++) Py_DECREF(chans[i]);
-    if (keep)
-        for (Py_ssize_t i = 0; i < m; i++) Py_XDECREF(keep[i]);
+    for (Py_ssize_t i = 0; i < m; i++) {
+        Py_DECREF(chans[i]);
+        Py_DECREF(its[i]);
+        Py_XDECREF(keep[i]);
+    }
     PyMem_Free(chans);
-    PyMem_Free(fds);
+    PyMem_Free(its);
     PyMem_Free(v);
     PyMem_Free(keep);
     PyMem_Free(ready);
+    Py_DECREF(items);
     return out;
 }
 
@@ -3262,8 +3318,9 @@ static PyMethodDef module_methods[] = {
     {"_track_kept", mod_track_kept, METH_O,
      "_track_kept(messages): let the collector see the received messages still held after their dispatch."},
     {"ctl_size", mod_ctl_size, METH_VARARGS, "ctl_size(desc_cap, rel_cap) -> bytes of a control segment"},
-    {"ipc_spin_streams", (PyCFunction)(void (*)(void))mod_ipc_spin_streams, METH_FASTCALL,
-     "ipc_spin_streams([(fd, stream)], timeout, mask) -> [(fd, mask)]: an I/O loop's spin over its ipc streams."},
+    {"ipc_run_streams", (PyCFunction)(void (*)(void))mod_ipc_run_streams, METH_FASTCALL,
+     "ipc_run_streams([(fd, stream, reader, writer)], timeout, loop) -> None | [(fd, EPOLLIN)]: an I/O loop's turn "
+     "over its ipc streams: spin, then run the callbacks of those with work."},
     {NULL},
 };
 

@@ -1,6 +1,6 @@
 """Type stubs for the compiled core (src/copyless/_core.c)."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .messenger import Connection
@@ -39,7 +39,9 @@ IPC_MAX_CAPACITY: int
 
 def _set_errors(would_block: type, timeout: type, remote: type, closed: type, configuration: type = ..., /) -> None: ...
 def ctl_size(desc_cap: int, rel_cap: int, /) -> int: ...
-def ipc_spin_streams(items: list[tuple[int, Any]], timeout: float, mask: int, /) -> list[tuple[int, int]]: ...
+def ipc_run_streams(
+    items: list[tuple[int, Any, Callable[[], Any] | None, Callable[[], Any] | None]], timeout: float, loop: Any, /
+) -> list[tuple[int, int]] | None: ...
 def _track_kept(messages: list[Message], /) -> None: ...
 
 class Mapping:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._codec import Flusher
-from ._core import ipc_spin_streams
+from ._core import ipc_run_streams
 
 Callback = Callable[[], Any]
 SKIP_EPOLL = 16  # at most this many loop turns in a row run ipc work without epoll_wait
@@ -59,7 +59,7 @@ class IOLoop:
         self._handlers: dict[int, tuple[Callback | None, Callback | None]] = {}
         self._detached: set[int] = set()  # registered, but a caller is reading it for now
         self._wwr: dict[int, Any] = {}  # fd -> stream whose writes wait for readability (ipc)
-        self._armable_cache: list[tuple[int, Any]] | None = None  # see _armable
+        self._armable_cache: list[tuple[int, Any, Callback | None, Callback | None]] | None = None  # see _armable
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
@@ -203,19 +203,21 @@ class IOLoop:
                         timeout = max(0.0, self._timers[0][0] - time.monotonic())
                     self._sleeping = True
                     armable = (self._armable_cache or self._armable()) if timeout and self._wwr else None
-                # spin (GIL released) over the ipc streams: [(fd, _IN)] that have work
-                ready = ipc_spin_streams(armable, timeout, _IN) if armable else None
-                if ready and self._skipped < SKIP_EPOLL:
-                    # spinning found work: run it without asking epoll (no system call),
-                    # but not forever, or the loop's other fds would never get a turn
+                # spin (GIL released) over the ipc streams, and run the callbacks of those
+                # that have work (None: none had); it leaves us [(fd, _IN)] it did not run
+                left = ipc_run_streams(armable, timeout, self) if armable else None
+                if left is not None and self._skipped < SKIP_EPOLL:
+                    # spinning found work: no epoll_wait (no system call), but not
+                    # forever, or the loop's other fds would never get a turn
                     self._skipped += 1
-                    events = ready
+                    events = left
                 else:
                     # a side that sleeps says so first, or its peer sends no wake byte
-                    if not ready and armable:
-                        ready = [(fd, _IN) for fd, stream in armable if not stream.leased and stream.arm()]
+                    ready = left or []
+                    if left is None and armable:
+                        ready = [(fd, _IN) for fd, stream, _, _ in armable if not stream.leased and stream.arm()]
                     self._skipped = 0
-                    events = self._ep.poll(0 if ready else timeout)
+                    events = self._ep.poll(0 if left is not None or ready else timeout)
                     if ready:
                         seen = {fd for fd, _ in events}
                         events += [ev for ev in ready if ev[0] not in seen]
@@ -272,14 +274,17 @@ class IOLoop:
             self._ep.close()
             os.close(self._wake)
 
-    def _armable(self) -> list[tuple[int, Any]]:
-        """With the lock held: the ipc streams this loop reads, to spin on and arm before
-        it sleeps (ipc_spin_streams and the arming leave out those a caller reads for now,
-        `leased`: it spins on them itself, see IpcStream.take).  Kept until a registration
-        changes: a server's loop asks for it every turn."""
+    def _armable(self) -> list[tuple[int, Any, Callback | None, Callback | None]]:
+        """With the lock held: the ipc streams this loop reads, with their reader and
+        writer, to spin on, run, and arm before it sleeps (ipc_run_streams and the arming
+        leave out those a caller reads for now, `leased`: it spins on them itself, see
+        IpcStream.take).  Kept until a registration changes (a new list: ipc_run_streams
+        runs callbacks only while it is this one): a server's loop asks for it every turn."""
         if self._armable_cache is None:
             self._armable_cache = [
-                (fd, s) for fd, s in self._wwr.items() if fd not in self._detached and self._handlers[fd][0] is not None
+                (fd, s, *self._handlers[fd])
+                for fd, s in self._wwr.items()
+                if fd not in self._detached and self._handlers[fd][0] is not None
             ]
         return self._armable_cache
 
