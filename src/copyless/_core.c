@@ -2518,14 +2518,18 @@ static int64_t ipc_avail(IpcChannelObject *c) {
 }
 
 /* Free bytes in my ring; re-reads the peer's tail only when the cached view has fewer than need. */
-static int64_t ipc_free(IpcChannelObject *c, uint64_t need) {
-    uint64_t f = c->cap - (c->head - c->tail_seen);
+/* Free bytes in my ring, `ahead` bytes past c->head already written (a write in
+ * progress: ipc_write_iov moves c->head at its end, but its large copies publish the
+ * head as they go, and the peer may have read those bytes already). */
+static int64_t ipc_free_ahead(IpcChannelObject *c, uint64_t need, uint64_t ahead) {
+    uint64_t head = c->head + ahead, f = c->cap - (head - c->tail_seen);
     if (f >= need) return (int64_t)f;
     uint64_t t = LOAD_ACQ(u64_at(c->p, IPC_RX_TAIL));
-    if (c->head - t > c->cap) return ipc_break(c, "its tail index on our ring is out of bounds");
+    if (head - t > c->cap) return ipc_break(c, "its tail index on our ring is out of bounds");
     c->tail_seen = t;
-    return (int64_t)(c->cap - (c->head - t));
+    return (int64_t)(c->cap - (head - t));
 }
+static int64_t ipc_free(IpcChannelObject *c, uint64_t need) { return ipc_free_ahead(c, need, 0); }
 
 static void ring_copy_out(const uint8_t *ring, uint64_t cap, uint64_t pos, uint8_t *dst, uint64_t n) {
     uint64_t off = pos & (cap - 1), first = cap - off;
@@ -2738,9 +2742,11 @@ static Py_ssize_t ipc_write_iov(IpcChannelObject *c, const struct iovec *iov, Py
         uint64_t len = iov[i].iov_len;
         if (len > (uint64_t)room && !fresh) {
             fresh = 1;
-            int64_t f = ipc_free(c, UINT64_MAX); /* re-read the peer's tail */
+            /* re-read the peer's tail (past what this write published already: checked
+             * against c->head alone, a peer that had read it looked out of bounds) */
+            int64_t f = ipc_free_ahead(c, UINT64_MAX, (uint64_t)total);
             if (f < 0) return -1;
-            room = f - total;
+            room = f;
         }
         uint64_t n = len < (uint64_t)room ? len : (uint64_t)room;
         if (n >= IPC_NOGIL_COPY) {
