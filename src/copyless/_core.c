@@ -2517,10 +2517,10 @@ static int64_t ipc_avail(IpcChannelObject *c) {
     return (int64_t)(h - c->tail);
 }
 
-/* Free bytes in my ring; re-reads the peer's tail only when the cached view has fewer than need. */
-/* Free bytes in my ring, `ahead` bytes past c->head already written (a write in
+/* Free bytes in my ring, counting `ahead` bytes past c->head as written (a write in
  * progress: ipc_write_iov moves c->head at its end, but its large copies publish the
- * head as they go, and the peer may have read those bytes already). */
+ * head as they go, and the peer may have read those bytes already); re-reads the
+ * peer's tail only when the cached view has fewer than need. */
 static int64_t ipc_free_ahead(IpcChannelObject *c, uint64_t need, uint64_t ahead) {
     uint64_t head = c->head + ahead, f = c->cap - (head - c->tail_seen);
     if (f >= need) return (int64_t)f;
@@ -2563,7 +2563,6 @@ static void ipc_publish_tail(IpcChannelObject *c, uint8_t *m, const uint8_t *p, 
 static void ipc_published_tail(IpcChannelObject *c) { ipc_publish_tail(c, c->m, c->p, c->tail); }
 
 /* After the writer moved its head: wake the peer's reader if it said it sleeps. */
-
 static void ipc_publish_head(IpcChannelObject *c, uint8_t *m, const uint8_t *p, uint64_t head) {
     STORE_REL(u64_at(m, IPC_TX_HEAD), head);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -2947,7 +2946,7 @@ static int ipc_arm(IpcChannelObject *c) {
 static PyObject *IpcChannel_arm(IpcChannelObject *c, PyObject *unused) { return PyBool_FromLong(ipc_arm(c)); }
 
 /* take(): a caller reads this stream from now on, spinning (Connection.call): its loop
- * leaves it out (ipc_spin_streams, arming), and the peer need not ring. */
+ * leaves it out (ipc_run_streams, arming), and the peer need not ring. */
 static int capi_ipc_take(PyObject *chan) {
     IpcChannelObject *c = (IpcChannelObject *)chan;
     c->leased = 1;
