@@ -228,6 +228,23 @@ def test_no_bit_flip_in_the_epilogue_turns_complete_into_aborted_or_back(aborted
         feed(FrameReader(), bytes(wire))
 
 
+@pytest.mark.parametrize("data_crc", [True, False])
+@pytest.mark.parametrize("aborted", [False, True])
+def test_a_lost_epilogue_is_an_error_whatever_follows(data_crc, aborted):
+    """Regression (version 3): the epilogue was a bare status, so a stream that lost exactly
+    a frame's epilogue put the next frame's first bytes in its place, and 01 00 00 00 there
+    read as "aborted": the frame, all of whose crcs had passed, was dropped as revoked and
+    its seq counted (the simulated link's fault test, seed 837).  The status is now sent
+    XORed with the frame's last crc."""
+    first = wire_of(encode_frame(Tag.MESSAGE, [[b"header"], [b"data"]], data_crc=data_crc, aborted=aborted))
+    for status in (0x01, 0x0E):  # what either status used to look like on the wire
+        wire = first[:-4] + struct.pack("<I", status) + wire_of(encode_frame(Tag.ACK, [[struct.pack("<Q", 9)]]))
+        with pytest.raises(FrameError, match="epilogue"):
+            feed(FrameReader(), wire)
+    events = feed(FrameReader(), first)  # and whole, it still reads
+    assert len(events) == 1 and isinstance(events[0], FrameAborted) == aborted
+
+
 def test_data_crc_can_be_off():
     bufs = encode_frame(Tag.MESSAGE, [[b"hdr"], [b"data"]], data_crc=False)
     wire = bytearray(wire_of(bufs))

@@ -49,7 +49,9 @@
 #define PREAMBLE_SIZE 32
 #define MAX_SEGMENTS 4
 #define FLAG_NO_DATA_CRC 0x1
-#define LATE_COMPLETE 0x0E /* epilogue status: four bits from aborted, as no crc covers it */
+/* The epilogue: the late status XOR the last crc the frame checks (the chain), so the
+ * bytes of the next frame cannot pass for it; the two values differ in four bits. */
+#define LATE_COMPLETE 0x0E
 #define LATE_ABORTED 0x01
 
 /* ------------------------------------------------------------------ crc32c */
@@ -379,7 +381,8 @@ static PyObject *py_frame_encode(PyObject *self, PyObject *args) {
         put32(c, crcs[i]);
         if (acc_put(&acc, c, 4) < 0) goto fail;
     }
-    uint8_t epi[4] = {aborted ? LATE_ABORTED : LATE_COMPLETE, 0, 0, 0};
+    uint8_t epi[4];
+    put32(epi, (aborted ? LATE_ABORTED : LATE_COMPLETE) ^ chain);
     if (acc_put(&acc, epi, 4) < 0 || acc_flush(&acc, out) < 0) goto fail;
     goto done;
 fail:
@@ -477,7 +480,7 @@ static PyObject *py_frame_scan(PyObject *self, PyObject *args) {
             }
             off += (Py_ssize_t)len[i] + 4;
         }
-        if (!ok || get32(buf + off) != LATE_COMPLETE) break; /* bad crc, abort, bad epilogue: the slow path says which */
+        if (!ok || (get32(buf + off) ^ chain) != LATE_COMPLETE) break; /* bad crc, abort, bad epilogue: the slow path says which */
         PyObject *segs = PyList_New(nseg);
         if (!segs) goto fail;
         for (unsigned i = 0; i < nseg; i++) {
@@ -620,7 +623,7 @@ static int scan_messages(PyObject *base, const uint8_t *buf, Py_ssize_t start, P
             stop = SCAN_WAIT; /* a small frame, good so far, not all here yet: read on */
             break;
         }
-        if (get32(buf + off) != LATE_COMPLETE) break;
+        if ((get32(buf + off) ^ chain) != LATE_COMPLETE) break;
         const uint8_t *h = buf + offs[0];
         uint64_t seq = get64(h + 12), a = get64(h + 20);
         if (seq > in_seq && lossless && seq != in_seq + 1) break; /* a gap: the session says so */
@@ -1732,7 +1735,7 @@ static PyObject *w_encode(WriterObject *w, PyObject *msg, uint64_t seq, uint64_t
         for (Py_ssize_t i = 0; i < nb; i++) dcrc = crc32c_update(dcrc, dv[i].buf, (size_t)dv[i].len);
     }
     put32(tailb, dcrc);
-    put32(tailb + 4, LATE_COMPLETE);
+    put32(tailb + 4, LATE_COMPLETE ^ (data_crc ? dcrc : chain));
     if (lossless) {
         rec = outmessage_make(f.sent_id, f.type, f.front, f.buffers, f.tid, f.priority, f.is_reply, seq);
         if (!rec) goto done;
@@ -1932,7 +1935,7 @@ static int tr_abort(WriterObject *w, Track *t, const uint8_t *z, Py_buffer **vie
         pos += len;
     }
     put32(t->late - 4, get32(t->late - 4) ^ delta); /* the data crc: the bytes before the status */
-    put32(t->late, LATE_ABORTED);
+    put32(t->late, get32(t->late) ^ delta ^ LATE_COMPLETE ^ LATE_ABORTED); /* the status, on the new crc */
     *views = v;
     return 0;
 }
@@ -3179,7 +3182,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
         if (bad) goto done;
     }
     int whole = have == dl && after >= 8;
-    if (whole && (!data_crc || crc == get32(b + tpos)) && get32(b + tpos + 4) == LATE_COMPLETE) {
+    if (whole && (!data_crc || crc == get32(b + tpos)) && (get32(b + tpos + 4) ^ crc) == LATE_COMPLETE) {
         /* SessionConnection._on_frame: a message in sequence; Messenger._deliver */
         PyObject *front = slice_view(view, foff, foff + fl), *dv = front ? PySequence_GetSlice(into, 0, dl) : NULL;
         PyObject *msg = dv ? capi->received(get16(h), front, dv, tid, h[2], seq, 1, conn) : NULL;

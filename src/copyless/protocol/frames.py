@@ -4,7 +4,8 @@ A frame is a 32-byte preamble (tag, segment count, each segment's length and
 alignment, crc32c of the preamble), then each segment followed by the running
 crc32c of the frame up to its end (so segments of two frames cannot be spliced
 into one that checks), then a 4-byte epilogue whose status says the frame is complete or
-that the sender aborted it.  Because every segment carries its own checksum, a receiver can trust a
+that the sender aborted it (XORed with the frame's last crc, so that bytes of another
+frame read in its place do not pass for it).  Because every segment carries its own checksum, a receiver can trust a
 message's header before it reads the data, and choose where the data goes
 (direct receive: straight from the socket into a buffer the application posted).
 
@@ -31,14 +32,15 @@ Buffer = bytes | bytearray | memoryview
 PREAMBLE = struct.Struct("<BBH" + "IH" * 4 + "I")  # tag, nseg, flags, 4 x (len, align), crc
 assert PREAMBLE.size == 32
 CRC = struct.Struct("<I")
-EPILOGUE = struct.Struct("<I")  # u8 late status, 3 zero bytes
+EPILOGUE = struct.Struct("<I")  # the late status XOR the frame's last crc
 MAX_SEGMENTS = 4
 
 # preamble flags
 FLAG_NO_DATA_CRC = 0x1  # the last segment's crc is not computed (sent as 0)
-# epilogue late status.  Nothing checksums the epilogue, so the two values differ in four
-# bits and anything else is an error: no single flipped bit can make a receiver discard a
-# good frame as aborted (msgr2.1 chose its late status values for the same reason).
+# epilogue late status, sent XORed with the last crc the frame checks (version 4: a stream
+# that lost the epilogue put the next frame's bytes in its place, and they read as a
+# status).  The two values differ in four bits and anything else is an error: no single
+# flipped bit can make a receiver discard a good frame as aborted.
 LATE_COMPLETE = 0x0E
 LATE_ABORTED = 0x01
 
@@ -463,7 +465,8 @@ class FrameReader:
                     got if got is not None else crc32c(self._segments[i], self._chain)
                 ) != want:
                     raise BadChecksum(f"segment {i} of a {_tag_name(pre.tag)} frame fails its crc32c")
-                self._chain = want
+                if pre.data_crc or i != len(pre.lengths) - 1:
+                    self._chain = want
                 self._index += 1
                 self._phase = _SEGMENT
                 continue
@@ -471,13 +474,14 @@ class FrameReader:
             if self._avail() < EPILOGUE.size:
                 return None
             (late,) = EPILOGUE.unpack(self._consume(EPILOGUE.size))
+            late ^= self._chain
             segments, self._segments, self._pre = self._segments, [], None
             self._phase = _PREAMBLE
             self.open_charge = (0, 0)
             if late == LATE_ABORTED:
                 return FrameAborted(pre.tag, segments)
             if late != LATE_COMPLETE:
-                raise FrameError(f"bad epilogue {late:#010x}")
+                raise FrameError(f"bad epilogue (status {late:#010x})")
             return Frame(pre.tag, segments)
 
     def _resume_direct(

@@ -44,7 +44,7 @@ from .frames import Buffer, Frame, FrameAborted, FrameReader, SegmentSink, Tag, 
 
 BANNER = struct.Struct("<8sHQQ")  # b"copyless", version, supported features, required features
 BANNER_MAGIC = b"copyless"
-PROTOCOL_VERSION = 3  # 2: segment crcs are chained; 3: HELLO carries the sender's segment limit
+PROTOCOL_VERSION = 4  # 2: crcs chained; 3: HELLO carries the segment limit; 4: epilogue XOR last crc
 
 # feature bits
 FEATURE_DATA_CRC_OFF = 1 << 0  # this side may send frames without a data crc
