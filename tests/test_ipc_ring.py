@@ -12,6 +12,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from copyless import _shm
 from copyless._core import IPC_CLOSED, IPC_RING, IPC_RX_TAIL, IPC_TX_HEAD, IpcChannel, ipc_run_streams
+from copyless._ioloop import IOLoop
 from copyless.errors import ClosedError, RemoteProtocolError
 from copyless.transports._ipc import _new_segment
 
@@ -354,6 +356,22 @@ def test_the_loop_spins_over_all_its_channels_at_once():
         q.close()
 
 
+def test_a_loop_that_spins_is_not_rung(pair: Pair):
+    """Regression: a read that found the ring empty armed it, and the loop then spun with
+    the ring still armed: the peer rang for its next write, the bell made a later
+    epoll_wait see the stream readable, the reader's empty read armed it again, and so
+    on (test_syscalls' ipc call: a doorbell every few calls, 97 in 2000 once)."""
+    with pytest.raises(BlockingIOError):
+        pair.b.recv_into(bytearray(64))  # empty: armed, as for a sleep
+    loop = Loop((10, pair.b, 0.5))
+    threading.Timer(0.01, lambda: pair.a.send([b"x"])).start()
+    assert loop.run(-1.0) == [] and loop.ran == [(10, "read")]
+    assert pair.a.statistics()["wakeups_sent"] == 0, "the loop was spinning: no bell"
+    assert pair.b.arm() is False and bells(pair.sb) == 0, "it arms before it sleeps"
+    pair.a.send([b"y"])
+    assert bells(pair.sb) == 1, "and then it is rung"
+
+
 def test_the_loop_runs_callbacks_only_while_its_registrations_stand():
     """A callback that changes the loop's registrations (a new `_armable_cache`) stops the
     run: what had work and did not run (all its callbacks) is left to the loop, as epoll's events; a
@@ -388,3 +406,47 @@ def test_the_loop_runs_callbacks_only_while_its_registrations_stand():
     finally:
         for pair in (p, q, r):
             pair.close()
+
+
+class Counted:
+    """An ipc stream as the IOLoop sees it, counting the times the loop armed it."""
+
+    write_wakes_read = True
+    leased = False
+
+    def __init__(self, channel: IpcChannel, sock: socket.socket, loop_spin: float) -> None:
+        self.channel, self.sock, self.loop_spin, self.arms = channel, sock, loop_spin, 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def arm(self) -> bool:
+        self.arms += 1
+        return self.channel.arm()
+
+
+def test_a_loop_whose_spin_ends_at_a_timer_runs_it_without_arming(pair: Pair):
+    """Regression: the loop spun until its next timer was due, then armed its ipc streams
+    and waited in epoll for the whole time to that timer once more (the timeout it took
+    before the spin): the timer ran that much late, and a peer that wrote meanwhile rang
+    a doorbell (an ipc:// server's ack timer came due every few ms: a caller's request
+    now and then cost a system call on each side, seen by test_syscalls under strace)."""
+    loop = IOLoop("t-spin")
+    stream = Counted(pair.b, pair.sb, loop_spin=10.0)
+    arms_at_timer: list[int] = []
+    fired = threading.Event()
+    try:
+        loop.add_reader(stream, lambda: None)
+        stream.arms = 0  # (armed from outside, as registered: the loop is asleep)
+        loop.call_later(0.05, lambda: (arms_at_timer.append(stream.arms), fired.set()))
+        assert fired.wait(10)
+        assert arms_at_timer == [0], "spun up to the timer, ran it, did not arm"
+        for _ in range(100):  # no timer left: it spins its 100 ms at most, then arms and sleeps
+            if stream.arms:
+                break
+            time.sleep(0.05)
+        assert stream.arms >= 1, "a loop with nothing due arms before it sleeps"
+        assert pair.a.statistics()["wakeups_sent"] == 0
+    finally:
+        loop.remove(stream)
+        loop.stop()

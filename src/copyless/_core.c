@@ -3046,6 +3046,11 @@ static int spin_channels(PyObject *const *chans, Py_ssize_t n, int64_t ns, SpinV
         }
         keep[i] = Py_NewRef(c->peer);
         v[i] = (SpinView){c->p, c->tail, c->head, c->cap, c->waiting};
+        /* A loop that spins is awake: a read that found the ring empty armed it (and
+         * drained the bell), and the peer would ring for each write while we spin; the
+         * bell then made a later epoll_wait see the stream readable, whose empty read
+         * armed it again, and so on, a bell every few calls.  It arms before it sleeps. */
+        if (ns > 0 && !c->rbusy) ipc_disarm_reader(c);
     }
     if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
     if (!any && ns > 0) {

@@ -196,11 +196,12 @@ class IOLoop:
         try:
             while not self._stopping:
                 with self._lock:
-                    timeout = -1.0
+                    timeout, due = -1.0, 0.0
                     if self._calls:
                         timeout = 0.0
                     elif self._timers:
-                        timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                        due = self._timers[0][0]
+                        timeout = max(0.0, due - time.monotonic())
                     self._sleeping = True
                     armable = (self._armable_cache or self._armable()) if timeout and self._wwr else None
                 # spin (GIL released) over the ipc streams, and run the callbacks of those
@@ -215,7 +216,10 @@ class IOLoop:
                     # a side that sleeps says so first, or its peer sends no wake byte
                     ready = left or []
                     if left is None and armable:
-                        ready = [(fd, _IN) for fd, stream, _, _ in armable if not stream.leased and stream.arm()]
+                        if due:  # the spin took its time out of the wait, up to all of it
+                            timeout = max(0.0, due - time.monotonic())
+                        if timeout:  # (a timer due now: run it, and spin again, unarmed)
+                            ready = [(fd, _IN) for fd, stream, _, _ in armable if not stream.leased and stream.arm()]
                     self._skipped = 0
                     events = self._ep.poll(0 if left is not None or ready else timeout)
                     if ready:
