@@ -19,6 +19,7 @@ import random
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -402,6 +403,49 @@ def test_a_send_waits_for_the_lock_held_by_another_thread():
         assert time.monotonic() - t0 >= 0.09, "the send waited for the holder"
         t.join()
         assert tw.session.out_seq == 42
+
+
+def test_a_small_write_by_the_sending_thread_keeps_the_gil():
+    """Regression: the sending thread released the GIL for its own sendmsg, with the
+    connection's lock held.  An I/O loop thread that came to read an ACK frame got the
+    GIL there, found the lock held and slept; the release woke it, it waited for the GIL,
+    got it at the sender's next write, inside the lock again, and so on: on a shared CPU
+    each round preempted the sender, whose next send then looked idle and was written
+    directly too (a 64 B stream fell from ~2.5 M to 0.6-1.2 M msgs/s in a third of the
+    runs).  Here a second thread asks for the GIL all the time (a 1 us switch interval):
+    it would get it at any release, and it must never see a write under way."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    w = Writer()
+    w.bind(a, a.fileno(), None)  # no flusher: each send is written by the sending thread
+    seen: list[int] = []
+    looks = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal looks
+        while not stop.is_set():
+            looks += 1
+            if w.pending:
+                seen.append(w.pending)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for _ in range(2000):
+            w.send([b"x" * 64])
+            assert b.recv(4096) == b"x" * 64
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+        w.clear()
+        a.close()
+        b.close()
+    assert w.statistics["written_by_sender"] == 2000 and looks > 0
+    assert seen == [], "another thread ran while the sender wrote"
 
 
 def test_a_bad_message_raises_and_leaves_the_state_alone():
