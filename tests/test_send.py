@@ -32,7 +32,7 @@ from conftest import address_of, in_threads, served, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from copyless import ClosedError, ConfigurationError, Message
+from copyless import ClosedError, ConfigurationError, Message, ReplyRevoked
 from copyless._codec import Lock, Writer
 from copyless.messenger import Connection, Dispatcher, Messenger, Policy
 from copyless.protocol.frames import Tag, encode_frame
@@ -647,3 +647,48 @@ def test_a_message_revoked_in_the_middle_of_its_frame(transport, tmp_path, name)
         assert [g[1] for g in server.got] == [b"before", b"after"]
         assert [g[0] for g in server.got] == [1, 5]  # the revoked ones' seqs were spent, and counted
         assert server.faults == [] and client.faults == [] and conn.last_error is None
+
+
+class RevokesItsReply(Dispatcher):
+    """Answers a call with a reply too large to go at once, then revokes it half written:
+    first it holds the caller's reading (a HOLD message, which the caller's thread
+    fast-dispatches and waits in until `go` is set), so the reply's frame stops half way."""
+
+    def __init__(self, go: threading.Event) -> None:
+        self.go, self.revoked = go, []
+        self.reply_buf = bytearray(64 << 20)
+
+    def dispatch(self, msg: Message) -> None:
+        conn = msg.connection
+        conn.send(Message(Received.HOLD))
+        reply = msg.reply(2, data=[self.reply_buf])
+        conn.send(reply)
+        time.sleep(0.1)
+        self.revoked.append(conn.revoke(reply))
+        self.go.set()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "ipc"])
+def test_a_call_whose_reply_the_peer_revokes_fails_with_reply_revoked(transport, tmp_path, name, read_path):
+    """The server revokes its reply half written: the caller gets ReplyRevoked as soon as
+    it reads the aborted frame (it used to wait for its timeout), and the connection
+    carries on: the next call is answered, with no fault on either side."""
+    go = threading.Event()
+    server = RevokesItsReply(go)
+    client = Received()
+    client.held = go  # the caller's thread reads, so the HOLD message waits there
+    with served(server, address_of(transport, tmp_path, name)) as (cm, conn, _):
+        cm.add_dispatcher(client)
+        buf = bytearray(64 << 20)
+        t0 = time.monotonic()
+        with pytest.raises(ReplyRevoked, match="revoked its reply"):
+            conn.call(Message(1), into=buf, timeout=30)
+        assert time.monotonic() - t0 < 10, "not a timeout"
+        assert server.revoked == [True]
+        assert not cm._calls
+        go.clear()
+        server.revoked.clear()
+        server.reply_buf = bytearray(16)  # small: written whole, so not revoked
+        reply = conn.call(Message(1), into=bytearray(16), timeout=10)
+        assert len(reply.data) == 16 and server.revoked == [False]
+        assert client.faults == [] and conn.last_error is None

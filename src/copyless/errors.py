@@ -11,6 +11,7 @@ CopylessError
 │       └── PeerClosed          ... by closing cleanly
 ├── WouldBlock (BlockingIOError)   a non-blocking call could not proceed
 ├── Timeout (TimeoutError)         a blocking call ran out of time
+├── ReplyRevoked                the peer revoked the reply a call waited for
 ├── NameInUse                   a live endpoint already owns the name
 ├── AccessDenied (PermissionError) the peer's credentials are not allowed
 └── ConfigurationError (ValueError)
@@ -30,6 +31,7 @@ __all__ = [
     "PeerClosed",
     "WouldBlock",
     "Timeout",
+    "ReplyRevoked",
     "NameInUse",
     "AccessDenied",
     "ConfigurationError",
@@ -81,6 +83,11 @@ class WouldBlock(CopylessError, BlockingIOError):
 
 class Timeout(CopylessError, TimeoutError):
     """A blocking call did not complete within its timeout."""
+
+
+class ReplyRevoked(CopylessError):
+    """The peer revoked the reply a call was waiting for (Connection.revoke on its side,
+    while the reply was being written): it will not come.  The connection carries on."""
 
 
 class NameInUse(CopylessError):

@@ -42,7 +42,7 @@ from ._core import (
     _track_kept,
 )
 from ._ioloop import IOLoop, Timer
-from .errors import ClosedError, ConfigurationError, CopylessError, PeerLost, RemoteProtocolError, Timeout
+from .errors import ClosedError, ConfigurationError, CopylessError, PeerLost, RemoteProtocolError, ReplyRevoked, Timeout
 from .protocol.frames import UNLIMITED, FrameReader, Preamble, Tag
 from .protocol.session import (
     FEATURE_DATA_CRC_OFF,
@@ -56,6 +56,7 @@ from .protocol.session import (
     MessageRefused,
     MessagesReceived,
     OutMessage,
+    ReplyAborted,
     Role,
     Session,
     SessionConnection,
@@ -715,6 +716,10 @@ class Connection:
             self.messenger._each(lambda d: d.handle_remote_reset(self))
         elif isinstance(ev, MessageRefused):
             self._refused(ev.message, ev.error)
+        elif isinstance(ev, ReplyAborted):
+            pending = self.messenger._calls.get(ev.tid)
+            if pending is not None and pending.conn is self and not pending.done:
+                pending.finish(error=ReplyRevoked(f"{self.peer_name} revoked its reply to transaction {ev.tid}"))
         elif isinstance(ev, Waiting):
             self._waiting = True
         elif isinstance(ev, Closed):

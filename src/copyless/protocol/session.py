@@ -122,6 +122,14 @@ class MessagesReceived:
 
 
 @dataclass
+class ReplyAborted:
+    """The peer revoked a reply while writing it (an aborted MESSAGE frame marked as a
+    reply): the call waiting for transaction `tid` gets no reply."""
+
+    tid: int
+
+
+@dataclass
 class SessionReset:
     """The peer no longer knows our session (it restarted): queued messages were dropped."""
 
@@ -160,7 +168,15 @@ class Closed:
 
 
 Event = (
-    Established | MessageReceived | MessagesReceived | SessionReset | Waiting | KeepaliveAck | MessageRefused | Closed
+    Established
+    | MessageReceived
+    | MessagesReceived
+    | ReplyAborted
+    | SessionReset
+    | Waiting
+    | KeepaliveAck
+    | MessageRefused
+    | Closed
 )
 
 
@@ -1035,8 +1051,11 @@ class SessionConnection:
         """A MESSAGE its sender revoked while writing it: not delivered, but its header
         (crc-checked) counts as a delivered one's would: the ack it carries, and its seq
         as received (the sender does not send that seq again, so a lossless session's
-        next message follows it with no gap)."""
-        self._sequence(f.segments)
+        next message follows it with no gap).  A reply says so (ReplyAborted): a call
+        waits for it."""
+        h = self._sequence(f.segments)
+        if h is not None and h[2] & MSG_FLAG_REPLY:
+            self._events.append(ReplyAborted(h[3]))
 
     def _sequence(self, segments: list[memoryview]) -> tuple[int, int, int, int, int, int] | None:
         """A MESSAGE frame's header, checked and sequenced: its ack taken, its seq
