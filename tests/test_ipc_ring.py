@@ -368,6 +368,11 @@ def test_a_loop_that_spins_is_not_rung(pair: Pair):
     assert loop.run(-1.0) == [] and loop.ran == [(10, "read")]
     assert pair.a.statistics()["wakeups_sent"] == 0, "the loop was spinning: no bell"
     assert pair.b.arm() is False and bells(pair.sb) == 0, "it arms before it sleeps"
+    sleeps = pair.b.statistics()["sleeps"]
+    assert loop.run(0.01) is None, "nothing came"
+    assert pair.b.arm() is False and pair.b.statistics()["sleeps"] == sleeps, (
+        "a ring the loop armed stays armed through a spin: arming it again drains nothing"
+    )
     pair.a.send([b"y"])
     assert bells(pair.sb) == 1, "and then it is rung"
 

@@ -2467,6 +2467,7 @@ typedef struct {
     uint64_t tail, head_seen;
     uint32_t sleep_val, woken_wait;
     int armed, eof;
+    int read_armed; /* armed by a read that found the ring empty, not by a sleeper's arm */
     int leased; /* a caller reads (and spins on) this stream for now, not its I/O loop */
     uint32_t lease_sleep; /* sleep_val when the lease began: a caller that armed may leave a bell */
     int broken, rbusy, wbusy;
@@ -2579,6 +2580,7 @@ static void ipc_published_head(IpcChannelObject *c) { ipc_publish_head(c, c->m, 
 #define IPC_CHUNK (128u << 10)
 
 static inline void ipc_disarm_reader(IpcChannelObject *c) {
+    c->read_armed = 0;
     if (c->armed) {
         c->sleep_val++; /* even: awake */
         STORE_REL(u32_at(c->m, IPC_RX_SLEEP), c->sleep_val);
@@ -2703,6 +2705,7 @@ static Py_ssize_t ipc_recv(IpcChannelObject *c, void *dst, Py_ssize_t len) {
     if (n == 0 && len > 0) {
         int r = ipc_prepare_sleep(c);
         if (r < 0) return -1;
+        c->read_armed = r != 1;
         if (r != 1) return -2;
         n = ipc_read(c, dst, len); /* 0 here is the end of the stream */
     }
@@ -2931,6 +2934,7 @@ static PyObject *IpcChannel_wait(IpcChannelObject *c, PyObject *arg) {
  * something to do (read, or write for a waiting writer). */
 static int ipc_arm(IpcChannelObject *c) {
     if (!c->m || c->broken || c->rbusy) return 1; /* the owner finds out by reading */
+    c->read_armed = 0; /* armed for a sleep now */
     int r;
     if (c->armed) {
         int64_t a = ipc_avail(c);
@@ -2966,6 +2970,7 @@ static int ipc_rearm(IpcChannelObject *c) {
     if (!c->m || c->broken || c->rbusy) return 1;
     c->sleep_val += c->armed ? 2 : 1; /* odd, and new */
     c->armed = 1;
+    c->read_armed = 0;
     STORE_REL(u32_at(c->m, IPC_RX_SLEEP), c->sleep_val);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     int64_t a = ipc_avail(c);
@@ -3049,8 +3054,10 @@ static int spin_channels(PyObject *const *chans, Py_ssize_t n, int64_t ns, SpinV
         /* A loop that spins is awake: a read that found the ring empty armed it (and
          * drained the bell), and the peer would ring for each write while we spin; the
          * bell then made a later epoll_wait see the stream readable, whose empty read
-         * armed it again, and so on, a bell every few calls.  It arms before it sleeps. */
-        if (ns > 0 && !c->rbusy) ipc_disarm_reader(c);
+         * armed it again, and so on, a bell every few calls.  The loop arms before it
+         * sleeps.  (A ring the loop itself armed stays armed: arming it again then
+         * costs no system call, where a disarmed one is drained first.) */
+        if (ns > 0 && c->read_armed && !c->rbusy) ipc_disarm_reader(c);
     }
     if (ns > IPC_MAX_SPIN_NS) ns = IPC_MAX_SPIN_NS;
     if (!any && ns > 0) {

@@ -87,7 +87,8 @@ class Timeout(CopylessError, TimeoutError):
 
 class ReplyRevoked(CopylessError):
     """The peer revoked the reply a call was waiting for (Connection.revoke on its side,
-    while the reply was being written): it will not come.  The connection carries on."""
+    while the reply was being written): it will not come.  The connection carries on.
+    A buffer posted with `into=` may hold part of the data, or zeros."""
 
 
 class NameInUse(CopylessError):

@@ -281,12 +281,17 @@ class Session:
     def reset(self, keep: bool = False) -> int:
         """The peer lost the session: start a new one.  What was queued for the old peer
         is dropped (the count is returned), or with keep=True sent to the new one,
-        renumbered from 1 in the same order."""
+        renumbered from 1 in the same order, except replies and revoked messages' stand-ins
+        (dropped and counted): they answer calls of the old process, and the new one, whose
+        transaction ids start again, would take them for answers to its own."""
         if keep:
             self.requeue_unacked()
+            kept = [m for m in self.unsent if not (m.is_reply or m.aborted)]
+            dropped = len(self.unsent) - len(kept)
+            self.unsent.clear()
+            self.unsent.extend(kept)
             for m in self.unsent:
                 m.seq = 0
-            dropped = 0
         else:
             dropped = len(self.unsent) + len(self.sent)
             self.unsent.clear()
