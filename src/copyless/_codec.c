@@ -1031,6 +1031,20 @@ static int q_room(WriterObject *w) {
     return 0;
 }
 
+/* Append block b (cap bytes of room, used of them filled, in chunks chunks) to the
+ * writer's list of blocks. */
+static void w_link_block(WriterObject *w, Block *b, size_t cap, size_t used, Py_ssize_t chunks) {
+    b->next = NULL;
+    b->cap = cap;
+    b->used = used;
+    b->chunks = chunks;
+    if (w->last)
+        w->last->next = b;
+    else
+        w->blocks = b;
+    w->last = b;
+}
+
 /* n contiguous bytes at the end of the queue, to be filled in by the caller (NULL: out
  * of memory).  They extend the last chunk when they follow it in its block. */
 static uint8_t *q_reserve(WriterObject *w, size_t n) {
@@ -1042,15 +1056,7 @@ static uint8_t *q_reserve(WriterObject *w, size_t n) {
             w->spare = NULL;
         } else if (!(b = malloc(sizeof(Block) + cap)))
             return NULL;
-        b->next = NULL;
-        b->cap = cap;
-        b->used = 0;
-        b->chunks = 0;
-        if (w->last)
-            w->last->next = b;
-        else
-            w->blocks = b;
-        w->last = b;
+        w_link_block(w, b, cap, 0, 0);
     }
     uint8_t *dst = b->data + b->used;
     if (w->tail > w->head) { /* grow the last chunk if these bytes follow it in its block */
@@ -1931,14 +1937,7 @@ static int tr_abort(WriterObject *w, Track *t, const uint8_t *z, Py_buffer **vie
         if (!c->blk && pos >= t->front && len) {
             if (pos < t->data) { /* the front (one buffer): a copy of what is left of it, in a block of its own */
                 memcpy(fb->data, c->p, len);
-                fb->next = NULL;
-                fb->cap = fb->used = len;
-                fb->chunks = 1;
-                if (w->last)
-                    w->last->next = fb;
-                else
-                    w->blocks = fb;
-                w->last = fb;
+                w_link_block(w, fb, len, len, 1);
                 c->p = fb->data;
                 c->blk = fb;
             } else { /* the data: zeros */

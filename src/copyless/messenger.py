@@ -717,9 +717,7 @@ class Connection:
         elif isinstance(ev, MessageRefused):
             self._refused(ev.message, ev.error)
         elif isinstance(ev, ReplyAborted):
-            pending = self.messenger._calls.get(ev.tid)
-            if pending is not None and pending.conn is self and not pending.done:
-                pending.finish(error=ReplyRevoked(f"{self.peer_name} revoked its reply to transaction {ev.tid}"))
+            self._fail_call(ev.tid, ReplyRevoked(f"{self.peer_name} revoked its reply to transaction {ev.tid}"))
         elif isinstance(ev, Waiting):
             self._waiting = True
         elif isinstance(ev, Closed):
@@ -730,10 +728,15 @@ class Connection:
         A call waiting for its reply fails with the error; the dispatchers hear of it
         through handle_fault, and the connection carries on."""
         self.last_error = error
-        pending = None if msg.is_reply else self.messenger._calls.get(msg.tid)
+        if not msg.is_reply:
+            self._fail_call(msg.tid, error)
+        self.messenger._each(lambda d: d.handle_fault(self, error))
+
+    def _fail_call(self, tid: int, error: BaseException) -> None:
+        """A call made on this connection that waits for transaction tid fails with error."""
+        pending = self.messenger._calls.get(tid)
         if pending is not None and pending.conn is self and not pending.done:
             pending.finish(error=error)
-        self.messenger._each(lambda d: d.handle_fault(self, error))
 
     def _teardown(self, error: BaseException | None, goodbye: bool = False) -> None:
         """The transport is gone; reconnect if the policy says so (goodbye: the client

@@ -286,10 +286,9 @@ class Session:
         transaction ids start again, would take them for answers to its own."""
         if keep:
             self.requeue_unacked()
-            kept = [m for m in self.unsent if not (m.is_reply or m.aborted)]
+            kept = deque(m for m in self.unsent if not (m.is_reply or m.aborted))
             dropped = len(self.unsent) - len(kept)
-            self.unsent.clear()
-            self.unsent.extend(kept)
+            self.unsent = kept
             for m in self.unsent:
                 m.seq = 0
         else:
