@@ -8,13 +8,14 @@ unusual arguments) it leaves what the Python path leaves; each runs over both
 from __future__ import annotations
 
 import array
+import threading
 import time
 
 import pytest
 from conftest import address_of, in_threads, served
 
 from copyless.errors import ConfigurationError, Timeout
-from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy
+from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy, _Call
 
 ECHO, SILENT, LATE = 2, 3, 4
 
@@ -73,6 +74,30 @@ def test_calls_do_not_run_the_python_call(pair, monkeypatch):
         echo(conn, i, buf)
     assert calls == []
     assert given_back(client, conn)
+
+
+def test_a_call_makes_its_latch_only_if_its_caller_sleeps(monkeypatch):
+    """A caller that sleeps makes the lock it sleeps on (_Call.wait), the finisher
+    releases it if there is one: whichever comes first, the caller wakes, at once."""
+    reply = Message(ECHO)
+    done = _Call(None, None)  # type: ignore[arg-type]
+    done.finish(reply=reply)
+    assert done._latch is None and done.wait(0) and done.result() is reply
+    late = _Call(None, None)  # type: ignore[arg-type]
+    assert not late.wait(0.01) and late._latch is not None  # (a timeout: it made one)
+    late.finish(reply=reply)
+    assert late.wait(0) and late.result() is reply
+    # the finish comes between the caller's look at done and its latch's store
+    racing = _Call(None, None)  # type: ignore[arg-type]
+    make = threading.Lock
+
+    def lock_then_finish() -> threading.Lock:
+        monkeypatch.setattr(threading, "Lock", make)
+        racing.finish(reply=reply)
+        return make()
+
+    monkeypatch.setattr(threading, "Lock", lock_then_finish)
+    assert racing.wait(1) and racing.result() is reply
 
 
 def test_a_call_that_times_out(pair, read_path):

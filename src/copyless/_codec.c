@@ -2898,6 +2898,16 @@ static SlotMap rp_read = {NULL,
                               "stream_prefetch", "sink_claims", "open_charge"},
                              {0}};
 static PyObject *rp_closed, *rp_popleft, *rp_track_kept, *rp_remote_err, *rp_python;
+/* What a read round and a call read of the Messenger and of the connection's loop, each
+ * time: slots of theirs (compiled_messenger), at their offsets; by name before that, or
+ * in an object of another type.  (Seven lookups by name cost a call ~0.2 us.) */
+enum { MS_CALLS, MS_FAST, MS_CLAIMS, MS_LIMITED, MS_LIMIT_FRAMES, MS_LIMIT_BYTES, MS_TIDS };
+static SlotMap ms_msgr = {NULL, {"_calls", "_fast", "_claims", "_limited", "_limit_frames", "_limit_bytes", "_tids"}, {0}};
+static SlotMap ms_loop = {NULL, {"_ident"}, {0}};
+static PyObject *hot_attr(PyObject *o, SlotMap *map, int i, PyObject *name) {
+    if (map->type && PyObject_TypeCheck(o, map->type) && SLOT(o, *map, i)) return Py_NewRef(SLOT(o, *map, i));
+    return PyObject_GetAttr(o, name);
+}
 static PyObject *rs_data, *rs_release, *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
     *rs_enqueue, *rs_after_scan, *rs_connection_lost, *rs_teardown, *rs_send_ack, *rs_pump, *rs_arm_timer, *rs_when,
     *rs_renew, *rs_pause, *rs_acked;
@@ -2978,8 +2988,8 @@ static int round_reply(PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t 
     }
     Py_INCREF(pending);
     int rc = -1;
-    PyObject *into = SLOT(pending, rp_call, RK_INTO), *latch = SLOT(pending, rp_call, RK_LATCH);
-    if (!into || !latch) {
+    PyObject *into = SLOT(pending, rp_call, RK_INTO);
+    if (!into) {
         PyErr_SetString(PyExc_AttributeError, "a _Call without its slots");
         goto done;
     }
@@ -3006,7 +3016,8 @@ static int round_reply(PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t 
     Py_XSETREF(SLOT(pending, rp_call, RK_REPLY), Py_NewRef(msg));
     Py_XSETREF(SLOT(pending, rp_call, RK_ERROR), Py_NewRef(Py_None));
     Py_XSETREF(SLOT(pending, rp_call, RK_DONE), Py_NewRef(Py_True));
-    if (call_ok(latch, rs_release, NULL) < 0) goto done;
+    PyObject *latch = SLOT(pending, rp_call, RK_LATCH); /* (after done: see _Call) */
+    if (latch && latch != Py_None && call_ok(latch, rs_release, NULL) < 0) goto done;
     PyObject *notify = SLOT(pending, rp_call, RK_NOTIFY);
     if (notify && notify != Py_None) {
         PyObject *r = PyObject_CallNoArgs(notify);
@@ -3022,7 +3033,7 @@ done:
 /* Hand a run of received messages out, in order, as Messenger._deliver does. */
 static int round_deliver(PyObject *conn, PyObject *msgr, WriterObject *w, PyObject *msgs) {
     w->read_since = 1; /* a send after this answers it: not part of a burst */
-    PyObject *calls = PyObject_GetAttr(msgr, rs_calls), *fast = PyObject_GetAttr(msgr, rs_fast);
+    PyObject *calls = hot_attr(msgr, &ms_msgr, MS_CALLS, rs_calls), *fast = hot_attr(msgr, &ms_msgr, MS_FAST, rs_fast);
     int rc = -1;
     if (!calls || !fast || !PyDict_Check(calls) || !PyList_Check(fast)) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "Messenger._calls/_fast are not a dict and a list");
@@ -3293,7 +3304,7 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
     int rc = -1, settle_reads = 1, limited = 0, granted = 0;
     WriterObject *w = (WriterObject *)wo;
 
-    PyObject *lim = PyObject_GetAttr(msgr, rs_limited), *claims = PyObject_GetAttr(msgr, rs_claims);
+    PyObject *lim = hot_attr(msgr, &ms_msgr, MS_LIMITED, rs_limited), *claims = hot_attr(msgr, &ms_msgr, MS_CLAIMS, rs_claims);
     if (!lim || !claims) {
         Py_XDECREF(lim);
         Py_XDECREF(claims);
@@ -3303,8 +3314,8 @@ static int read_round(PyObject *conn, Py_ssize_t fill) {
     Py_DECREF(lim);
     Py_XSETREF(SLOT(reader, rp_read, RR_SINK_CLAIMS), claims); /* (what the sink may want this round) */
     if (limited) { /* Messenger._grant */
-        if (!(limit_frames = PyObject_GetAttr(msgr, rs_limit_frames)) ||
-            !(limit_bytes = PyObject_GetAttr(msgr, rs_limit_bytes)))
+        if (!(limit_frames = hot_attr(msgr, &ms_msgr, MS_LIMIT_FRAMES, rs_limit_frames)) ||
+            !(limit_bytes = hot_attr(msgr, &ms_msgr, MS_LIMIT_BYTES, rs_limit_bytes)))
             goto out;
         if (!PyList_Check(limit_bytes) || PyList_GET_SIZE(limit_bytes) > 8 ||
             (limit_frames != Py_None && !Py_IS_TYPE(limit_frames, &ThrottleType))) {
@@ -3679,7 +3690,7 @@ static SlotMap cc_conn = {NULL,
                              {0}};
 static PyTypeObject *cc_stream; /* transports.Stream: a plain socket (not TLS, not ipc) */
 static Py_ssize_t cc_fill_head, cc_fill_min;
-static PyObject *cc_python, *cc_await, *cc_ident, *cc_tids, *cc_tid, *cc_allocate_lock, *cc_acquire, *cc_cast, *cc_B,
+static PyObject *cc_python, *cc_await, *cc_ident, *cc_tids, *cc_tid, *cc_cast, *cc_B,
     *cc_round, *cc_detach, *cc_attach, *cc_call_soon, *cc_on_readable;
 
 /* Connection._unlease: the loop reads the stream again (chan: an ipc stream's channel;
@@ -3773,23 +3784,12 @@ static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObjec
 
 /* A _Call, as _post_call makes it (its latch held until it finishes). */
 static PyObject *cc_new_call(PyObject *conn, PyObject *view) {
-    PyObject *latch = PyObject_CallNoArgs(cc_allocate_lock);
-    if (!latch) return NULL;
-    PyObject *r = PyObject_CallMethodNoArgs(latch, cc_acquire);
-    if (!r) {
-        Py_DECREF(latch);
-        return NULL;
-    }
-    Py_DECREF(r);
     PyObject *c = rp_call.type->tp_alloc(rp_call.type, 0);
-    if (!c) {
-        Py_DECREF(latch);
-        return NULL;
-    }
+    if (!c) return NULL;
     SLOT(c, rp_call, RK_CONN) = Py_NewRef(conn);
     SLOT(c, rp_call, RK_INTO) = Py_NewRef(view);
     SLOT(c, rp_call, RK_DONE) = Py_NewRef(Py_False);
-    SLOT(c, rp_call, RK_LATCH) = latch;
+    SLOT(c, rp_call, RK_LATCH) = Py_NewRef(Py_None); /* (made by a caller that must sleep: _Call.wait) */
     SLOT(c, rp_call, RK_REPLY) = Py_NewRef(Py_None);
     SLOT(c, rp_call, RK_ERROR) = Py_NewRef(Py_None);
     SLOT(c, rp_call, RK_NOTIFY) = Py_NewRef(Py_None);
@@ -3831,7 +3831,7 @@ static PyObject *conn_call(PyObject *conn, PyObject *const *args, Py_ssize_t nar
     PyObject *lk = SLOT(conn, cc_conn, CC_LOCK), *loop = SLOT(conn, cc_conn, CC_LOOP);
     PyObject *msgr = SLOT(conn, cc_conn, CC_MESSENGER);
     if (!lk || !Py_IS_TYPE(lk, &LockType) || !loop || !msgr) goto python;
-    PyObject *ident = PyObject_GetAttr(loop, cc_ident); /* the loop's own thread reads nothing itself */
+    PyObject *ident = hot_attr(loop, &ms_loop, 0, cc_ident); /* the loop's own thread reads nothing itself */
     if (!ident) {
         PyErr_Clear();
         goto python;
@@ -3906,13 +3906,13 @@ static PyObject *conn_call(PyObject *conn, PyObject *const *args, Py_ssize_t nar
 
     /* from here on the stream is given back whatever happens */
     PyObject *calls = NULL, *pending = NULL, *key = NULL, *result = NULL;
-    if (!(calls = PyObject_GetAttr(msgr, rs_calls))) goto unlease;
+    if (!(calls = hot_attr(msgr, &ms_msgr, MS_CALLS, rs_calls))) goto unlease;
     if (!PyDict_Check(calls)) {
         PyErr_SetString(PyExc_TypeError, "Messenger._calls is not a dict");
         goto unlease;
     }
     if (tid == 0) { /* _post_call: a transaction id */
-        PyObject *tids = PyObject_GetAttr(msgr, cc_tids);
+        PyObject *tids = hot_attr(msgr, &ms_msgr, MS_TIDS, cc_tids);
         PyObject *t = tids ? PyIter_Next(tids) : NULL;
         Py_XDECREF(tids);
         if (!t) {
@@ -4004,18 +4004,11 @@ static PyObject *py_compiled_call(PyObject *self, PyObject *args) {
     Py_XSETREF(cc_stream, (PyTypeObject *)Py_NewRef(stream_t));
     cc_fill_head = head;
     cc_fill_min = min;
-    if (!cc_allocate_lock) {
-        PyObject *thread = PyImport_ImportModule("_thread");
-        cc_allocate_lock = thread ? PyObject_GetAttrString(thread, "allocate_lock") : NULL;
-        Py_XDECREF(thread);
-        if (!cc_allocate_lock) return NULL;
-    }
     INTERN(cc_python, "_call_python");
     INTERN(cc_await, "_await_call");
     INTERN(cc_ident, "_ident");
     INTERN(cc_tids, "_tids");
     INTERN(cc_tid, "tid");
-    INTERN(cc_acquire, "acquire");
     INTERN(cc_cast, "cast");
     INTERN(cc_B, "B");
     INTERN(cc_round, "_Connection__on_readable_locked");
@@ -4024,6 +4017,15 @@ static PyObject *py_compiled_call(PyObject *self, PyObject *args) {
     INTERN(cc_call_soon, "call_soon_threadsafe");
     INTERN(cc_on_readable, "_on_readable");
     return PyDescr_NewMethod((PyTypeObject *)conn_t, &conn_call_def);
+}
+
+/* compiled_messenger(Messenger, IOLoop): where their attributes the round and the call
+ * read each time are (see hot_attr). */
+static PyObject *py_compiled_messenger(PyObject *self, PyObject *args) {
+    PyObject *msgr_t, *loop_t;
+    if (!PyArg_ParseTuple(args, "OO:compiled_messenger", &msgr_t, &loop_t)) return NULL;
+    if (slotmap_resolve(&ms_msgr, msgr_t) < 0 || slotmap_resolve(&ms_loop, loop_t) < 0) return NULL;
+    Py_RETURN_NONE;
 }
 
 static int cpu_sse42, cpu_fold;
@@ -4056,6 +4058,8 @@ static PyMethodDef codec_methods[] = {
     {"compiled_read", py_compiled_read, METH_VARARGS,
      "compiled_read(Connection, SessionConnection, Session, FrameReader, _Call, State.READY, State.CLOSED, "
      "RemoteProtocolError, _track_kept) -> Connection._on_readable, compiled."},
+    {"compiled_messenger", py_compiled_messenger, METH_VARARGS,
+     "compiled_messenger(Messenger, IOLoop): the slots of theirs the compiled round and call read"},
     {"compiled_call", py_compiled_call, METH_VARARGS,
      "compiled_call(Connection, Stream, FILL_HEAD, FILL_MIN) -> Connection.call, compiled for a caller that reads "
      "its reply from an ipc:// stream or a plain socket (after compiled_read)."},

@@ -126,6 +126,9 @@ class Throttle:
 def compiled_send(connection: type, machine: type, session: type, ready: object, /) -> Any:
     """Connection.send with its steady state compiled (the classes must declare the slots it uses)."""
 
+def compiled_messenger(messenger: type, loop: type, /) -> None:
+    """Where the Messenger's and IOLoop's attributes that the compiled read round and call read are (their slots)."""
+
 def compiled_read(
     connection: type,
     machine: type,

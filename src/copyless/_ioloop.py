@@ -47,6 +47,9 @@ class Timer:
 
 
 class IOLoop:
+    # (a slot: the compiled call reads it at its offset, see messenger.compiled_messenger)
+    __slots__ = ("_ident", "__dict__", "__weakref__")
+
     def __init__(self, name: str) -> None:
         self.name = name
         self._ep = select.epoll()
