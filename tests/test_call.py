@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import address_of, in_threads, served
+from conftest import address_of, in_threads, served, wait_for
 
 from copyless.errors import ConfigurationError, Timeout
 from copyless.messenger import Connection, Dispatcher, Message, Messenger, Policy, _Call
@@ -124,6 +124,21 @@ def test_a_late_reply_wakes_the_sleeping_caller(pair, read_path):
         echo(conn, i, buf)
 
 
+def test_a_request_longer_than_the_ring_goes_whole(pair, read_path):
+    """The caller reads its stream for the call, and the loop leaves it alone: so the
+    caller also writes what the stream could not take of its request at once (an ipc
+    ring's room; a socket's buffer).  It hung, spinning with the GIL, past its timeout."""
+    client, conn = pair
+    size = 4 << 20
+    request = bytes(range(256)) * (size // 256)
+    buf = bytearray(size)
+    for _ in range(3):
+        reply = conn.call(Message(ECHO, data=[request]), into=buf, timeout=10)
+        assert reply.data.obj is buf and bytes(buf) == request
+        assert given_back(client, conn)
+    echo(conn, 1, bytearray(64))
+
+
 def test_an_error_mid_call_gives_the_stream_back(pair, read_path):
     client, conn = pair
     with pytest.raises(ConfigurationError):
@@ -211,3 +226,84 @@ def test_large_replies_back_to_back_never_fault(transport, name, tmp_path):
             assert reply.data.obj is buf and len(reply.data) == 1 << 20
             assert buf.count(bytes([i & 0xFF])) == 1 << 20, f"call {i}: the reply is not whole"
         assert server.faults == [] and client.faults == [] and conn.last_error is None
+
+
+class Gated(Dispatcher):
+    """Replies (with what came) once the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def dispatch(self, msg: Message) -> None:
+        assert self.gate.wait(5)
+        msg.connection.send(msg.reply(ECHO, data=[bytes(msg.data)]))
+
+
+class Forger(Dispatcher):
+    """Answers a call twice, with as many bytes as came: first a reply forged for the
+    tid in its front (0xEE), then its own (0xAA)."""
+
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return True
+
+    def fast_dispatch(self, msg: Message) -> None:
+        forged = msg.reply(ECHO, data=[b"\xee" * len(msg.data)])
+        forged.tid = int.from_bytes(msg.front, "little")
+        msg.connection.send(forged)
+        msg.connection.send(msg.reply(ECHO, data=[b"\xaa" * len(msg.data)]))
+
+
+class Recorder(Dispatcher):
+    def __init__(self) -> None:
+        self.got: list[tuple[int, bool, int]] = []
+
+    def can_fast_dispatch(self, msg: Message) -> bool:
+        return True
+
+    def fast_dispatch(self, msg: Message) -> None:
+        self.got.append((msg.tid, msg.is_reply, len(msg.data)))
+
+
+@pytest.mark.parametrize("size", [64, 1 << 20], ids=["small", "direct"])
+@pytest.mark.parametrize("transport", ["ipc", "unix", "tcp"])
+def test_a_peer_cannot_answer_a_call_made_to_another(transport, size, tmp_path, name, read_path):
+    """Transaction ids are the Messenger's: a reply that comes on another connection
+    (a peer that guessed or was sent the tid) neither finishes the call nor lands in
+    its buffer, whether the loop reads it or a caller of that connection does (and
+    reads its reply's data straight into its own buffer); it is dispatched as any
+    message, and each call gets its own reply."""
+    gated, recorder = Gated(), Recorder()
+    with (
+        Messenger("store.1", policies={"client": Policy.stateful_server()}) as s1,
+        Messenger("store.2", policies={"client": Policy.stateful_server()}) as s2,
+        Messenger("client.7", io_loops=1) as client,
+    ):
+        s1.add_dispatcher(gated)
+        s2.add_dispatcher(Forger())
+        client.add_dispatcher(recorder)
+        (tmp_path / "1").mkdir()
+        a1 = s1.bind(address_of(transport, tmp_path / "1", name + "a"))
+        a2 = s2.bind(address_of(transport, tmp_path, name + "b"))
+        s1.start()
+        s2.start()
+        conn1, conn2 = client.connect(a1), client.connect(a2)
+        conn1.wait_ready(5)
+        conn2.wait_ready(5)
+        tid, buf, result = 1 << 40, bytearray(size), []
+        caller = threading.Thread(
+            target=lambda: result.append(conn1.call(Message(ECHO, data=[b"q" * 16], tid=tid), into=buf, timeout=10))
+        )
+        caller.start()
+        try:
+            assert wait_for(lambda: tid in client._calls)
+            mine = bytearray(size)  # (this caller reads conn2, while the loop reads conn1)
+            reply = conn2.call(Message(ECHO, front=tid.to_bytes(8, "little"), data=[bytes(size)]), into=mine, timeout=5)
+            assert bytes(reply.data) == b"\xaa" * size and reply.data.obj is mine
+            assert wait_for(lambda: recorder.got)
+            assert recorder.got == [(tid, True, size)]
+            assert not client._calls[tid].done and bytes(buf) == bytes(size)
+        finally:
+            gated.gate.set()
+            caller.join(10)
+        assert bytes(result[0].data) == b"q" * 16 and result[0].data.obj is buf
+        assert bytes(buf[16:]) == bytes(size - 16)

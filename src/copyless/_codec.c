@@ -2972,9 +2972,9 @@ static int session_acked(PyObject *s, PyObject *sent, uint64_t ack) {
     return 0;
 }
 
-/* Messenger._reply: a reply to a posted call (a _Call) finishes it (1); 0: no call
- * waits for it (it is dispatched as any message). */
-static int round_reply(PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t tid) {
+/* Messenger._reply: a reply to a call (a _Call) posted on conn, still waiting, finishes
+ * it (1); 0: no such call waits for it (it is dispatched as any message). */
+static int round_reply(PyObject *conn, PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t tid) {
     PyObject *key = PyLong_FromUnsignedLongLong(tid);
     if (!key) return -1;
     PyObject *pending = PyDict_GetItemWithError(calls, key); /* borrowed */
@@ -2986,6 +2986,7 @@ static int round_reply(PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t 
         Py_XDECREF(r);
         return taken;
     }
+    if (SLOT(pending, rp_call, RK_CONN) != conn || SLOT(pending, rp_call, RK_DONE) != Py_False) return 0;
     Py_INCREF(pending);
     int rc = -1;
     PyObject *into = SLOT(pending, rp_call, RK_INTO);
@@ -3043,7 +3044,7 @@ static int round_deliver(PyObject *conn, PyObject *msgr, WriterObject *w, PyObje
         PyObject *msg = PyList_GET_ITEM(msgs, i);
         uint64_t tid;
         if (capi->reply_tid(msg, &tid) == 1 && PyDict_GET_SIZE(calls)) {
-            int taken = round_reply(msgr, calls, msg, tid);
+            int taken = round_reply(conn, msgr, calls, msg, tid);
             if (taken < 0) goto done;
             if (taken) continue;
         }
@@ -3151,7 +3152,9 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
     PyObject *pending = PyDict_GetItemWithError(calls, key); /* borrowed */
     Py_DECREF(key);
     if (!pending) return PyErr_Occurred() ? -1 : 0;
-    if (Py_TYPE(pending) != rp_call.type) return 0;
+    if (Py_TYPE(pending) != rp_call.type || SLOT(pending, rp_call, RK_CONN) != conn ||
+        SLOT(pending, rp_call, RK_DONE) != Py_False)
+        return 0; /* (not a call of this connection's, still waiting: see round_reply) */
     PyObject *into = SLOT(pending, rp_call, RK_INTO);
     if (!into || !PyMemoryView_Check(into)) return 0;
     Py_buffer *ib = PyMemoryView_GET_BUFFER(into);
@@ -3731,7 +3734,9 @@ static int cc_unlease(PyObject *conn, LockObject *lock, PyObject *st, PyObject *
 static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObject *chan, WriterObject *w,
                          Py_ssize_t fill, PyObject *pending, double deadline) {
     int fd = -1;
-    while (SLOT(pending, rp_call, RK_DONE) != Py_True) {
+    for (int turn = 0; SLOT(pending, rp_call, RK_DONE) != Py_True; turn++) {
+        /* (a stream that always has something to do must not keep us past the deadline) */
+        if (turn && deadline >= 0 && mono_ns() / 1e9 >= deadline) return 0;
         /* ipc: spin, then arm the wake-up; a socket: straight to the poll */
         if (!chan || !capi->ipc_before_wait(chan)) {
             if (lock_take(lock, -1) < 0) return -1;
@@ -3774,6 +3779,11 @@ static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObjec
             r = x ? 1 : -1;
             Py_XDECREF(x);
         }
+        /* The loop leaves a leased ipc stream alone: its writer's part too, the rest of a
+         * send the ring had no room for (a request longer than the ring).  Room for it
+         * shows as readable, and our read drains the bell that would have woken the loop. */
+        if (r > 0 && chan && w->pending && SLOT(conn, cc_conn, CC_STREAM) == st && call_ok(conn, rs_pump, NULL) < 0)
+            r = -1;
         int paused = SLOT(conn, cc_conn, CC_PAUSED) == Py_True;
         lock_give(lock);
         if (r < 0) return -1;

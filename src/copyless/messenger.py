@@ -428,7 +428,12 @@ class Connection:
         if type(st) is Stream:
             into = pending.into
             fill = FILL_HEAD if into is not None and len(into) >= FILL_MIN else 1 << 30
+        turn = 0
         while not pending.done:
+            # (a stream that always has something to do must not keep us past the deadline)
+            if turn and deadline is not None and time.monotonic() >= deadline:
+                return
+            turn += 1
             if not st.before_wait():  # TLS: decrypted bytes; ipc: spins, then arms
                 # (ipc: room to write shows as readable too)
                 want = select.POLLIN | (select.POLLOUT if self._sendq.pending and not st.write_wakes_read else 0)
@@ -455,6 +460,11 @@ class Connection:
                     return  # the transport changed: the loop owns the new one
                 if not read_round(self, fill):  # (the steady state, compiled)
                     self.__on_readable_locked(fill)
+                if st.write_wakes_read and self._sendq.pending and self._stream is st:
+                    # the loop leaves a leased ipc stream alone: its writer's part too, the
+                    # rest of a send the ring had no room for (a request longer than the
+                    # ring); room shows as readable, and our read drains the loop's bell
+                    self._pump()
                 if self._paused:
                     return  # a throttle is full: the loop resumes reading when it frees
 
@@ -1181,7 +1191,7 @@ class Messenger:
         mtype, _p, flags, tid, _s, _a = MSG_HEADER.unpack(earlier[0])
         n = pre.lengths[2]
         pending = self._calls.get(tid) if flags & MSG_FLAG_REPLY else None
-        if pending is not None:
+        if pending is not None and pending.conn is conn and not pending.done:  # (as _reply)
             if pending.into is not None and len(pending.into) >= n:
                 return pending.into[:n]
             return None
@@ -1229,9 +1239,12 @@ class Messenger:
         self._queue.put((-msg.priority, next(self._arrival), msg))
 
     def _reply(self, msg: Message) -> bool:
-        """A reply to a posted call finishes it (True); else it is dispatched as any message."""
+        """A reply to a posted call finishes it (True); else it is dispatched as any message.
+        Only a call made on the connection it came on, and still waiting: transaction ids
+        are the Messenger's, and one peer must not answer (or write into the buffer of) a
+        call made to another."""
         pending = self._calls.get(msg.tid)
-        if pending is None:
+        if pending is None or pending.conn is not msg.connection or pending.done:
             return False
         into, data = pending.into, msg.data
         n = len(data)
