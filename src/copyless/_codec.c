@@ -3792,7 +3792,7 @@ static int cc_read_until(PyObject *conn, LockObject *lock, PyObject *st, PyObjec
     return 1;
 }
 
-/* A _Call, as _post_call makes it (its latch held until it finishes). */
+/* A _Call, as _post_call makes it (no latch: _Call.wait makes one for a caller that must sleep). */
 static PyObject *cc_new_call(PyObject *conn, PyObject *view) {
     PyObject *c = rp_call.type->tp_alloc(rp_call.type, 0);
     if (!c) return NULL;
