@@ -10,7 +10,7 @@
 #include <sys/uio.h>
 
 #define COPYLESS_CAPI_NAME "copyless._core._CAPI"
-#define COPYLESS_CAPI_VERSION 6
+#define COPYLESS_CAPI_VERSION 7
 
 /* What a sender needs of an outgoing Message. */
 typedef struct {
@@ -55,6 +55,12 @@ typedef struct {
     int (*ipc_take)(PyObject *chan);
     int (*ipc_before_wait)(PyObject *chan);
     int (*ipc_give_back)(PyObject *chan, int woke);
+    /* A received messenger message's data copied into `into` (a writable 1-D memoryview
+     * of bytes, at least as long, of another buffer) and replaced by into[:n]: the one
+     * copy of a small reply into the buffer its call posted (Messenger._reply), with no
+     * view made of the data where it was.  1 done, 0 not such a message or buffer
+     * (nothing done), -1 with an error set. */
+    int (*data_into)(PyObject *msg, PyObject *into);
 } CopylessCAPI;
 
 #endif

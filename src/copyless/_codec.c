@@ -2908,7 +2908,7 @@ static PyObject *hot_attr(PyObject *o, SlotMap *map, int i, PyObject *name) {
     if (map->type && PyObject_TypeCheck(o, map->type) && SLOT(o, *map, i)) return Py_NewRef(SLOT(o, *map, i));
     return PyObject_GetAttr(o, name);
 }
-static PyObject *rs_data, *rs_release, *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
+static PyObject *rs_release, *rs_deliver, *rs_limited, *rs_limit_frames, *rs_limit_bytes, *rs_claims, *rs_calls, *rs_fast, *rs_reply,
     *rs_enqueue, *rs_after_scan, *rs_connection_lost, *rs_teardown, *rs_send_ack, *rs_pump, *rs_arm_timer, *rs_when,
     *rs_renew, *rs_pause, *rs_acked;
 
@@ -2994,25 +2994,8 @@ static int round_reply(PyObject *conn, PyObject *msgr, PyObject *calls, PyObject
         PyErr_SetString(PyExc_AttributeError, "a _Call without its slots");
         goto done;
     }
-    if (into != Py_None) { /* a small reply came in the prefetch buffer: one copy into the posted one */
-        PyObject *data = PyObject_GetAttr(msg, rs_data);
-        if (!data) goto done;
-        if (PyMemoryView_Check(data) && PyMemoryView_Check(into)) {
-            Py_buffer *d = PyMemoryView_GET_BUFFER(data), *b = PyMemoryView_GET_BUFFER(into);
-            if (d->obj != b->obj && d->len <= b->len && !b->readonly && PyBuffer_IsContiguous(d, 'C') &&
-                PyBuffer_IsContiguous(b, 'C') && d->itemsize == 1 && b->itemsize == 1) {
-                memcpy(b->buf, d->buf, (size_t)d->len);
-                PyObject *sl = PySequence_GetSlice(into, 0, d->len);
-                int r = sl ? PyObject_SetAttr(msg, rs_data, sl) : -1;
-                Py_XDECREF(sl);
-                if (r < 0) {
-                    Py_DECREF(data);
-                    goto done;
-                }
-            }
-        }
-        Py_DECREF(data);
-    }
+    /* a small reply came in the prefetch buffer: one copy into the posted one */
+    if (into != Py_None && capi->data_into(msg, into) < 0) goto done;
     /* _Call.finish(reply=msg) */
     Py_XSETREF(SLOT(pending, rp_call, RK_REPLY), Py_NewRef(msg));
     Py_XSETREF(SLOT(pending, rp_call, RK_ERROR), Py_NewRef(Py_None));
@@ -3655,7 +3638,6 @@ static PyObject *py_compiled_read(PyObject *self, PyObject *args) {
     INTERN(rs_reply, "_reply");
     INTERN(rs_enqueue, "_enqueue");
     INTERN(rs_deliver, "_deliver");
-    INTERN(rs_data, "data");
     INTERN(rs_release, "release");
     INTERN(rs_after_scan, "after_scan");
     INTERN(rs_connection_lost, "connection_lost");

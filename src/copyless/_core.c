@@ -2077,6 +2077,35 @@ static int capi_reply_tid(PyObject *o, uint64_t *tid) {
     return ((MessageObject *)o)->is_reply != 0;
 }
 
+static int capi_data_into(PyObject *o, PyObject *into) {
+    if (!Py_IS_TYPE(o, &MessageType) || !PyMemoryView_Check(into)) return 0;
+    MessageObject *m = (MessageObject *)o;
+    if (m->sub || m->released) return 0;
+    Py_buffer *src; /* the data's buffer, and where in it */
+    Py_ssize_t off, n;
+    if (!m->data && m->base && PyMemoryView_Check(m->base)) { /* not made yet: read it from base */
+        src = PyMemoryView_GET_BUFFER(m->base);
+        off = m->doff;
+        n = m->dlen;
+    } else if (m->data && PyMemoryView_Check(m->data)) {
+        src = PyMemoryView_GET_BUFFER(m->data);
+        off = 0;
+        n = src->len;
+    } else {
+        return 0;
+    }
+    Py_buffer *dst = PyMemoryView_GET_BUFFER(into);
+    if (src->ndim != 1 || src->itemsize != 1 || (src->strides && src->strides[0] != 1) || src->suboffsets ||
+        off + n > src->len || dst->readonly || dst->ndim != 1 || dst->itemsize != 1 ||
+        (dst->strides && dst->strides[0] != 1) || dst->suboffsets || dst->len < n || dst->obj == src->obj)
+        return 0;
+    memcpy(dst->buf, (const char *)src->buf + off, (size_t)n);
+    PyObject *v = sub_view(into, 0, n);
+    if (!v) return -1;
+    Py_XSETREF(m->data, v);
+    return 1;
+}
+
 static Py_ssize_t capi_ipc_send(PyObject *chan, const struct iovec *iov, Py_ssize_t n);
 static Py_ssize_t capi_ipc_recv(PyObject *chan, void *dst, Py_ssize_t len);
 static int capi_ipc_take(PyObject *chan);
@@ -2085,7 +2114,8 @@ static int capi_ipc_give_back(PyObject *chan, int woke);
 static PyTypeObject IpcChannelType;
 static CopylessCAPI capi = {COPYLESS_CAPI_VERSION, &MessageType,         capi_received,       capi_outgoing,
                             capi_received_lazy,    &IpcChannelType,      capi_ipc_send,       capi_ipc_recv,
-                            capi_reply_tid,        capi_ipc_take,        capi_ipc_before_wait, capi_ipc_give_back};
+                            capi_reply_tid,        capi_ipc_take,        capi_ipc_before_wait, capi_ipc_give_back,
+                            capi_data_into};
 
 /* Which instances the collector may look at: the messenger's (see MessageObject). */
 static int Message_is_gc(MessageObject *m) { return m->sub == NULL; }
