@@ -86,6 +86,26 @@ def test_loan_performs_no_copy_and_send_one(name):
             assert bytes(msg.data) == b"c" * 1000
 
 
+def test_a_loan_view_is_released_once_published_or_discarded(name):
+    """A write through a loan's view after its block ends cannot reach the slot, which the
+    subscriber now reads (or the pool has back): the view is released."""
+    with copyless.Publisher(name) as pub, copyless.Subscriber(name, timeout=5) as sub:
+        pub.wait_for_subscribers(1, timeout=5)
+        for size in (64, 1 << 20):
+            with pub.loan(size) as buf:
+                buf[:2] = b"ok"
+            with pytest.raises(ValueError, match="released"):
+                buf[:2] = b"no"
+            with sub.recv(timeout=1) as msg:
+                assert bytes(msg.data[:2]) == b"ok"
+            loan = pub.loan(size)
+            view = loan.data
+            loan.discard()
+            with pytest.raises(ValueError, match="released"):
+                view[0]  # noqa: B018
+        assert pub.statistics().slots_in_use == 0
+
+
 def test_loan_exception_discards(name):
     with copyless.Publisher(name, slots=4) as pub, copyless.Subscriber(name, timeout=5) as sub:
         pub.wait_for_subscribers(1, timeout=5)

@@ -1036,12 +1036,15 @@ typedef struct {
 
 static PyTypeObject LoanType;
 static PyObject *str_release; /* "release", interned: called once per loan */
+static PyCFunction view_release; /* memoryview.release's C function (METH_NOARGS), if found */
 
 static void loan_drop_view(LoanObject *l) {
     if (!l->view) return;
     /* invalidate the buffer we handed out if nobody else holds it; a numpy
-     * array made from it keeps pointing at the slot (do not write after publish) */
-    PyObject *r = PyObject_CallMethodNoArgs(l->view, str_release);
+     * array made from it keeps pointing at the slot (do not write after publish).
+     * (Its C function, called directly: no lookup by name each loan.) */
+    PyObject *r = view_release && Py_IS_TYPE(l->view, &PyMemoryView_Type) ? view_release(l->view, NULL)
+                                                                   : PyObject_CallMethodNoArgs(l->view, str_release);
     if (!r) PyErr_Clear();
     Py_XDECREF(r);
     Py_CLEAR(l->view);
@@ -1106,8 +1109,8 @@ static PyObject *Loan_get_data(LoanObject *l, void *c) {
 
 static PyObject *Loan_enter(LoanObject *l, PyObject *unused) { return Loan_get_data(l, NULL); }
 
-static PyObject *Loan_exit(LoanObject *l, PyObject *args) {
-    PyObject *et = PyTuple_GET_SIZE(args) > 0 ? PyTuple_GET_ITEM(args, 0) : Py_None;
+static PyObject *Loan_exit(LoanObject *l, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *et = nargs > 0 ? args[0] : Py_None;
     if (et == Py_None) {
         if (l->state == 0) {
             PyObject *r = loan_publish(l, Py_None, Py_None);
@@ -1138,7 +1141,7 @@ static PyMethodDef Loan_methods[] = {
      "publish(nbytes=None, timeout=None) -> seq: send the first nbytes (default all) with zero copies."},
     {"discard", (PyCFunction)Loan_discard, METH_NOARGS, "Give the buffer back unsent."},
     {"__enter__", (PyCFunction)Loan_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)Loan_exit, METH_VARARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Loan_exit, METH_FASTCALL, NULL},
     {NULL},
 };
 static PyGetSetDef Loan_getset[] = {
@@ -3380,6 +3383,15 @@ PyMODINIT_FUNC PyInit__core(void) {
         return NULL;
     if (!empty_bytes && !(empty_bytes = PyBytes_FromStringAndSize(NULL, 0))) return NULL;
     if (!str_release && !(str_release = PyUnicode_InternFromString("release"))) return NULL;
+    if (!view_release) { /* (its method descriptor, as the type holds it) */
+        PyObject *d = PyDict_GetItemWithError(PyMemoryView_Type.tp_dict, str_release);
+        if (d && Py_IS_TYPE(d, &PyMethodDescr_Type) &&
+            (((PyMethodDescrObject *)d)->d_method->ml_flags & (METH_VARARGS | METH_FASTCALL | METH_NOARGS | METH_O |
+                                                               METH_KEYWORDS | METH_METHOD)) == METH_NOARGS)
+            view_release = ((PyMethodDescrObject *)d)->d_method->ml_meth;
+        else if (PyErr_Occurred())
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&coremodule);
     if (!m) return NULL;
     if (PyModule_AddObjectRef(m, "Mapping", (PyObject *)&MappingType) < 0 ||
