@@ -2972,8 +2972,13 @@ static int session_acked(PyObject *s, PyObject *sent, uint64_t ack) {
     return 0;
 }
 
-/* Messenger._reply: a reply to a call (a _Call) posted on conn, still waiting, finishes
- * it (1); 0: no such call waits for it (it is dispatched as any message). */
+/* _Call.waits_on(conn), for a _Call: a reply on conn may answer it. */
+static inline int call_waits_on(PyObject *pending, PyObject *conn) {
+    return SLOT(pending, rp_call, RK_CONN) == conn && SLOT(pending, rp_call, RK_DONE) == Py_False;
+}
+
+/* Messenger._reply: a reply to a call (a _Call) it may answer finishes it (1); 0: no
+ * such call waits for it (it is dispatched as any message). */
 static int round_reply(PyObject *conn, PyObject *msgr, PyObject *calls, PyObject *msg, uint64_t tid) {
     PyObject *key = PyLong_FromUnsignedLongLong(tid);
     if (!key) return -1;
@@ -2986,7 +2991,7 @@ static int round_reply(PyObject *conn, PyObject *msgr, PyObject *calls, PyObject
         Py_XDECREF(r);
         return taken;
     }
-    if (SLOT(pending, rp_call, RK_CONN) != conn || SLOT(pending, rp_call, RK_DONE) != Py_False) return 0;
+    if (!call_waits_on(pending, conn)) return 0;
     Py_INCREF(pending);
     int rc = -1;
     PyObject *into = SLOT(pending, rp_call, RK_INTO);
@@ -3135,9 +3140,7 @@ static int direct_reply(PyObject *conn, PyObject *m, PyObject *s, PyObject *sent
     PyObject *pending = PyDict_GetItemWithError(calls, key); /* borrowed */
     Py_DECREF(key);
     if (!pending) return PyErr_Occurred() ? -1 : 0;
-    if (Py_TYPE(pending) != rp_call.type || SLOT(pending, rp_call, RK_CONN) != conn ||
-        SLOT(pending, rp_call, RK_DONE) != Py_False)
-        return 0; /* (not a call of this connection's, still waiting: see round_reply) */
+    if (Py_TYPE(pending) != rp_call.type || !call_waits_on(pending, conn)) return 0;
     PyObject *into = SLOT(pending, rp_call, RK_INTO);
     if (!into || !PyMemoryView_Check(into)) return 0;
     Py_buffer *ib = PyMemoryView_GET_BUFFER(into);

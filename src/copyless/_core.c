@@ -1741,11 +1741,15 @@ static PyObject *msg_closed(void) {
 /* base[off:off + len] as a memoryview that shares base's managed buffer (as a slice
  * does), without the slice and index objects a slice costs: what memoryview's own
  * slicing does to a 1-D byte view.  Anything else takes the generic path. */
+/* A buffer of plain bytes, one after the other. */
+static inline int flat_bytes(const Py_buffer *b) {
+    return b->ndim == 1 && b->itemsize == 1 && (!b->strides || b->strides[0] == 1) && !b->suboffsets;
+}
+
 static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
     if (PyMemoryView_Check(base)) {
         Py_buffer *b = &((PyMemoryViewObject *)base)->view;
-        if (b->ndim == 1 && b->itemsize == 1 && b->strides[0] == 1 && !b->suboffsets && off >= 0 && len >= 0 &&
-            off + len <= b->len) {
+        if (flat_bytes(b) && off >= 0 && len >= 0 && off + len <= b->len) {
             PyObject *v = PyMemoryView_FromObject(base); /* a new view on the same managed buffer */
             if (!v) return NULL;
             Py_buffer *w = &((PyMemoryViewObject *)v)->view;
@@ -2098,9 +2102,8 @@ static int capi_data_into(PyObject *o, PyObject *into) {
         return 0;
     }
     Py_buffer *dst = PyMemoryView_GET_BUFFER(into);
-    if (src->ndim != 1 || src->itemsize != 1 || (src->strides && src->strides[0] != 1) || src->suboffsets ||
-        off + n > src->len || dst->readonly || dst->ndim != 1 || dst->itemsize != 1 ||
-        (dst->strides && dst->strides[0] != 1) || dst->suboffsets || dst->len < n || dst->obj == src->obj)
+    if (!flat_bytes(src) || off + n > src->len || !flat_bytes(dst) || dst->readonly || dst->len < n ||
+        dst->obj == src->obj)
         return 0;
     memcpy(dst->buf, (const char *)src->buf + off, (size_t)n);
     PyObject *v = sub_view(into, 0, n);

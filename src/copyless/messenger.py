@@ -211,6 +211,12 @@ class _Call:
         if self.notify is not None:
             self.notify()
 
+    def waits_on(self, conn: Connection | None) -> bool:
+        """Made on conn and not finished: what a reply on conn may answer, or a fault of
+        conn's fail (transaction ids are the Messenger's: one peer must not answer, or
+        write into the buffer of, a call made to another)."""
+        return self.conn is conn and not self.done
+
     def wait(self, timeout: float | None) -> bool:
         """Wait until finished; False if `timeout` passed first."""
         if self.done:
@@ -767,7 +773,7 @@ class Connection:
     def _fail_call(self, tid: int, error: BaseException) -> None:
         """A call made on this connection that waits for transaction tid fails with error."""
         pending = self.messenger._calls.get(tid)
-        if pending is not None and pending.conn is self and not pending.done:
+        if pending is not None and pending.waits_on(self):
             pending.finish(error=error)
 
     def _teardown(self, error: BaseException | None, goodbye: bool = False) -> None:
@@ -1191,7 +1197,7 @@ class Messenger:
         mtype, _p, flags, tid, _s, _a = MSG_HEADER.unpack(earlier[0])
         n = pre.lengths[2]
         pending = self._calls.get(tid) if flags & MSG_FLAG_REPLY else None
-        if pending is not None and pending.conn is conn and not pending.done:  # (as _reply)
+        if pending is not None and pending.waits_on(conn):
             if pending.into is not None and len(pending.into) >= n:
                 return pending.into[:n]
             return None
@@ -1239,12 +1245,10 @@ class Messenger:
         self._queue.put((-msg.priority, next(self._arrival), msg))
 
     def _reply(self, msg: Message) -> bool:
-        """A reply to a posted call finishes it (True); else it is dispatched as any message.
-        Only a call made on the connection it came on, and still waiting: transaction ids
-        are the Messenger's, and one peer must not answer (or write into the buffer of) a
-        call made to another."""
+        """A reply to a call it may answer (_Call.waits_on) finishes it (True); else it is
+        dispatched as any message."""
         pending = self._calls.get(msg.tid)
-        if pending is None or pending.conn is not msg.connection or pending.done:
+        if pending is None or not pending.waits_on(msg.connection):
             return False
         into, data = pending.into, msg.data
         n = len(data)
@@ -1308,7 +1312,7 @@ class Messenger:
 
     def _fail_calls(self, conn: Connection, error: BaseException) -> None:
         for pending in list(self._calls.values()):
-            if pending.conn is conn and not pending.done:
+            if pending.waits_on(conn):
                 pending.finish(error=error)
 
     def _take_loop(self) -> IOLoop:
