@@ -33,8 +33,8 @@ very source it sends into a private buffer, for half as long as the stream
 lasts just before the warm-up and for the other half just after the receiver
 has taken the sentinel (the receiver waits, idle, both times), and x_memcpy is
 the stream's GB/s over the mean of the two, per run.  Before and after, not
-before only: the VM drifts by up to 10 % over a second or two (the two halves
-of one run have differed by that much).  The ceiling is unchanged (plain memcpy
+before only: the VM drifts by as much as 15 % over a second or two (the two
+halves of one run have differed by that much).  The ceiling is unchanged (plain memcpy
 between two ordinary buffers, one reused destination, hot in cache); only when
 and where it is measured is like the row's.  A full run repeats each bandwidth
 cell five times (other cells three) and reports medians: with both vCPUs busy,
