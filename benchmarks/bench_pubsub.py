@@ -34,14 +34,15 @@ lasts just before the warm-up and for the other half just after the receiver
 has taken the sentinel (the receiver waits, idle, both times), and x_memcpy is
 the stream's GB/s over the mean of the two, per run.  Before and after, not
 before only: the VM drifts by as much as 15 % over a second or two (the two
-halves of one run have differed by that much).  The ceiling is unchanged (plain memcpy
-between two ordinary buffers, one reused destination, hot in cache); only when
-and where it is measured is like the row's.  A full run repeats each bandwidth
-cell five times (other cells three) and reports medians: with both vCPUs busy,
-this VM's host at times halves the memory bandwidth of each for a few hundred
-milliseconds (two processes each running a plain memcpy loop show it, no
-messaging library involved), which takes a single run to about 0.5x whatever
-the ceiling.  The standalone memcpy row is still printed.  A stream's
+halves of one run have differed by that much).  The ceiling is unchanged
+(plain memcpy between two ordinary buffers, one reused destination, hot in
+cache); only when and where it is measured is like the row's.  A full run
+repeats each bandwidth cell five times (other cells three) and reports
+medians: with both vCPUs busy, this VM's host at times halves the memory
+bandwidth of each for a few hundred milliseconds (two processes each running
+a plain memcpy loop show it, no messaging library involved), which takes a
+single run to about 0.5x whatever the ceiling.  The standalone memcpy row is
+still printed.  A stream's
 duration ends when the receiver takes the sentinel (its CLOCK_MONOTONIC stamp,
 shared by both processes), not when the sender hears of it through the
 orchestrator: that relay (two pipe hops, three wake-ups) is not the backend's.
@@ -87,7 +88,7 @@ BIG = 64 * 1024  # messages >= this are "large" (zero-copy paths, page-touching)
 COPYLESS_KW: dict = {}  # Publisher sizing kwargs; {} = library defaults (large msgs take the large path)
 
 # seconds per throughput run, ping-pong iterations, repeats of a cell (bandwidth cells get more:
-# their per-run ratio to memcpy moves by +-5 % with this VM, see the module docstring)
+# a single run moves by +-6 % and at times falls to half, see the module docstring)
 MODES = {
     "quick": dict(stream_s=0.4, bw_s=0.4, rtt_iters=2000, rtt_warm=300, repeats=1, bw_repeats=1),
     "full": dict(stream_s=1.0, bw_s=1.0, rtt_iters=10000, rtt_warm=1000, repeats=3, bw_repeats=5),
