@@ -1738,14 +1738,14 @@ static PyObject *msg_closed(void) {
     return NULL;
 }
 
-/* base[off:off + len] as a memoryview that shares base's managed buffer (as a slice
- * does), without the slice and index objects a slice costs: what memoryview's own
- * slicing does to a 1-D byte view.  Anything else takes the generic path. */
 /* A buffer of plain bytes, one after the other. */
 static inline int flat_bytes(const Py_buffer *b) {
     return b->ndim == 1 && b->itemsize == 1 && (!b->strides || b->strides[0] == 1) && !b->suboffsets;
 }
 
+/* base[off:off + len] as a memoryview that shares base's managed buffer (as a slice
+ * does), without the slice and index objects a slice costs: what memoryview's own
+ * slicing does to a 1-D byte view.  Anything else takes the generic path. */
 static PyObject *sub_view(PyObject *base, Py_ssize_t off, Py_ssize_t len) {
     if (PyMemoryView_Check(base)) {
         Py_buffer *b = &((PyMemoryViewObject *)base)->view;
